@@ -1,0 +1,104 @@
+"""Pure maths of ROSA: split a weight W (m x n) into a frozen part and trainable factors.
+
+Given the SVD  W = U diag(S) V^T  (U: m x k, S: k, V^T: k x n, k = min(m, n)) and an index set
+I of R singular triplets,
+
+    A   = U[:, I] diag(sqrt(S[I]))        (m x R)
+    B   = diag(sqrt(S[I])) V^T[I, :]      (R x n)
+    W_f = W - A B                          (m x n)
+
+so that W_f + A B = W up to fp32 rounding. The layer computes y = x W_f^T + (x B^T) A^T.
+Everything here runs in fp32 (or fp64 if given) whatever the storage dtype: a bf16 SVD loses
+the small singular values the ``smallest`` strategy relies on.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .config import RosaConfig
+
+
+class Factors(NamedTuple):
+    """New values for one adapted matrix, in the (out, in) = (m, n) orientation, fp32."""
+
+    w_frozen: torch.Tensor  # m x n
+    a: torch.Tensor  # m x R
+    b: torch.Tensor  # R x n
+
+
+def layer_seed(base_seed: int, resample_index: int, layer_index: int) -> int:
+    """A 63-bit seed for one (resample, layer) draw, identical on every rank and process.
+
+    SeedSequence mixes the three integers well, so neighbouring layers and resamples do not
+    get correlated draws (a plain ``seed + i`` would make layer i at resample j+1 equal to
+    layer i+1 at resample j).
+    """
+    state = np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, int(resample_index), int(layer_index)])
+    return int(state.generate_state(2, dtype=np.uint32).astype(np.uint64).dot([1, 1 << 31])) & ((1 << 63) - 1)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator: CPU draws are bit-identical across machines and accelerators."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def select_indices(singular_values: torch.Tensor, rank: int, strategy: str,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices (sorted, int64, CPU) of the R singular triplets to make trainable.
+
+    ``singular_values`` is sorted descending (as ``torch.linalg.svd`` returns them).
+    ``random`` draws R of the k indices uniformly without replacement: every index has
+    probability R/k at every draw (unlike a random contiguous window, which under-samples
+    the ends of the spectrum).
+    """
+    k = singular_values.shape[-1]
+    if not 1 <= rank <= k:
+        raise ValueError(f"rank {rank} is outside [1, {k}] for a matrix with {k} singular values")
+    if strategy == "largest":
+        idx = torch.arange(rank)
+    elif strategy == "smallest":
+        idx = torch.arange(k - rank, k)
+    elif strategy == "random":
+        idx = torch.randperm(k, generator=generator)[:rank]
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return torch.sort(idx).values
+
+
+def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator) -> Factors:
+    """SVD-split ``weight`` (m x n) into (W_f, A, B); see the module docstring for the maths."""
+    w = weight.detach().to(device="cpu" if weight.device.type == "meta" else weight.device)
+    w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    idx = select_indices(s.cpu(), rank, strategy, generator).to(w.device)
+    root = s[idx].sqrt()
+    a = (u[:, idx] * root).contiguous()
+    b = (root[:, None] * vh[idx, :]).contiguous()
+    return Factors(w_frozen=(w - a @ b).contiguous(), a=a, b=b)
+
+
+def lora_init(weight: torch.Tensor, rank: int, generator: torch.Generator) -> Factors:
+    """Ablation init (``init="lora"``): A ~ U(-1/sqrt(n), 1/sqrt(n)) (m x R), B = 0, W_f = W.
+
+    No SVD is computed; the product A B starts at zero as in LoRA.
+    """
+    m, n = weight.shape
+    w = weight.detach().float()
+    bound = 1.0 / float(n) ** 0.5
+    a = (torch.rand(m, rank, generator=generator) * 2 - 1).mul_(bound).to(w.device)
+    return Factors(w_frozen=w.clone(), a=a, b=torch.zeros(rank, n, device=w.device))
+
+
+def new_factors(weight: torch.Tensor, config: RosaConfig, resample_index: int, layer_index: int) -> Factors:
+    """Factors for layer ``layer_index`` at resample ``resample_index`` (0 = at apply time).
+
+    Deterministic in (config.seed, resample_index, layer_index): any rank, any process, any
+    world size computes the same subspace.
+    """
+    gen = make_generator(layer_seed(config.seed, resample_index, layer_index))
+    if config.init == "lora":
+        return lora_init(weight, config.rank, gen)
+    return factorize(weight, config.rank, config.strategy, gen)

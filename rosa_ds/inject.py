@@ -1,0 +1,221 @@
+"""Apply ROSA to a model, resample it, report it, and merge it back into a plain model.
+
+Single-process, pure PyTorch. The distributed versions (ZeRO) live in ``zero.py`` and reuse
+``factorize.new_factors`` and ``RosaLinear.write`` so both paths draw identical subspaces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import RosaConfig
+from .factorize import new_factors
+from .layer import ADAPTER_PREFIX, RosaLinear, is_supported, weight_shape
+
+
+def iter_rosa_layers(model: nn.Module) -> Iterator[tuple[str, RosaLinear]]:
+    """(name, layer) of every ROSA layer, in ``layer_index`` order."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, RosaLinear)]
+    return iter(sorted(layers, key=lambda nm: nm[1].layer_index))
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_supported(m)]
+
+
+def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Module]]:
+    """Modules to adapt, validated. Raises (before anything is modified) when
+    nothing matches, a match is of an unsupported type, or the rank is too large for a layer."""
+    matched = [(n, m) for n, m in model.named_modules()
+               if n and config.matches_target(n) and not config.is_saved_module(n)
+               and not isinstance(m, RosaLinear) and not any(isinstance(c, RosaLinear) for c in m.children())]
+    if not matched:
+        existing = _linear_names(model)
+        shown = ", ".join(existing[:40]) + (" ..." if len(existing) > 40 else "")
+        raise ValueError(
+            f"ROSA target_modules {config.target_modules!r} matched no module. "
+            f"Linear/Conv1D modules in this model: {shown or '(none)'}"
+        )
+    bad = [f"{n} ({type(m).__name__})" for n, m in matched if not is_supported(m)]
+    if bad:
+        raise TypeError(
+            f"ROSA cannot adapt these matched modules: {', '.join(bad)}. Supported types: nn.Linear, "
+            "transformers Conv1D; narrow target_modules to those"
+        )
+    for n, m in matched:
+        rows, cols = weight_shape(m)
+        if config.rank >= min(rows, cols):
+            raise ValueError(
+                f"ROSA rank {config.rank} is too large for layer {n} ({rows}x{cols}): "
+                f"the largest valid rank for it is {min(rows, cols) - 1}"
+            )
+    return matched
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+@torch.no_grad()
+def apply_rosa(model: nn.Module, config: RosaConfig) -> nn.Module:
+    """Replace target modules with ``RosaLinear`` (factorized at resample index 0) in place.
+
+    Afterwards only ``rosa_A``/``rosa_B`` and the ``modules_to_save`` are trainable.
+    The function output is unchanged up to fp32 rounding (W_f + A B = W).
+    """
+    targets = find_targets(model, config)
+    for index, (name, module) in enumerate(targets):
+        layer = RosaLinear(module, config.rank, index)
+        layer.write(new_factors(layer.frozen_weight(), config, resample_index=0, layer_index=index))
+        _set_submodule(model, name, layer)
+    mark_trainable(model, config)
+    model.rosa_config = config  # kept for resample / reports; not part of the state dict
+    model.rosa_resamples = 0
+    return model
+
+
+def mark_trainable(model: nn.Module, config: RosaConfig) -> None:
+    """Freeze everything except factors and the modules kept fully trainable."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(ADAPTER_PREFIX in name.split(".")[-1] or config.is_saved_module(name.rpartition(".")[0]))
+
+
+def _config_of(model: nn.Module) -> RosaConfig:
+    config = getattr(model, "rosa_config", None)
+    if config is None:
+        raise ValueError("this model has no ROSA layers; call rosa_ds.apply_rosa(model, config) first")
+    return config
+
+
+@torch.no_grad()
+def resample(model: nn.Module, seed: int | None = None, resample_index: int | None = None) -> int:
+    """Merge A B into W and draw a new subspace for every ROSA layer (single process).
+
+    ``resample_index`` (default: one more than the last, 1 for the first resample after apply)
+    and the config seed (or ``seed``) select the draw; the distributed engine uses the same
+    derivation. Returns the resample index used. The optimizer state of the factors must be
+    reset by the caller (the engine does it).
+    """
+    config = _config_of(model)
+    if seed is not None and seed != config.seed:
+        config = RosaConfig(**{**config.to_dict(), "seed": seed})
+    layers = list(iter_rosa_layers(model))
+    for name, layer in layers:  # check all first: nothing is modified if any layer is bad
+        layer.check_finite(name)
+    index = getattr(model, "rosa_resamples", 0) + 1 if resample_index is None else resample_index
+    for name, layer in layers:
+        layer.write(new_factors(layer.merged_weight(), config, index, layer.layer_index))
+    model.rosa_resamples = index
+    return index
+
+
+def unwrap_name(name: str) -> str | None:
+    """Map a ROSA state-dict key to the plain model's key (None for factor keys)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf.startswith(ADAPTER_PREFIX):
+        return None
+    return name.replace(".base_layer.", ".")
+
+
+def merged_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain-model state dict from a (full, gathered) ROSA state dict: W = W_f + A B per layer,
+    merged in fp32 and cast once to W_f's dtype; keys as in the original model."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in iter_rosa_layers(model):
+        wf, a, b = (state_dict[f"{name}.{k}"] for k in ("base_layer.weight", "rosa_A", "rosa_B"))
+        for label, t in (("W_f", wf), ("rosa_A", a), ("rosa_B", b)):
+            if not torch.isfinite(t).all():
+                raise FloatingPointError(f"ROSA layer {name}: {label} has non-finite values; refusing to merge")
+        delta = a.float() @ b.float()
+        out[f"{name}.weight"] = (wf.float() + (delta.t() if layer.transposed else delta)).to(wf.dtype)
+    for key, value in state_dict.items():
+        plain = unwrap_name(key)
+        if plain is not None and plain not in out:
+            out[plain] = value
+    return out
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every ROSA layer into its base module and put the base module back.
+
+    Returns the same model object, now plain: its state-dict keys equal the original's, all
+    parameters are trainable again, and inference costs exactly what the original did.
+    """
+    layers = list(iter_rosa_layers(model))
+    for name, layer in layers:
+        layer.check_finite(name)
+    for name, layer in layers:
+        merged = layer.merged_weight()
+        layer.base_layer.weight.copy_(merged.t() if layer.transposed else merged)
+        _set_submodule(model, name, layer.base_layer)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    for attr in ("rosa_config", "rosa_resamples"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+@dataclass
+class LayerReport:
+    name: str
+    m: int
+    n: int
+    rank: int
+
+    @property
+    def trainable(self) -> int:
+        return self.rank * (self.m + self.n)
+
+    @property
+    def rho(self) -> float:
+        """rho = m n / (R (m + n)): adapted weight parameters per trainable factor parameter."""
+        return self.m * self.n / self.trainable
+
+
+@dataclass
+class TrainableReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    trainable: int = 0
+    frozen: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    @property
+    def rho(self) -> float:
+        """Model-wide rho: total adapted weight parameters / total factor parameters."""
+        factor = sum(l.trainable for l in self.layers)
+        return sum(l.m * l.n for l in self.layers) / factor if factor else float("nan")
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<48} {'m':>6} {'n':>6} {'R':>4} {'trainable':>10} {'rho':>8}"]
+        rows += [f"{l.name:<48} {l.m:>6} {l.n:>6} {l.rank:>4} {l.trainable:>10} {l.rho:>8.2f}" for l in self.layers]
+        rows.append(f"trainable {self.trainable:,} / total {self.total:,} "
+                    f"({100 * self.trainable / max(self.total, 1):.3f}%), frozen {self.frozen:,}, rho {self.rho:.2f}")
+        return "\n".join(rows)
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    """Per-layer and total trainable / frozen parameter counts and rho (deduplicated by storage,
+    so tied embeddings count once)."""
+    report = TrainableReport()
+    report.layers = [LayerReport(n, l.out_features, l.in_features, l.rank) for n, l in iter_rosa_layers(model)]
+    seen: set[int] = set()
+    for p in model.parameters():
+        numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions leave p.numel() == 0
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            report.trainable += numel
+        else:
+            report.frozen += numel
+    return report
