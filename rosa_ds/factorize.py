@@ -21,6 +21,11 @@ import torch
 from .config import RosaConfig
 
 
+# SVDs computed in this process, counted so tests can check that each layer's SVD runs once in
+# the world per resample (owner-rank coordination), not once per rank.
+SVD_CALLS = {"count": 0}
+
+
 class Factors(NamedTuple):
     """New values for one adapted matrix, in the (out, in) = (m, n) orientation, fp32."""
 
@@ -73,6 +78,7 @@ def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.G
     w = weight.detach().to(device="cpu" if weight.device.type == "meta" else weight.device)
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    SVD_CALLS["count"] += 1
     idx = select_indices(s.cpu(), rank, strategy, generator).to(w.device)
     root = s[idx].sqrt()
     a = (u[:, idx] * root).contiguous()

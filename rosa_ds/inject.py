@@ -62,16 +62,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def apply_rosa(model: nn.Module, config: RosaConfig) -> nn.Module:
+def apply_rosa(model: nn.Module, config: RosaConfig, factorize: bool = True) -> nn.Module:
     """Replace target modules with ``RosaLinear`` (factorized at resample index 0) in place.
 
     Afterwards only ``rosa_A``/``rosa_B`` and the ``modules_to_save`` are trainable.
     The function output is unchanged up to fp32 rounding (W_f + A B = W).
+    With ``factorize=False`` the layers start as W_f = W, A = B = 0 (same function) and the
+    caller factorizes; the distributed engine does so with one SVD per layer in the world.
     """
     targets = find_targets(model, config)
     for index, (name, module) in enumerate(targets):
         layer = RosaLinear(module, config.rank, index)
-        layer.write(new_factors(layer.frozen_weight(), config, resample_index=0, layer_index=index))
+        if factorize:
+            layer.write(new_factors(layer.frozen_weight(), config, resample_index=0, layer_index=index))
         _set_submodule(model, name, layer)
     mark_trainable(model, config)
     model.rosa_config = config  # kept for resample / reports; not part of the state dict

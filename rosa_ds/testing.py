@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ def rank_env(rank: int, world_size: int, port: int, local_rank: int | None = Non
         "LOCAL_SIZE": str(world_size if local_world_size is None else local_world_size),
         "LOCAL_WORLD_SIZE": str(world_size if local_world_size is None else local_world_size),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1",
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]),
     })
     return env
@@ -64,7 +66,11 @@ def launch_ranks(script: str | Path, args: list[str] | None = None, world_size: 
                 if p.wait(timeout=timeout) != 0 and failed is None:
                     failed = f"rank {rank} exited with {p.returncode}"
         except subprocess.TimeoutExpired:
-            failed = f"timed out after {timeout}s"
+            failed = f"timed out after {timeout}s (stacks of the hung ranks below)"
+            for p in procs:  # faulthandler prints every thread's Python stack on SIGABRT
+                if p.poll() is None:
+                    p.send_signal(signal.SIGABRT)
+            time.sleep(3)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -103,3 +109,44 @@ def tiny_model(kind: str = "gpt2", seed: int = 0, **overrides):
                             max_position_embeddings=64, vocab_size=128, num_labels=3, **overrides)
         return tf.BertForSequenceClassification(cfg)
     raise ValueError(f"unknown tiny model kind {kind!r}; choose gpt2, llama, bert, bert-cls")
+
+
+def lm_batch(step: int, world_size: int, micro_batch: int, rank: int | None = None, seq_len: int = 16,
+             vocab: int = 128):
+    """The global batch of optimizer step ``step`` (fixed length, so every rank's mean loss
+    weighs the same number of tokens), or this ``rank``'s slice of it."""
+    import torch
+
+    g = torch.Generator().manual_seed(10_000 + step)
+    ids = torch.randint(0, vocab, (world_size * micro_batch, seq_len), generator=g)
+    if rank is not None:
+        ids = ids[rank * micro_batch:(rank + 1) * micro_batch]
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def no_dropout_gpt2(seed: int = 0):
+    """Tiny GPT-2 without dropout: runs on different world sizes draw the same function."""
+    return tiny_model("gpt2", seed=seed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def ds_test_config(stage: int, dtype: str = "fp32", micro_batch: int = 2, lr: float = 1e-3,
+                   offload: bool = False) -> dict:
+    """A small DeepSpeed config for tests: torch AdamW, no clipping, small buckets."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 0.01, "torch_adam": True}},
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000,
+                              "stage3_prefetch_bucket_size": 100_000, "stage3_param_persistence_threshold": 100,
+                              "stage3_max_live_parameters": 1_000_000},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": 8},
+        "steps_per_print": 10_000,
+        "wall_clock_breakdown": False,
+    }
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        cfg["optimizer"]["params"].pop("torch_adam")
+    return cfg

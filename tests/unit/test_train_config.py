@@ -1,0 +1,146 @@
+"""Trainer configuration: precedence, explicit-field tracking, round trip, one-line errors."""
+import json
+
+import pytest
+
+from rosa_ds import dsconfig as dc
+from rosa_ds.train_config import TrainConfig, build_parser, load_config_file, parse_args, save_resolved
+
+
+def test_defaults_are_the_default_job():
+    cfg = parse_args([])
+    assert (cfg.model, cfg.task, cfg.dataset, cfg.method, cfg.rank, cfg.deepspeed) == \
+        ("default", "causal_lm", "bbc-headlines", "rosa", 8, "zero2")
+    assert (cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.epochs) == (128, 4, 1, 2)
+    assert (cfg.max_train_samples, cfg.max_eval_samples, cfg.lr) == (256, 32, 5e-4)
+    assert cfg.explicit == set()
+    assert parse_args(["--task", "classification"]).dataset == "bbc-topics"
+    assert parse_args(["--method", "full"]).lr == 2e-5
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_precedence_defaults_file_cli(tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    settings = {"rank": 4, "lr": 1e-3, "micro_batch": 2, "target_modules": ["q_proj", "v_proj"]}
+    if suffix == ".json":
+        path.write_text(json.dumps(settings))
+    else:
+        path.write_text("rank: 4\nlr: 1.0e-3\nmicro-batch: 2\ntarget_modules: [q_proj, v_proj]\n")
+    cfg = parse_args(["--config", str(path), "--rank", "16", "--seq-len", "64"])
+    assert cfg.rank == 16                 # CLI beats file
+    assert cfg.lr == 1e-3 and cfg.micro_batch == 2 and cfg.target_modules == ["q_proj", "v_proj"]  # file beats default
+    assert cfg.seq_len == 64 and cfg.epochs == 2  # CLI only / default only
+    assert cfg.explicit == {"rank", "lr", "micro_batch", "target_modules", "seq_len"}
+    assert cfg.config == str(path)
+
+
+def test_cli_value_equal_to_default_is_still_explicit():
+    assert parse_args(["--micro-batch", "4", "--precision", "auto"]).explicit == {"micro_batch", "precision"}
+
+
+def test_run_values_carry_explicitness():
+    cfg = parse_args(["--lr", "1e-4", "--warmup", "5", "--max-steps", "40", "--epochs", "3"])
+    rv = cfg.run_values(total_steps=40)
+    assert rv.explicit == {"lr", "warmup_steps", "total_steps"}
+    assert (rv.lr, rv.warmup_steps, rv.total_steps, rv.micro_batch) == (1e-4, 5, 40, 4)
+    assert parse_args([]).run_values(64).warmup_steps == 6  # 0.1 of 64 steps, rounded
+    assert parse_args(["--epochs", "3"]).run_values(64).explicit == frozenset()  # epochs alone pins nothing
+
+
+def test_explicit_flag_contradicting_json_is_reported(tmp_path):
+    tpl = json.loads((dc.TEMPLATES_DIR / "zero2.json").read_text())
+    tpl["train_micro_batch_size_per_gpu"] = 2
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(tpl))
+    assert dc.batch_sizes(dc.build_ds_config(path, parse_args([]).run_values(10), 2))[0] == 2
+    with pytest.raises(dc.DSConfigError,
+                       match="train_micro_batch_size_per_gpu=2 in .*ds.json contradicts --micro-batch 8"):
+        dc.build_ds_config(path, parse_args(["--micro-batch", "8"]).run_values(10), 2)
+
+
+def test_saved_config_round_trips(tmp_path):
+    argv = ["--rank", "4", "--target-modules", "re:.*attn.*", "--resample-every", "25", "--max-train-samples", "none",
+            "--tensorboard", "--resume", "--deepspeed", "zero3", "--local_rank=1", "--lr", "2e-4", "--task",
+            "classification", "--label-field", "topic"]
+    cfg = parse_args(argv)
+    assert cfg.target_modules == ".*attn.*" and cfg.resample_every == 25 and cfg.max_train_samples is None
+    assert cfg.resume == "latest" and cfg.tensorboard is True and cfg.local_rank == 1
+    path = save_resolved(cfg, tmp_path / "out" / "config.json")
+    saved = json.loads(path.read_text())
+    assert "local_rank" not in saved and "config" not in saved and "explicit" not in saved
+    again = parse_args(["--config", str(path)])
+    assert again == cfg
+    assert again.rosa_config().to_dict() == cfg.rosa_config().to_dict()
+
+
+def test_save_resolved_records_values_the_json_decided(tmp_path):
+    tpl = json.loads((dc.TEMPLATES_DIR / "zero2.json").read_text())
+    tpl["optimizer"]["params"]["lr"] = 1e-3
+    tpl["scheduler"]["params"]["warmup_max_lr"] = 1e-3
+    cfg = parse_args([])
+    ds = dc.build_ds_config(tpl, cfg.run_values(10), 2)
+    again = parse_args(["--config", str(save_resolved(cfg, tmp_path / "c.json", ds_config=ds))])
+    assert again.lr == 1e-3 and again.precision == dc.precision(ds)
+    dc.build_ds_config(tpl, again.run_values(10), 2)  # no contradiction on re-run
+
+
+def test_deepspeed_launcher_flags():
+    cfg = parse_args(["--local_rank=0", "--deepspeed", "zero1"])
+    assert cfg.deepspeed == "zero1" and "local_rank" not in cfg.explicit
+    assert parse_args(["--deepspeed_config", "zero3"]).deepspeed == "zero3"
+    with pytest.raises(ValueError, match="--deepspeed zero1 and --deepspeed_config zero3 differ"):
+        parse_args(["--deepspeed", "zero1", "--deepspeed_config", "zero3"])
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--rank", "0"], "--rank must be >= 1, got 0"),
+    (["--lr", "0"], "TrainConfig.lr must be positive, got 0.0"),
+    (["--resample-every", "sometimes"],
+     "--resample-every 'sometimes' is not valid; fix: use epoch, never, or a positive"),
+    (["--resample-every", "0"], "--resample-every 0 is not valid"),
+    (["--label-field", "y"],
+     "--label-field applies to --task classification only; fix: drop it or use --task classification"),
+    (["--task", "classification", "--prompt-field", "p"], "--prompt-field applies to --task causal_lm only"),
+    (["--model", "missing.gguf"], "--model missing.gguf not found; fix: give an existing .gguf file"),
+    (["--deepspeed", "zero7"], "DeepSpeed config 'zero7' not found; give a JSON path or one of zero1"),
+    (["--target-modules", "re:("], "RosaConfig.target_modules is not a valid regex"),
+])
+def test_bad_values(argv, fragment):
+    with pytest.raises(ValueError) as info:
+        cfg = parse_args(argv)
+        cfg.rosa_config()
+    assert fragment in str(info.value)
+
+
+def test_argparse_rejects_bad_choices_and_types(capsys):
+    for argv in (["--method", "qlora"], ["--rank", "eight"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    err = capsys.readouterr().err
+    assert "invalid choice: 'qlora'" in err and "invalid int value: 'eight'" in err
+
+
+def test_bad_config_files(tmp_path):
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("rnak: 4\nlearning_rate: 1\nepochs: 1\n")
+    with pytest.raises(ValueError, match=r"has unknown settings: learning_rate, rnak \(did you mean rank\?\); fix"):
+        load_config_file(unknown)
+    typed = tmp_path / "t.json"
+    typed.write_text('{"rank": "8"}')
+    with pytest.raises(ValueError, match=r"TrainConfig.rank must be int, got '8' \(str\)"):
+        parse_args(["--config", str(typed)])
+    broken = tmp_path / "b.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match="b.json cannot be parsed"):
+        load_config_file(broken)
+    with pytest.raises(ValueError, match="--config nowhere.json not found"):
+        parse_args(["--config", "nowhere.json"])
+
+
+def test_every_field_has_help_and_a_flag():
+    help_text = build_parser().format_help()
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        if f.metadata.get("internal"):
+            continue
+        assert f.metadata["help"], name
+        assert f"--{name.replace('_', '-')}" in help_text, name
