@@ -50,6 +50,15 @@ def init_distributed() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         return
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # a plain `python train.py`: a one-process group (DeepSpeed would try MPI discovery)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(port))})
     if get_accelerator().device_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())

@@ -19,8 +19,8 @@ class DataError(ValueError):
 
 def looks_like_file(spec: str) -> bool:
     """True if ``spec`` should be read as a local path rather than a built-in or hub name."""
-    return spec.lower().endswith(FILE_SUFFIXES) or os.sep in spec or spec.startswith((".", "~")) \
-        or os.path.exists(spec)
+    # "org/name" without a file suffix is a hub name, so a "/" alone does not make a path.
+    return spec.lower().endswith(FILE_SUFFIXES) or spec.startswith((".", "~", os.sep)) or os.path.exists(spec)
 
 
 def _optional_int(name: str, value, minimum: int) -> None:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import BUILTINS, DataError
+from .config import BUILTINS, DataError, looks_like_file
 
 BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 HEADLINE_PROMPT = "Article: {lead}\nHeadline:"
@@ -35,8 +35,6 @@ def read_source(spec: str) -> Source:
     """Records of a built-in dataset, a local file or (online only) a hub dataset."""
     if spec in BUILTINS:
         return read_bbc(spec)
-    from .config import looks_like_file
-
     if looks_like_file(spec):
         return read_file(spec)
     return read_hub(spec)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .counts import counts_from_config, load_config
-from .plan import MemoryPlan
+from .plan import MemoryPlan, ds_dtype
 from .predict import exact_reduction, paper_reduction, predict
 from .report import bar_chart, breakdown_markdown, legend_markdown
 
@@ -34,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro step")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON to take stage/precision/buckets from")
+    ap.add_argument("--ds-config", default=None,
+                    help="DeepSpeed JSON: stage, offload and buckets from it (precision too unless 'auto')")
+    ap.add_argument("--reduce-bucket-size", type=int, default=None,
+                    help="ZeRO reduce_bucket_size in elements (DeepSpeed default 5e8)")
     ap.add_argument("--json", default=None, help="write the plan as JSON here")
     ap.add_argument("--markdown", default=None, help="write a Markdown report here")
     ap.add_argument("--png", default=None, help="write a stacked bar chart here")
@@ -46,10 +49,16 @@ def build_plan(args: argparse.Namespace) -> MemoryPlan:
                   dtype=args.dtype, optimizer=args.optimizer, offload_optimizer=args.offload,
                   accelerator=args.accelerator, micro_batch=args.micro_batch, seq_len=args.seq_len,
                   activation_checkpointing=args.checkpointing)
+    if args.reduce_bucket_size is not None:
+        fields["reduce_bucket_size"] = args.reduce_bucket_size
     if args.ds_config:
-        ds = json.loads(Path(args.ds_config).read_text())
-        return MemoryPlan.from_ds_config(ds, **{k: v for k, v in fields.items()
-                                                if k not in ("zero_stage", "dtype", "offload_optimizer")})
+        path = Path(args.ds_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--ds-config {path} does not exist; give a DeepSpeed JSON such as "
+                                    "ds_configs/zero2.json")
+        ds = json.loads(path.read_text())
+        fixed = ("zero_stage", "offload_optimizer") + (("dtype",) if ds_dtype(ds) else ())
+        return MemoryPlan.from_ds_config(ds, **{k: v for k, v in fields.items() if k not in fixed})
     return MemoryPlan(**fields)
 
 
@@ -75,8 +84,9 @@ def render(model: str, plan: MemoryPlan, breakdowns: dict, counts: dict) -> str:
             breakdown_markdown(breakdowns), "",
             f"Exact reduction for the adapted matrices under this plan, c_t rho / (c_f rho + c_t): "
             f"**{exact_reduction(rho, plan):.2f}x** (device only: {exact_reduction(rho, plan, 'device'):.2f}x); "
-            f"the paper's 4 rho / (1 + rho): {paper_reduction(rho):.2f}x. The whole-model reduction above is "
-            "lower because embeddings and norms are frozen but not factorized. See docs/memory.md.", "",
+            f"the paper's 4 rho / (1 + rho): {paper_reduction(rho):.2f}x. The whole-model figure in the table "
+            "differs: embeddings and norms are frozen but not factorized, and padding, ZeRO-3 persistence and "
+            "ZeRO-2's whole-parameter gradient slots are counted there. See docs/memory.md.", "",
             "## Categories", "", legend_markdown(), ""]
     return "\n".join(head)
 

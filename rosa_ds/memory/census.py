@@ -120,3 +120,32 @@ def measure(ds_engine, label: str = "measured") -> MemoryBreakdown:
     if torch.cuda.is_available() and device_type == "cuda":
         c.out.peak_device = int(torch.cuda.max_memory_allocated())
     return c.out
+
+
+def counts_from_engine(ds_engine):
+    """ModelCounts exactly as DeepSpeed grouped the trainable parameters (its own group lists,
+    in its order), frozen parameters and buffers of the live module; ROSA layers give rho."""
+    from ..layer import RosaLinear
+    from .counts import ModelCounts, arch_from_config
+
+    opt, module = ds_engine.optimizer, ds_engine.module
+    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
+    groups = next((getattr(opt, a) for a in ("bit16_groups", "fp16_groups", "bf16_groups") if getattr(opt, a, None)),
+                  None)
+    if groups is None:  # stage 0: the (wrapped) torch optimizer's own groups
+        inner = opt if hasattr(opt, "param_groups") else opt.optimizer
+        groups = [g["params"] for g in inner.param_groups]
+    out = ModelCounts(groups=[[numel(p) for p in g] for g in groups if len(g)])
+    seen = set()
+    for p in module.parameters():
+        if id(p) not in seen and not p.requires_grad:
+            out.frozen.append(numel(p))
+        seen.add(id(p))
+    out.buffers = [numel(b) * b.element_size() for b in module.buffers()]
+    for m in module.modules():
+        if isinstance(m, RosaLinear):
+            out.adapted.append((m.out_features, m.in_features))
+            out.rank = m.rank
+    if getattr(module, "config", None) is not None:
+        out.arch = arch_from_config(module.config)
+    return out

@@ -19,7 +19,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Resident categories (verified by the census) and the estimated transient ones (peak only).
 CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "master_weights", "optimizer_states",
               "buckets", "buffers", "other")
-TRANSIENT = ("transient_buckets", "transient_gradients", "gathered_params", "activations")
+TRANSIENT = ("transient_buckets", "gathered_params", "activations")
 CATEGORY_HELP = {
     "frozen_weights": "weights without gradient (W_f, embeddings, norms under ROSA/LoRA)",
     "trainable_weights": "compute-precision copy of the trainable weights (ZeRO-1/2: whole flat buffer)",
@@ -30,7 +30,6 @@ CATEGORY_HELP = {
     "buffers": "module buffers (e.g. rotary inv_freq), replicated, kept in their own dtype",
     "other": "scalars the optimizer keeps (global grad norm, overflow flags)",
     "transient_buckets": "IPG reduce buckets alive only during backward (ZeRO-1/2)",
-    "transient_gradients": "full-size gradients alive during backward (stage 0/1 before reduce)",
     "gathered_params": "ZeRO-3 parameters gathered for compute (live + prefetch limits)",
     "activations": "activation estimate (Korthikanti et al. 2022), see docs/memory.md",
 }
@@ -45,6 +44,14 @@ def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"MemoryPlan.{name} {value!r} is not supported; choose one of "
                          f"{', '.join(map(str, choices))}")
+
+
+def ds_dtype(ds_config: dict) -> Optional[str]:
+    """Precision a DeepSpeed config fixes: bf16 / fp16 / fp32, or None while it says "auto"."""
+    flags = {k: (ds_config.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16")}
+    if any(v == "auto" for v in flags.values()) and not any(v is True for v in flags.values()):
+        return None
+    return "bf16" if flags["bf16"] is True else ("fp16" if flags["fp16"] is True else "fp32")
 
 
 @dataclass
@@ -124,10 +131,11 @@ class MemoryPlan:
         """Plan fields taken from a DeepSpeed config dict (stage, precision, offload, buckets);
         ``kwargs`` give the rest (method, rank, world_size, ...) and win over the config."""
         zero = ds_config.get("zero_optimization", {}) or {}
-        dtype = "bf16" if (ds_config.get("bf16") or {}).get("enabled") else (
-            "fp16" if (ds_config.get("fp16") or {}).get("enabled") else "fp32")
         off = (zero.get("offload_optimizer") or {}).get("device", "none")
-        fields = {"zero_stage": int(zero.get("stage", 0)), "dtype": dtype, "offload_optimizer": off == "cpu"}
+        fields = {"zero_stage": int(zero.get("stage", 0)), "offload_optimizer": off == "cpu"}
+        dtype = ds_dtype(ds_config)
+        if dtype is not None:
+            fields["dtype"] = dtype
         for key, name in (("reduce_bucket_size", "reduce_bucket_size"),
                           ("allgather_bucket_size", "allgather_bucket_size"),
                           ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),

@@ -8,15 +8,15 @@ k = optimizer-state bytes per element (8 for Adam: exp_avg + exp_avg_sq in fp32)
 * ZeRO-1/2 (stage_1_and_2.py): each param group is flattened into one buffer padded to a
   multiple of 2N elements (``nccl_start_alignment_factor`` * N); every rank keeps the WHOLE flat
   buffer (w bytes/elem) plus an fp32 master partition (padded/N, a clone even in fp32).
-  ZeRO-1 keeps a gradient partition of padded/N; ZeRO-2 keeps ``grads_in_partition``, the full
-  size of every parameter that starts in or straddles into this rank's partition.
+  ZeRO-1 and ZeRO-2 both keep ``grads_in_partition``: the full size of every parameter that
+  starts in or straddles into this rank's partition (the last rank adds its padding).
 * ZeRO-3 (stage3.py, partition_parameters.py): each parameter is partitioned on its own into
   ceil(numel/N) elements; parameters with numel <= persistence threshold also stay gathered.
   The fp32 master is a separate copy unless the weights already are fp32 on the accelerator
   (CUDA; on DeepSpeed's CPU accelerator the device names differ, so it clones). The IPG bucket
   (reduce_bucket_size elements) stays allocated.
-* Stage 0 fp32: plain optimizer on full-size weights and gradients. Stage 0 bf16/fp16:
-  BF16_Optimizer: flat padded bf16 weights, fp32 master partition, fp32 FULL gradient buffer.
+* Stage 0: the plain optimizer on full-size weights and gradients; in bf16/fp16 DeepSpeed wraps
+  torch AdamW in FP16_UnfusedOptimizer with one fp32 master per parameter tensor.
 """
 from __future__ import annotations
 
@@ -72,12 +72,13 @@ def _stage0(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
         out.add("gradients", 4 * c.n_trainable)
         out.add("optimizer_states", optimizer_state_bytes(sizes, p))
         return
-    flats = [padded(sum(g), p.world_size) for g in c.groups]
-    out.add("trainable_weights", w * sum(flats))
-    out.add("gradients", 4 * sum(flats))  # fp32 full-size accumulation buffer
-    out.add("master_weights", 4 * sum(f // p.world_size for f in flats))
-    out.add("optimizer_states", optimizer_state_bytes([f // p.world_size for f in flats], p))
-    out.add("other", 4)  # global grad norm scalar
+    # Half precision at stage 0 (torch AdamW): FP16_UnfusedOptimizer keeps one fp32 master per
+    # parameter tensor, no flat buffer, no padding (measured).
+    sizes = [n for g in c.groups for n in g]
+    out.add("trainable_weights", w * c.n_trainable)
+    out.add("gradients", w * c.n_trainable)
+    out.add("master_weights", 4 * c.n_trainable)
+    out.add("optimizer_states", optimizer_state_bytes(sizes, p))
 
 
 def _stage12(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
@@ -93,14 +94,12 @@ def _stage12(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
         out.add("buckets", w * largest, host=True)   # temp_grad_buffer_for_cpu_offload
         out.add("buckets", w * largest)              # temp_grad_buffer_for_gpu_offload
         out.add("buckets", w * sum(parts), host=True)  # bit16 staging for the updated partition
-    elif p.zero_stage == 1:
-        out.add("gradients", w * sum(parts))
-    else:
-        out.add("gradients", w * sum(zero2_grad_partition(g, n, p.dp_rank) for g in c.groups))
+    else:  # ZeRO-1 and -2 alike in 0.19.8 (contiguous gradients); the last rank adds its padding
+        grads = sum(zero2_grad_partition(g, n, p.dp_rank) for g in c.groups)
+        pads = sum(min(padded(sum(g), n) - sum(g), part) for g, part in zip(c.groups, parts))
+        out.add("gradients", w * (grads + (pads if p.dp_rank == n - 1 else 0)))
     out.add("other", 4)  # global grad norm scalar
     out.add("transient_buckets", w * p.reduce_bucket_size * (2 if p.overlap_comm else 1))
-    if p.zero_stage == 1:
-        out.add("transient_gradients", w * c.n_trainable)
 
 
 def _stage3(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
@@ -134,10 +133,21 @@ def activation_bytes(arch: ArchInfo, p: MemoryPlan) -> int:
     return int(scale * arch.layers * per_layer + b * s * arch.vocab * (p.weight_bytes + 4))
 
 
-def predict(counts: ModelCounts, plan: MemoryPlan) -> MemoryBreakdown:
-    """Per-rank bytes by category for training ``counts`` under ``plan``."""
+POINTS = ("after_backward", "after_step")
+
+
+def predict(counts: ModelCounts, plan: MemoryPlan, point: str = "after_backward") -> MemoryBreakdown:
+    """Per-rank bytes by category for training ``counts`` under ``plan``.
+
+    ``point``: ``after_backward`` (gradients reduced, optimizer state present: the resident set
+    at the peak) or ``after_step`` (stage 0-2 free their device gradients in step; ZeRO-3 keeps
+    its flat gradient buffer; offloaded fp32 gradients stay on the host)."""
+    if point not in POINTS:
+        raise ValueError(f"point {point!r} is not supported; choose one of {', '.join(POINTS)}")
     out = MemoryBreakdown(label=f"{plan.method} predicted")
     {0: _stage0, 1: _stage12, 2: _stage12, 3: _stage3}[plan.zero_stage](counts, plan, out)
+    if point == "after_step" and plan.zero_stage < 3:
+        out.device["gradients"] = 0
     out.add("buffers", sum(counts.buffers))  # replicated, kept in their own dtype
     out.add("activations", activation_bytes(counts.arch, plan))
     return out
@@ -149,7 +159,7 @@ def coefficients(plan: MemoryPlan, where: str = "all") -> tuple[float, float]:
     w, n, k = plan.weight_bytes, plan.world_size, (8 if plan.optimizer == "adamw" else 2 + 8 / BNB_BLOCK)
     off = plan.offload_optimizer
     if plan.zero_stage == 0:
-        dev = (w, 4 + 4 + k) if plan.dtype == "fp32" else (w, w + 4 + (4 + k) / n)
+        dev = (w, 2 * w + k + (0 if plan.dtype == "fp32" else 4))
         hst = (0, 0)
     elif plan.zero_stage in (1, 2):
         dev = (w, w) if off else (w, w + (4 + w + k) / n)
@@ -171,6 +181,14 @@ def exact_reduction(rho: float, plan: MemoryPlan, where: str = "all") -> float:
     Stage 0 fp32 Adam (c_f = 4, c_t = 16) gives 4 rho / (rho + 4)."""
     cf, ct = coefficients(plan, where)
     return ct * rho / (cf * rho + ct)
+
+
+def model_reduction(full: ModelCounts, other: ModelCounts, plan: MemoryPlan, where: str = "all") -> float:
+    """Whole-model closed form: c_t P / (c_f F + c_t T), with P all parameters (full FT) and F, T
+    the frozen and trainable elements of the other method. Ignores padding, ZeRO-3 persistence,
+    buckets and scalars (docs/memory.md bounds their size)."""
+    cf, ct = coefficients(plan, where)
+    return ct * full.n_trainable / (cf * other.n_frozen + ct * other.n_trainable)
 
 
 def paper_reduction(rho: float) -> float:

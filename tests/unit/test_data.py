@@ -208,8 +208,9 @@ def test_config_errors(kwargs, fragment):
 
 def test_hub_name_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"dataset 'some-hub-set' is not a built-in .* and the hub is offline"):
-        check_data(DataConfig(dataset="some-hub-set"))
+    for name in ("some-hub-set", "org/some-set"):
+        with pytest.raises(DataError, match=rf"dataset '{name}' is not a built-in .* and the hub is offline"):
+            check_data(DataConfig(dataset=name))
 
 
 # ---------------------------------------------------------------- tokenized data, cache, eval prompts

@@ -1,0 +1,52 @@
+"""The baselines trained through the same engine: PEFT LoRA and full fine-tuning.
+
+LoRA goes through PEFT (the implementation users know) on exactly the modules ROSA would adapt,
+so a comparison at equal rank has equal trainable counts. Its export merges W += s B A (s =
+alpha / r; transposed for GPT-2's Conv1D) from a full state dict, which works under ZeRO-3 where
+PEFT's own ``merge_and_unload`` would see empty partitions.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import RosaConfig
+from .inject import find_targets
+
+PEFT_PREFIX = "base_model.model."
+
+
+def apply_lora(model: nn.Module, rank: int, target_modules=None, modules_to_save=(), alpha: float | None = None):
+    """PEFT LoRA on the modules ROSA would adapt (same targets, same validation and errors)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [n for n, _ in find_targets(model, RosaConfig(rank=rank, target_modules=target_modules,
+                                                                  modules_to_save=tuple(modules_to_save)))]
+    fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=targets,
+                        fan_in_fan_out=fan_in_fan_out, modules_to_save=list(modules_to_save) or None)
+    return get_peft_model(model, config)
+
+
+def lora_merged_state_dict(state: dict[str, torch.Tensor], peft_model) -> dict[str, torch.Tensor]:
+    """Plain-model state dict from a full PEFT LoRA state dict: W = W0 + s B A, merged in fp32."""
+    config = peft_model.peft_config["default"]
+    scale = config.lora_alpha / config.r
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key or "modules_to_save" in key and ".original_module." in key:
+            continue
+        plain = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        plain = plain.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        if key.endswith(".base_layer.weight"):
+            prefix = key[: -len("base_layer.weight")]
+            a, b = state[prefix + "lora_A.default.weight"].float(), state[prefix + "lora_B.default.weight"].float()
+            delta = scale * (b @ a)
+            value = (value.float() + (delta.t() if config.fan_in_fan_out else delta)).to(value.dtype)
+        out[plain] = value
+    return out
+
+
+def classification_head(model: nn.Module) -> list[str]:
+    """Names of a sequence-classification head (kept fully trainable under every method)."""
+    return [name for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)]

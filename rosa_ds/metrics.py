@@ -1,0 +1,60 @@
+"""Metrics: the JSONL log, the rank-0 progress bar, and classification scores."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only; a no-op sink elsewhere)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress(total: int, initial: int = 0, enabled: bool = True):
+    """tqdm on rank 0 (loss, tokens/s, ETA); silent elsewhere."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def classification_metrics(preds: list[int], golds: list[int], num_labels: int) -> dict:
+    """Accuracy, macro-F1 (mean over classes of 2PR/(P+R), 0 for an empty class) and the
+    multi-class Matthews correlation (Gorodkin 2004; CoLA's metric):
+        MCC = (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2))
+    with c correct, s samples, p_k predicted and t_k true counts of class k."""
+    s = len(golds)
+    if s == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "mcc": float("nan")}
+    conf = [[0] * num_labels for _ in range(num_labels)]
+    for p, g in zip(preds, golds):
+        conf[g][p] += 1
+    correct = sum(conf[k][k] for k in range(num_labels))
+    t = [sum(conf[k]) for k in range(num_labels)]
+    p = [sum(conf[g][k] for g in range(num_labels)) for k in range(num_labels)]
+    f1s = []
+    for k in range(num_labels):
+        prec = conf[k][k] / p[k] if p[k] else 0.0
+        rec = conf[k][k] / t[k] if t[k] else 0.0
+        f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    denom = math.sqrt((s * s - sum(x * x for x in p)) * (s * s - sum(x * x for x in t)))
+    mcc = (correct * s - sum(a * b for a, b in zip(p, t))) / denom if denom else 0.0
+    return {"accuracy": correct / s, "macro_f1": sum(f1s) / num_labels, "mcc": mcc}

@@ -1,0 +1,276 @@
+"""The training recipe behind ``launch/train.py``: setup -> train -> evaluate -> save.
+
+    deepspeed launch/train.py --deepspeed ds_configs/zero2.json      # N ranks (DeepSpeed launcher)
+    python launch/train.py                                           # one process
+
+Everything that can be wrong with the input (model, data, fields, sequence length, batch sizes,
+DeepSpeed JSON) is checked in ``Trainer.check`` before the model's weights are loaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import dsconfig
+from .baselines import apply_lora, classification_head, lora_merged_state_dict
+from .data import BatchOrder, DataConfig, PadCollator, check_data, tokenize_data
+from .log import log_rank0
+from .metrics import MetricsWriter, classification_metrics, progress
+from .models import check_model_spec, load_config, load_model_and_tokenizer, model_max_length
+from .schedule import ScheduleConfig
+from .train_config import TrainConfig, save_resolved
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def world() -> tuple[int, int]:
+    """(global rank, world size) from the launcher's environment (never LOCAL_RANK)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world = world()
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # --- 1. cheap checks: every bad input fails here, in one line ------------------------
+    def check(self) -> None:
+        cfg = self.cfg
+        self.source = check_model_spec(cfg.model, cfg.task)
+        self.data_cfg = DataConfig(
+            task=cfg.task, dataset=cfg.dataset, prompt_field=cfg.prompt_field, target_field=cfg.target_field,
+            text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
+            seq_len=cfg.seq_len, max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
+            seed=cfg.seed)
+        self.raw = check_data(self.data_cfg)  # before the model config: reading it from a GGUF takes seconds
+        max_len = model_max_length(load_config(self.source))
+        if max_len is not None and cfg.seq_len > max_len:
+            raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context ({max_len} tokens); "
+                             f"use --seq-len {max_len} or less")
+        self.order = BatchOrder(len(self.raw.train), cfg.micro_batch, self.world, self.rank, cfg.grad_accum, cfg.seed)
+        spe = self.order.steps_per_epoch
+        self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
+        self.ds_config = dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
+        if cfg.tensorboard:
+            self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"), "job_name": "rosa_ds"}
+
+    # --- 2. heavy setup --------------------------------------------------------------------
+    def setup(self) -> None:
+        import rosa_ds
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        dtype = DTYPES[dsconfig.precision(self.ds_config)]
+        labels = self.raw.label_names
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.task, len(labels) if labels else None, labels)
+        self.data = tokenize_data(self.raw, self.tokenizer)
+        keep = list(cfg.modules_to_save or (classification_head(model) if cfg.task == "classification" else []))
+        rosa_config, optimizer = None, None
+        if cfg.method == "rosa":
+            rosa_config = rosa_ds.RosaConfig(rank=cfg.rank, target_modules=cfg.target_modules, strategy=cfg.strategy,
+                                             seed=cfg.seed, modules_to_save=tuple(keep), init=cfg.init)
+        elif cfg.method == "lora":
+            model = apply_lora(model, cfg.rank, cfg.target_modules, keep)
+        if cfg.optim == "adamw8bit":
+            self.ds_config, kwargs = dsconfig.client_optimizer_config(self.ds_config)
+            optimizer = _bnb_factory(kwargs)
+        del dtype  # DeepSpeed casts the module to the config's precision itself
+        schedule = ScheduleConfig(cfg.resample_every, cfg.rewarmup_steps)
+        self.engine = rosa_ds.initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer,
+                                         schedule=schedule)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.collate = PadCollator(self.tokenizer.pad_token_id)
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.out / "config.json", self.ds_config)
+            report = rosa_ds.trainable_report(self.engine.module)
+            log_rank0(f"{cfg.method}: trainable {report.trainable:,} of {report.total:,} parameters"
+                      + (f", rho {report.rho:.1f}" if cfg.method == "rosa" else ""))
+        self.start_epoch, self.skip = 0, 0
+        if cfg.resume:
+            self.resume(cfg.resume)
+
+    def resume(self, where: str) -> None:
+        path = self.ckpt_dir if where == "latest" else Path(where)
+        client = self.engine.load_checkpoint(path)
+        self.start_epoch, self.skip = client["epoch"], client["batches_in_epoch"]
+
+    # --- 3. the loop -------------------------------------------------------------------------
+    def loader(self, epoch: int, skip: int):
+        batches = self.order.micro_batches(epoch, skip_batches=skip)
+        return torch.utils.data.DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.collate)
+
+    def train(self) -> None:
+        cfg, eng = self.cfg, self.engine
+        bar = progress(self.total_steps, initial=eng.global_step, enabled=self.rank == 0)
+        for epoch in range(self.start_epoch, cfg.epochs):
+            skip, self.skip = self.skip, 0
+            done_in_epoch = skip
+            tokens, losses, t0 = 0, [], time.perf_counter()
+            for batch in self.loader(epoch, skip):
+                if eng.global_step >= self.total_steps:
+                    break
+                eng.train()
+                loss = eng(**batch).loss
+                eng.backward(loss)
+                event = eng.step()
+                losses.append(loss.detach().float())
+                tokens += int(batch["attention_mask"].sum())
+                if not eng.is_gradient_accumulation_boundary():
+                    continue
+                done_in_epoch += 1
+                rec = self.log_step(epoch, losses, tokens, time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                tokens, losses, t0 = 0, [], time.perf_counter()
+                if event:
+                    self.metrics.write(event)
+                if cfg.eval_every and eng.global_step % cfg.eval_every == 0:
+                    self.evaluate(epoch)
+                if cfg.save_every and eng.global_step % cfg.save_every == 0:
+                    self.save(epoch, done_in_epoch)
+            finished = done_in_epoch >= self.order.steps_per_epoch
+            if finished:
+                event = eng.end_epoch(epoch, cfg.epochs)
+                if event:
+                    self.metrics.write(event)
+            if not cfg.eval_every:
+                self.evaluate(epoch + 1 if finished else epoch)
+            self.save(epoch + 1, 0) if finished else self.save(epoch, done_in_epoch)
+            if eng.global_step >= self.total_steps:
+                break
+        bar.close()
+
+    def log_step(self, epoch: int, losses: list, tokens: int, seconds: float) -> dict:
+        stats = torch.tensor([float(sum(losses) / len(losses)), float(tokens)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(stats)
+        rec = {"step": self.engine.global_step, "epoch": epoch, "loss": stats[0].item() / self.world,
+               "lr": self.engine.optimizer.param_groups[0]["lr"], "tokens_per_s": stats[1].item() / max(seconds, 1e-9),
+               "step_seconds": round(seconds, 4)}
+        self.metrics.write(rec)
+        return rec
+
+    # --- 4. evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> Optional[dict]:
+        if self.data.eval is None or len(self.data.eval) == 0:
+            return None
+        eng, split = self.engine, self.data.eval
+        eng.eval()
+        mine = list(range(self.rank, len(split), self.world))  # strided shards: every sample once
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        preds, golds = [], []
+        for start in range(0, max(len(mine), 1), self.cfg.micro_batch):
+            idx = mine[start:start + self.cfg.micro_batch] or mine[:1] or [0]
+            batch = self.collate([split[i] for i in idx])
+            out = eng(**batch)  # every rank runs the same number of forwards (ZeRO-3 gathers)
+            if not mine[start:start + self.cfg.micro_batch]:
+                continue
+            n = len(idx) if self.cfg.task == "classification" else int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
+            if self.cfg.task == "classification":
+                preds += out.logits.argmax(-1).tolist()
+                golds += batch["labels"].tolist()
+        if self.world > 1:
+            dist.all_reduce(loss_sum)
+        loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
+        rec = {"event": "eval", "step": eng.global_step, "epoch": epoch, "eval_loss": loss,
+               "eval_perplexity": math.exp(min(loss, 50))}
+        if self.cfg.task == "classification":
+            rec.update(classification_metrics(self._gather(preds), self._gather(golds), len(self.data.label_names)))
+        else:
+            rec["samples"] = self.generate_samples()
+        self.metrics.write(rec)
+        log_rank0(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in rec.items() if k != "samples"))
+        return rec
+
+    def _gather(self, values: list) -> list:
+        if self.world == 1:
+            return values
+        out = [None] * self.world
+        dist.all_gather_object(out, values)
+        return [v for part in out for v in part]
+
+    def generate_samples(self) -> list[dict]:
+        """Greedy continuations of the fixed eval prompts (all ranks run generate: ZeRO-3)."""
+        prompts = self.data.eval_prompts[: self.cfg.num_samples]
+        samples, module = [], self.engine.module
+        for p in prompts:
+            ids = torch.tensor([p.prompt_ids], device=self.engine.device)
+            out = module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id,
+                                  synced_gpus=self.engine.zero_optimization_stage() == 3 and self.world > 1)
+            text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            samples.append({"prompt": p.prompt[-200:], "reference": p.reference, "generated": text})
+        return samples
+
+    # --- 5. checkpoints and the final model ----------------------------------------------
+    def save(self, epoch: int, batches_in_epoch: int) -> None:
+        self.engine.save_checkpoint(self.ckpt_dir, client_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch})
+        if self.rank == 0:  # keep the newest complete checkpoint only: each holds the full W_f
+            latest = (self.ckpt_dir / "latest").read_text().strip()
+            for old in self.ckpt_dir.glob("step_*"):
+                if old.is_dir() and old.name != latest and not old.name.endswith(".partial"):
+                    import shutil
+
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def export(self) -> None:
+        final = self.out / "final_model"
+        state = self.engine.merged_state_dict()
+        if self.cfg.method == "lora" and state is not None:
+            state = lora_merged_state_dict(state, self.engine.module)
+        if self.rank == 0:
+            base = self.engine.module.get_base_model() if self.cfg.method == "lora" else self.engine.module
+            _save_plain(base, state, final, self.tokenizer)
+            log_rank0(f"final merged model: {final}")
+        if self.world > 1:
+            dist.barrier()
+
+    def run(self) -> None:
+        self.check()
+        self.setup()
+        self.train()
+        self.export()
+        _memory_report(self)
+
+
+def _save_plain(model, state: dict, out: Path, tokenizer) -> None:
+    import shutil
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _bnb_factory(kwargs: dict):
+    def make(params):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+
+    return make
+
+
+def _memory_report(trainer: Trainer) -> None:
+    """Predicted and measured per-rank memory into the output directory (rank 0 writes)."""
+    try:
+        from .memory.runtime import write_run_report
+    except ImportError:  # accountant not available in this build
+        return
+    write_run_report(trainer)

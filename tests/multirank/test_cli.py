@@ -1,0 +1,117 @@
+"""End-to-end CLI runs with the real DeepSpeed launcher on 2 CPU ranks, a tiny model and data."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rosa_ds.testing import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 420
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from rosa_ds.testing_assets import save_tiny_model_dir, write_tiny_dataset
+
+    d = tmp_path_factory.mktemp("assets")
+    save_tiny_model_dir(d / "llama", "llama")
+    write_tiny_dataset(d / "data.jsonl", "prompt_target", n=64)
+    return d
+
+
+def launch(args, out, world=2, check=True):
+    """`deepspeed --num_gpus N launch/train.py ...` with a free port and a hard timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(out.parent / "cache"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
+           str(ROOT / "launch" / "train.py"), "--output-dir", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def records(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def common(assets, method, stage):
+    return ["--model", str(assets / "llama"), "--dataset", str(assets / "data.jsonl"), "--method", method,
+            "--deepspeed", str(ROOT / "ds_configs" / f"zero{stage}.json"), "--seq-len", "48", "--micro-batch", "4",
+            "--epochs", "2", "--lr", "3e-3", "--rank", "4", "--max-eval-samples", "16", "--num-samples", "1"]
+
+
+def reloaded_eval_loss(model_dir, assets):
+    """Token-mean loss of the exported plain model on the run's eval split, with plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rosa_ds.data import DataConfig, PadCollator, check_data, tokenize_data
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    raw = check_data(DataConfig(dataset=str(assets / "data.jsonl"), seq_len=48, max_eval_samples=16, cache_dir=""))
+    data = tokenize_data(raw, tok)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data.eval)):
+            batch = PadCollator(tok.pad_token_id)([data.eval[i]])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * n
+            count += n
+    return total / count
+
+
+@pytest.mark.parametrize("method, stage", [("rosa", 1), ("rosa", 2), ("rosa", 3), ("lora", 3), ("full", 2)])
+def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage):
+    out = tmp_path / "run"
+    launch(common(assets, method, stage), out)
+    recs = records(out)
+    evals = [r for r in recs if r.get("event") == "eval"]
+    resamples = [r for r in recs if r.get("event") == "resample"]
+    assert len(evals) == 2 and len(resamples) == (1 if method == "rosa" else 0)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals  # it learned
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["method"] == method
+    # the export is a plain model whose eval loss equals the trained (unmerged) model's
+    loss = reloaded_eval_loss(out / "final_model", assets)
+    assert math.isclose(loss, evals[-1]["eval_loss"], rel_tol=1e-4), (loss, evals[-1]["eval_loss"])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "final_model" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "rosa_" in k or "lora_" in k or "base_layer" in k]
+
+
+def test_resume_from_output_dir_continues_exactly(tmp_path, assets):
+    full = tmp_path / "full"
+    args = common(assets, "rosa", 2) + ["--save-every", "9"]
+    launch(args, full)
+    steps = {r["step"]: r["loss"] for r in records(full) if "loss" in r}
+    # a run stopped after step 9 (past the resample at the epoch boundary, step 7): its output dir
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full, stopped, ignore=shutil.ignore_patterns("final_model", "metrics.jsonl"))
+    (stopped / "checkpoints" / "latest").write_text("step_00000009")
+    launch(args + ["--resume"], stopped)
+    resumed = {r["step"]: r["loss"] for r in records(stopped) if "loss" in r}
+    assert min(resumed) == 10 and resumed == {s: l for s, l in steps.items() if s >= 10}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/nonexistent/model"], "model '/nonexistent/model' not found"),
+    (["--dataset", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    (["--target-field", "answer"], "record has no field 'answer'"),
+    (["--seq-len", "4096"], "--seq-len 4096 is longer than the model's context"),
+])
+def test_bad_input_is_one_clear_line_before_heavy_work(tmp_path, assets, extra, message):
+    proc = launch(common(assets, "rosa", 2) + extra, tmp_path / "bad", world=1, check=False)
+    assert proc.returncode != 0
+    errors = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("rosa_ds: error:")]
+    assert errors and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

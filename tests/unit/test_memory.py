@@ -1,0 +1,201 @@
+"""Memory accountant: hand-computed cases, closed forms, counts on meta models, bad input, CLI."""
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rosa_ds import RosaConfig, apply_rosa
+from rosa_ds.memory import (MemoryBreakdown, MemoryPlan, coefficients, compare, counts_from_module, exact_reduction,
+                            paper_reduction, predict, rho_of, write_memory_report)
+from rosa_ds.memory.counts import ModelCounts
+from rosa_ds.memory.predict import padded, zero2_grad_partition
+from rosa_ds.testing import tiny_model
+
+M = N = 768
+R = 8
+FULL_768 = ModelCounts(groups=[[M * N]])
+ROSA_768 = ModelCounts(frozen=[M * N], groups=[[M * R, R * N]], adapted=[(M, N)], rank=R)
+
+
+def plan(**kw):
+    return MemoryPlan(**{"method": "rosa", "rank": R, "zero_stage": 0, "world_size": 1, "dtype": "fp32", **kw})
+
+
+# (stage, N, dtype, full state bytes, ROSA state bytes), computed by hand for one 768x768 matrix,
+# R = 8 (12,288 factor elements, rho = 48). Adam keeps one 4-byte step scalar per tensor it sees.
+HAND = [
+    # stage 0 fp32: full 16 B/param (+1 step); ROSA 4 B per W_f element + 16 per factor (+2 steps)
+    (0, 1, "fp32", 16 * 589_824 + 4, 4 * 589_824 + 16 * 12_288 + 8),
+    # ZeRO-1, N=1, bf16: 2 (weights) + 2 (grads) + 4 (master) + 8 (moments); 1 flat group -> 1 step
+    (1, 1, "bf16", 16 * 589_824 + 4, 2 * 589_824 + 16 * 12_288 + 4),
+    # ZeRO-2, N=4, fp32: weights replicated (4), master + moments / 4. Gradients are held per
+    # whole parameter overlapping the rank's partition: the single 768x768 weight straddles every
+    # partition, so each rank holds all of its gradient; ROSA's rank 0 holds A (6,144) but not B.
+    (2, 4, "fp32", 4 * 589_824 + 4 * 589_824 + 12 * 589_824 // 4 + 4,
+     4 * 589_824 + 4 * 12_288 + 4 * 6_144 + 12 * 12_288 // 4 + 4),
+    # ZeRO-3, N=4, bf16: everything / 4: (2 + 2 + 4 + 8) / 4 per trainable, 2 / 4 per frozen
+    (3, 4, "bf16", 16 * 589_824 // 4 + 4, 2 * 589_824 // 4 + 16 * 12_288 // 4 + 4),
+]
+
+
+@pytest.mark.parametrize("stage,world,dtype,full_bytes,rosa_bytes", HAND)
+def test_hand_computed(stage, world, dtype, full_bytes, rosa_bytes):
+    kw = dict(zero_stage=stage, world_size=world, dtype=dtype, param_persistence_threshold=0)
+    assert predict(FULL_768, plan(method="full", **kw)).state_bytes() == full_bytes
+    assert predict(ROSA_768, plan(**kw)).state_bytes() == rosa_bytes
+
+
+def test_issue_example_and_paper_formula():
+    """The issue's numbers: full 9,437,184 B, ROSA 2,555,904 B (+8 B of step scalars), 3.69x vs 3.92x."""
+    rho = rho_of(M, N, R)
+    assert rho == 48.0
+    full = predict(FULL_768, plan(method="full")).state_bytes() - 4
+    rosa = predict(ROSA_768, plan()).state_bytes() - 8
+    assert (full, rosa) == (9_437_184, 2_555_904)
+    assert exact_reduction(rho, plan()) == pytest.approx(4 * rho / (rho + 4)) == pytest.approx(full / rosa)
+    assert round(full / rosa, 2) == 3.69 and round(paper_reduction(rho), 2) == 3.92
+
+
+@pytest.mark.parametrize("stage,dtype,world,expected", [
+    (0, "fp32", 1, lambda r: 4 * r / (r + 4)),
+    (1, "bf16", 1, lambda r: 8 * r / (r + 8)),
+    (2, "bf16", 8, None),  # (2 + 14/8) rho / (2 rho + 2 + 14/8)
+    (3, "bf16", 64, lambda r: 8 * r / (r + 8)),
+    (3, "fp32", 64, lambda r: 4 * r / (r + 4)),  # CUDA: fp32 ZeRO-3 reuses the partition as master
+])
+def test_closed_forms(stage, dtype, world, expected):
+    rho = 48.0
+    p = plan(zero_stage=stage, dtype=dtype, world_size=world)
+    if (stage, dtype, world) == (2, "bf16", 8):
+        want = (2 + 14 / 8) * rho / (2 * rho + 2 + 14 / 8)
+    else:
+        want = expected(rho)
+    assert exact_reduction(rho, p) == pytest.approx(want)
+
+
+def test_closed_form_agrees_with_predict_on_large_matrix():
+    """coefficients() is the many-parameter limit of predict(): 64 matrices 1024x1024, R = 16
+    (ZeRO-2 holds whole gradients of the parameters straddling a partition boundary: ~1 %)."""
+    m, r, layers = 1024, 16, 64
+    full = ModelCounts(groups=[[m * m] * layers])
+    rosa = ModelCounts(frozen=[m * m] * layers, groups=[[m * r, r * m] * layers])
+    for stage in (0, 1, 2, 3):
+        for dtype in ("fp32", "bf16"):
+            for world in ((1, 8) if stage else (1,)):
+                p = plan(zero_stage=stage, dtype=dtype, world_size=world, param_persistence_threshold=0,
+                         reduce_bucket_size=0)
+                got = predict(full, p).state_bytes() / predict(rosa, p).state_bytes()
+                assert got == pytest.approx(exact_reduction(rho_of(m, m, r), p), rel=0.015), (stage, dtype, world)
+
+
+def test_offload_moves_optimizer_to_host_and_rosa_saves_little_on_device():
+    p = plan(zero_stage=2, world_size=4, dtype="bf16", offload_optimizer=True)
+    b = predict(ROSA_768, p)
+    assert b.device["master_weights"] == b.device["optimizer_states"] == 0
+    assert b.host["master_weights"] == 4 * 12_288 // 4
+    assert exact_reduction(48.0, p, "device") == pytest.approx(48 / 49)  # weights only: rho / (rho + 1)
+
+
+def test_zero_padding_and_partitions():
+    assert padded(2550, 2) == 2552 and padded(7, 4) == 8
+    sizes = [90] * 3  # partitions of 136: rank 0 holds params 0,1 (the second straddles), rank 1 params 1,2
+    assert zero2_grad_partition(sizes, 2, 0) == 180 and zero2_grad_partition(sizes, 2, 1) == 180
+
+
+def test_adamw8bit_states():
+    p = plan(zero_stage=1, optimizer="adamw8bit")
+    big = ModelCounts(groups=[[8192]])
+    assert predict(big, p).total("optimizer_states") == 2 * 8192 + 2 * 4 * 32 + 2 * 256 * 4
+    assert predict(ModelCounts(groups=[[100]]), p).total("optimizer_states") == 800  # < 4096: 32-bit
+
+
+def test_counts_simulation_equals_applied_model():
+    """counts_from_module on the plain model predicts exactly what apply_rosa produces."""
+    model = tiny_model("gpt2")
+    sim = counts_from_module(model, "rosa", 4)
+    apply_rosa(model, RosaConfig(rank=4))
+    real = counts_from_module(model)
+    assert (sim.frozen, sim.groups, sim.adapted) == (real.frozen, real.groups, real.adapted)
+    assert sim.n_frozen + sim.n_trainable - 4 * sum(m + n for m, n in sim.adapted) == \
+        counts_from_module(tiny_model("gpt2"), "full").n_trainable
+
+
+def test_counts_on_meta_device():
+    import transformers as tf
+
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, vocab_size=100))
+    c = counts_from_module(model, "lora", 8)
+    assert len(c.adapted) == 14 and c.n_trainable == sum(8 * (m + n) for m, n in c.adapted)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"world_size": 0}, "world_size"), ({"dtype": "fp8"}, "dtype"), ({"zero_stage": 4}, "zero_stage"),
+    ({"method": "dora"}, "method"), ({"optimizer": "sgd"}, "optimizer"), ({"rank": 0}, "rank"),
+    ({"offload_optimizer": True, "zero_stage": 0}, "offload"),
+])
+def test_bad_plan(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        plan(**kw)
+
+
+def test_rank_too_large():
+    with pytest.raises(ValueError, match="too large"):
+        counts_from_module(tiny_model("gpt2"), "rosa", 32)
+    with pytest.raises(ValueError, match="too large"):
+        rho_of(8, 8, 8)
+
+
+def test_compare_and_report(tmp_path):
+    pred = predict(ROSA_768, plan())
+    meas = MemoryBreakdown.from_dict(pred.to_dict())
+    meas.device["gradients"] += 1
+    rows = compare(pred, meas)
+    assert all(r.ok for r in rows) and any(r.rel_error > 0 for r in rows)
+    data = write_memory_report(tmp_path, pred, meas, plan())
+    assert json.loads((tmp_path / "memory_report.json").read_text())["comparison"][2]["measured"] == \
+        data["comparison"][2]["measured"]
+    assert "| gradients |" in (tmp_path / "memory_report.md").read_text()
+
+
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+            "max_position_embeddings": 4096}
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rosa_ds.memory", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_plans_llama_7b_fast_and_small(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA_7B))
+    t0 = time.perf_counter()
+    proc = _cli("--model", str(cfg), "--method", "rosa", "--rank", "16", "--zero", "3", "--world-size", "64",
+                "--dtype", "bf16", "--micro-batch", "4", "--seq-len", "2048", "--json", str(tmp_path / "p.json"))
+    elapsed = time.perf_counter() - t0
+    rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 120 and rss_gb < 1.0, (elapsed, rss_gb)
+    data = json.loads((tmp_path / "p.json").read_text())
+    full = sum(data["full"]["device"][c] for c in ("trainable_weights", "gradients", "master_weights",
+                                                   "optimizer_states"))
+    assert full == pytest.approx(16 * 6_738_415_616 / 64, rel=1e-3)  # Llama-7B params, 16 B each over 64 ranks
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--world-size", "0"], "world_size"), (["--dtype", "fp8"], "dtype"), (["--zero", "5"], "zero_stage"),
+    (["--rank", "4096"], "too large"),
+])
+def test_cli_bad_input(tmp_path, args, msg):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**LLAMA_7B, "num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512,
+                               "num_attention_heads": 4, "num_key_value_heads": 4}))
+    proc = _cli("--model", str(cfg), *args)
+    assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
