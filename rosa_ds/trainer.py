@@ -112,6 +112,8 @@ class Trainer:
 
     def train(self) -> None:
         cfg, eng = self.cfg, self.engine
+        if eng.global_step == 0:
+            self.evaluate(0)  # the starting point: the pretrained model (ROSA's W_f + A B = W)
         bar = progress(self.total_steps, initial=eng.global_step, enabled=self.rank == 0)
         for epoch in range(self.start_epoch, cfg.epochs):
             skip, self.skip = self.skip, 0

@@ -14,7 +14,9 @@ k = optimizer-state bytes per element (8 for Adam: exp_avg + exp_avg_sq in fp32)
   ceil(numel/N) elements; parameters with numel <= persistence threshold also stay gathered.
   The fp32 master is a separate copy unless the weights already are fp32 on the accelerator
   (CUDA; on DeepSpeed's CPU accelerator the device names differ, so it clones). The IPG bucket
-  (reduce_bucket_size elements) stays allocated.
+  (reduce_bucket_size elements) and the flat gradient partition stay allocated.
+* Optimizer offload: masters, moments and an fp32 gradient partition move to the host; ZeRO-3
+  still keeps its compute-precision gradient partition on the device.
 * Stage 0: the plain optimizer on full-size weights and gradients; in bf16/fp16 DeepSpeed wraps
   torch AdamW in FP16_UnfusedOptimizer with one fp32 master per parameter tensor.
 """
@@ -37,16 +39,22 @@ def padded(numel: int, world_size: int) -> int:
     return -(-numel // align) * align
 
 
-def zero2_grad_partition(sizes: list, world_size: int, dp_rank: int) -> int:
-    """Elements of ZeRO-2 ``grads_in_partition`` on ``dp_rank``: full numel of each parameter
-    that starts in, or straddles into, the rank's partition (``get_partition_info``)."""
+def params_in_partition(sizes: list, world_size: int, dp_rank: int) -> list:
+    """Sizes of the parameters that start in, or straddle into, ``dp_rank``'s ZeRO-1/2 partition
+    (DeepSpeed's ``get_partition_info``)."""
     part = padded(sum(sizes), world_size) // world_size
-    start, end, cur, total = part * dp_rank, part * (dp_rank + 1), 0, 0
+    start, end, cur, found = part * dp_rank, part * (dp_rank + 1), 0, []
     for size in sizes:
         if start <= cur < end or cur < start < cur + size:
-            total += size
+            found.append(size)
         cur += size
-    return total
+    return found
+
+
+def zero2_grad_partition(sizes: list, world_size: int, dp_rank: int) -> int:
+    """Elements of ZeRO-1/2 ``grads_in_partition`` on ``dp_rank``: the FULL numel of each
+    parameter in the rank's partition (a straddling parameter is held whole by both ranks)."""
+    return sum(params_in_partition(sizes, world_size, dp_rank))
 
 
 def optimizer_state_bytes(tensor_sizes: list, plan: MemoryPlan, step_scalars: bool = True) -> int:
@@ -90,6 +98,8 @@ def _stage12(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
     out.add("optimizer_states", optimizer_state_bytes(parts, p, step_scalars=not host), host=host)
     if host:  # fp32 gradient of the master partition lives with it on the host
         out.add("gradients", 4 * sum(parts), host=True)
+        # two fp32 scalars (grad norm bookkeeping) per parameter in the partition until step
+        out.add("other", 8 * sum(len(params_in_partition(g, n, p.dp_rank)) for g in c.groups))
         largest = max((s for g in c.groups for s in g), default=0)
         out.add("buckets", w * largest, host=True)   # temp_grad_buffer_for_cpu_offload
         out.add("buckets", w * largest)              # temp_grad_buffer_for_gpu_offload
@@ -112,9 +122,13 @@ def _stage3(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
     shares_master = p.dtype == "fp32" and p.accelerator == "cuda" and not host
     out.add("master_weights", 0 if shares_master else 4 * sum(parts), host=host)
     out.add("optimizer_states", optimizer_state_bytes(parts, p, step_scalars=not host), host=host)
-    out.add("gradients", (4 if host else w) * sum(parts), host=host)
+    out.add("gradients", w * sum(parts))  # flat gradient partition buffer, allocated once
+    if host:  # plus the fp32 gradients next to the offloaded master
+        out.add("gradients", 4 * sum(parts), host=True)
     out.add("buckets", w * p.reduce_bucket_size)  # IPG bucket, allocated once
-    out.add("other", 8 + 1)  # fp64 global grad norm + bool overflow tracker
+    # global grad norm (fp64; fp32 with offload) + bool overflow tracker; with offload two fp32
+    # scalars per trainable parameter live from backward to step
+    out.add("other", (4 + 1 + 8 * sum(len(g) for g in c.groups)) if host else 8 + 1)
     gatherable = sum(s for s in c.frozen + [x for g in c.groups for x in g] if not keep(s))
     out.add("gathered_params", w * min(gatherable, p.max_live_parameters + p.prefetch_bucket_size))
 
@@ -146,8 +160,10 @@ def predict(counts: ModelCounts, plan: MemoryPlan, point: str = "after_backward"
         raise ValueError(f"point {point!r} is not supported; choose one of {', '.join(POINTS)}")
     out = MemoryBreakdown(label=f"{plan.method} predicted")
     {0: _stage0, 1: _stage12, 2: _stage12, 3: _stage3}[plan.zero_stage](counts, plan, out)
-    if point == "after_step" and plan.zero_stage < 3:
-        out.device["gradients"] = 0
+    if point == "after_step":
+        if plan.zero_stage < 3:
+            out.device["gradients"] = 0
+        out.device["other"] = {0: 0, 1: 4, 2: 4, 3: 5 if plan.offload_optimizer else 9}[plan.zero_stage]
     out.add("buffers", sum(counts.buffers))  # replicated, kept in their own dtype
     out.add("activations", activation_bytes(counts.arch, plan))
     return out
@@ -166,7 +182,7 @@ def coefficients(plan: MemoryPlan, where: str = "all") -> tuple[float, float]:
         hst = (0, (4 + 4 + k) / n) if off else (0, 0)
     else:
         master = 0 if (plan.dtype == "fp32" and plan.accelerator == "cuda" and not off) else 4
-        dev = (w / n, w / n) if off else (w / n, (2 * w + master + k) / n)
+        dev = (w / n, 2 * w / n) if off else (w / n, (2 * w + master + k) / n)
         hst = (0, (4 + 4 + k) / n) if off else (0, 0)
     if where == "device":
         return dev

@@ -75,7 +75,7 @@ def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage):
     recs = records(out)
     evals = [r for r in recs if r.get("event") == "eval"]
     resamples = [r for r in recs if r.get("event") == "resample"]
-    assert len(evals) == 2 and len(resamples) == (1 if method == "rosa" else 0)
+    assert [e["step"] for e in evals] == [0, 7, 14] and len(resamples) == (1 if method == "rosa" else 0)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals  # it learned
     saved = json.loads((out / "config.json").read_text())
     assert saved["method"] == method
@@ -93,7 +93,7 @@ def test_resume_from_output_dir_continues_exactly(tmp_path, assets):
     args = common(assets, "rosa", 2) + ["--save-every", "9"]
     launch(args, full)
     steps = {r["step"]: r["loss"] for r in records(full) if "loss" in r}
-    # a run stopped after step 9 (past the resample at the epoch boundary, step 7): its output dir
+    # a run stopped after step 9 (past the resample at the epoch boundary after step 7): its output dir
     stopped = tmp_path / "stopped"
     shutil.copytree(full, stopped, ignore=shutil.ignore_patterns("final_model", "metrics.jsonl"))
     (stopped / "checkpoints" / "latest").write_text("step_00000009")

@@ -1,8 +1,9 @@
 """The memory accountant against live engines on 2 real CPU ranks (gloo).
 
-One launch runs every case (ZeRO-0..3 x fp32/bf16 x full/ROSA, LoRA, 8-bit Adam): each rank
-takes a census of its engine's tensors after one step and one more backward, and the census
-must equal the prediction for that rank in every category. ROSA's measured reduction against
+One launch runs every case (ZeRO-0..3 x fp32/bf16 x full/ROSA, LoRA, 8-bit Adam, optimizer
+offload): each rank takes a census of its engine's tensors after one step and one more backward,
+and again after the next step; both must equal the prediction for that rank in every category
+(on the CPU accelerator host and device are one memory, so offload is checked per category total). ROSA's measured reduction against
 full fine-tuning must match the closed form c_t P / (c_f F + c_t T) (docs/memory.md).
 """
 from pathlib import Path
@@ -16,7 +17,8 @@ from rosa_ds.testing import launch_ranks
 SCRIPT = Path(__file__).parent / "scripts" / "memory_rank.py"
 GRID = [f"{s}:{d}:{m}" for s in (1, 2, 3) for d in ("fp32", "bf16") for m in ("full", "rosa")]
 EXTRA = ["0:fp32:rosa", "0:bf16:rosa", "0:fp32:full", "2:bf16:lora", "3:fp32:lora",
-         "2:fp32:full:adamw8bit", "2:fp32:rosa:adamw8bit"]
+         "2:fp32:full:adamw8bit", "2:fp32:rosa:adamw8bit",
+         "2:fp32:rosa:adamw:offload", "1:bf16:full:adamw:offload", "3:bf16:rosa:adamw:offload"]
 
 
 @pytest.fixture(scope="module")

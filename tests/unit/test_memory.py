@@ -193,9 +193,12 @@ def test_cli_plans_llama_7b_fast_and_small(tmp_path):
     (["--world-size", "0"], "world_size"), (["--dtype", "fp8"], "dtype"), (["--zero", "5"], "zero_stage"),
     (["--rank", "4096"], "too large"),
 ])
-def test_cli_bad_input(tmp_path, args, msg):
+def test_cli_bad_input(tmp_path, capsys, args, msg):
+    from rosa_ds.memory.__main__ import main
+
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({**LLAMA_7B, "num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512,
                                "num_attention_heads": 4, "num_key_value_heads": 4}))
-    proc = _cli("--model", str(cfg), *args)
-    assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["--model", str(cfg), *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -26,13 +26,21 @@ p.add_argument("--resume", default="")
 p.add_argument("--ckpt", default="")
 p.add_argument("--merged-out", default="")
 p.add_argument("--offload", action="store_true")
+p.add_argument("--client-adamw", action="store_true", help="torch AdamW as a client optimizer factory")
 p.add_argument("--result", required=True)
 a = p.parse_args()
 
 torch.manual_seed(1234)
 model = no_dropout_gpt2()
 cfg = ds_test_config(a.stage, a.dtype, a.micro_batch, offload=a.offload)
-engine = rosa_ds.initialize(model, RosaConfig(rank=a.rank, seed=7), config=cfg, schedule=ScheduleConfig("epoch"))
+optimizer = None
+if a.client_adamw:
+    kw = cfg.pop("optimizer")["params"]
+    kw.pop("torch_adam", None)
+    cfg["zero_allow_untested_optimizer"] = True
+    optimizer = lambda params: torch.optim.AdamW(params, **kw)  # noqa: E731
+engine = rosa_ds.initialize(model, RosaConfig(rank=a.rank, seed=7), config=cfg, optimizer=optimizer,
+                            schedule=ScheduleConfig("epoch"))
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

@@ -1,0 +1,98 @@
+"""Engine pieces that need no processes: checkpoint resolution and compatibility, config refusals,
+the resample schedule and owner assignment."""
+import json
+
+import pytest
+
+from rosa_ds.checkpoint import CheckpointError, check_compatible, resolve
+from rosa_ds.schedule import ScheduleConfig
+
+
+def _complete(path, tag):
+    d = path / tag
+    d.mkdir(parents=True)
+    (d / "COMPLETE").write_text(json.dumps({"tag": tag, "files": {}}))
+    return d
+
+
+def test_resolve_uses_latest_and_accepts_a_checkpoint_dir(tmp_path):
+    _complete(tmp_path, "step_00000004")
+    (tmp_path / "latest").write_text("step_00000004")
+    assert resolve(tmp_path, None) == (tmp_path, "step_00000004")
+    assert resolve(tmp_path / "step_00000004", None) == (tmp_path, "step_00000004")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*start without --resume"):
+        resolve(tmp_path, None)
+
+
+def test_half_written_checkpoint_is_refused(tmp_path):
+    (tmp_path / "step_00000008.partial").mkdir()  # a save that crashed before its rename
+    with pytest.raises(CheckpointError, match=r"found only incomplete saves: step_00000008\.partial"):
+        resolve(tmp_path, None)
+    (tmp_path / "step_00000008").mkdir()  # a directory without the COMPLETE marker
+    (tmp_path / "latest").write_text("step_00000008")
+    with pytest.raises(CheckpointError, match=r"incomplete or missing \(no COMPLETE marker"):
+        resolve(tmp_path, None)
+
+
+def _desc(rank=8, world=2, stage=2, layers=(("h.0.q", 8, 8, 8),)):
+    return {"world_size": world, "zero_stage": stage, "rosa_config": {"rank": rank},
+            "layers": [list(l) for l in layers]}
+
+
+def test_compatibility_reports_every_difference_at_once(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(_desc(), _desc(rank=4, world=4, stage=3, layers=(("h.0.k", 8, 8, 4),)), tmp_path)
+    msg = str(err.value)
+    for part in ("world size (ranks): checkpoint 2, this run 4", "ZeRO stage: checkpoint 2, this run 3",
+                 "ROSA rank: checkpoint 8, this run 4", "only in checkpoint: ['h.0.q'], only now: ['h.0.k']"):
+        assert part in msg
+    check_compatible(_desc(), _desc(), tmp_path)  # identical: no error
+
+
+@pytest.mark.parametrize("cfg, client, message", [
+    ({"zero_optimization": {"stage": 0}}, False, "ZeRO stage 0 is not supported by rosa_ds"),
+    ({}, False, "ZeRO stage 0 is not supported"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "fp16": {"enabled": True}}, False,
+     "enables both bf16 and fp16"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, True,
+     "a client optimizer .* cannot be offloaded"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, False, "NVMe optimizer offload"),
+])
+def test_unsupported_stage_and_optimizer_combinations(cfg, client, message):
+    pytest.importorskip("deepspeed")
+    from rosa_ds.engine import validate_ds_config
+
+    with pytest.raises(ValueError, match=message):
+        validate_ds_config(cfg, client_optimizer=client)
+
+
+def test_schedule_epoch_steps_and_rewarmup():
+    epoch = ScheduleConfig("epoch")
+    assert [epoch.due_at_epoch_end(e, 3) for e in range(3)] == [True, True, False]
+    assert not epoch.due_after_step(5)
+    steps = ScheduleConfig("4", rewarmup_steps=2)
+    assert steps.resample_every == 4 and [steps.due_after_step(s) for s in (3, 4, 8)] == [False, True, True]
+    assert [steps.lr_factor(s) for s in (None, 0, 1, 2)] == [1.0, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="resample_every must be 'epoch', 'never' or a positive step count"):
+        ScheduleConfig("weekly")
+
+
+def test_owner_assignment_is_balanced_and_rounds_hold_one_layer_per_rank():
+    pytest.importorskip("deepspeed")
+    from rosa_ds.zero import assign_owners, rounds
+    from rosa_ds.layer import RosaLinear
+    from torch import nn
+
+    layers = [RosaLinear(nn.Linear(n, m), 2, i) for i, (m, n) in enumerate([(64, 64), (64, 64), (32, 32), (32, 32),
+                                                                           (16, 16)])]
+    owners = assign_owners(layers, 2)
+    cost = [0, 0]
+    for l in layers:
+        cost[owners[l.layer_index]] += l.out_features * l.in_features * min(l.out_features, l.in_features)
+    assert abs(cost[0] - cost[1]) <= 16 ** 3
+    for group in rounds(layers, owners, 2):
+        assert len({owners[l.layer_index] for l in group}) == len(group)
+    assert sorted(l.layer_index for g in rounds(layers, owners, 2) for l in g) == list(range(5))
