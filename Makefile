@@ -40,6 +40,7 @@ test-multirank: setup
 
 memory-report: setup
 	$(BIN)/python -m rosa_ds.memory --model default --method rosa --rank 8 --zero 2 --world-size 2 --dtype fp32 \
+	    --ds-config ds_configs/zero2.json --micro-batch 4 --seq-len 128 \
 	    --markdown bench/results/memory_default.md --png bench/results/memory_default.png
 
 bench: setup

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -219,15 +220,14 @@ class Trainer:
         return samples
 
     # --- 5. checkpoints and the final model ----------------------------------------------
-    def save(self, epoch: int, batches_in_epoch: int) -> None:
+    def save(self, epoch: int, batches_in_epoch: int, keep: int = 2) -> None:
+        """Checkpoint; keep the ``keep`` newest complete ones (each holds the full W_f, so disk adds
+        up; two survive a newest one damaged after its save)."""
         self.engine.save_checkpoint(self.ckpt_dir, client_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch})
-        if self.rank == 0:  # keep the newest complete checkpoint only: each holds the full W_f
-            latest = (self.ckpt_dir / "latest").read_text().strip()
-            for old in self.ckpt_dir.glob("step_*"):
-                if old.is_dir() and old.name != latest and not old.name.endswith(".partial"):
-                    import shutil
-
-                    shutil.rmtree(old, ignore_errors=True)
+        if self.rank == 0:
+            done = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def export(self) -> None:
         final = self.out / "final_model"
@@ -245,13 +245,11 @@ class Trainer:
         self.check()
         self.setup()
         self.train()
+        _memory_report(self)  # before export: the census reads the live engine
         self.export()
-        _memory_report(self)
 
 
 def _save_plain(model, state: dict, out: Path, tokenizer) -> None:
-    import shutil
-
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)

@@ -1,7 +1,7 @@
 """The memory accountant: predicted per-rank bytes (pure arithmetic) and measured bytes (a
 census of a live DeepSpeed engine's tensors), compared per category; ``python -m
 rosa_ds.memory`` plans a model from its config on the meta device. See docs/memory.md."""
-from .census import measure
+from .census import counts_from_engine, measure
 from .counts import ArchInfo, ModelCounts, counts_for, counts_from_config, counts_from_module, load_config, meta_model
 from .plan import CATEGORIES, TRANSIENT, MemoryBreakdown, MemoryPlan
 from .predict import (activation_bytes, coefficients, exact_reduction, model_reduction, paper_reduction, predict,
@@ -11,6 +11,6 @@ from .report import CompareRow, bar_chart, breakdown_markdown, compare, compare_
 __all__ = [
     "MemoryPlan", "MemoryBreakdown", "CATEGORIES", "TRANSIENT", "ModelCounts", "ArchInfo", "counts_from_module",
     "counts_from_config", "counts_for", "load_config", "meta_model", "predict", "coefficients", "exact_reduction", "model_reduction",
-    "paper_reduction", "reduction_vs_full", "rho_of", "activation_bytes", "measure", "compare", "CompareRow",
+    "paper_reduction", "reduction_vs_full", "rho_of", "activation_bytes", "measure", "counts_from_engine", "compare", "CompareRow",
     "compare_markdown", "breakdown_markdown", "bar_chart", "write_memory_report",
 ]

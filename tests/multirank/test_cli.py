@@ -103,15 +103,26 @@ def test_resume_from_output_dir_continues_exactly(tmp_path, assets):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--model", "/nonexistent/model"], "model '/nonexistent/model' not found"),
+    (["--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
     (["--dataset", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
     (["--target-field", "answer"], "record has no field 'answer'"),
     (["--seq-len", "4096"], "--seq-len 4096 is longer than the model's context"),
+    (["--deepspeed", "{JSON}", "--lr", "1e-3"], "train_micro_batch_size_per_gpu"),
+    (["--deepspeed", "{JSON_BATCH}"], "train_batch_size"),
 ])
 def test_bad_input_is_one_clear_line_before_heavy_work(tmp_path, assets, extra, message):
+    template = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    contradicting = {**template, "train_micro_batch_size_per_gpu": 2, "optimizer": {
+        **template["optimizer"], "params": {**template["optimizer"]["params"], "lr": 5e-4}}}
+    (tmp_path / "contradicting.json").write_text(json.dumps(contradicting))
+    (tmp_path / "batch.json").write_text(json.dumps({**template, "train_batch_size": 10}))
+    extra = [{"{JSON}": str(tmp_path / "contradicting.json"), "{JSON_BATCH}": str(tmp_path / "batch.json")}.get(x, x)
+             for x in extra]
     proc = launch(common(assets, "rosa", 2) + extra, tmp_path / "bad", world=1, check=False)
     assert proc.returncode != 0
-    errors = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("rosa_ds: error:")]
-    assert errors and message in errors[0], proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert "rosa_ds: error:" in text, text[-2000:]
+    error = text[text.index("rosa_ds: error:"):].split("\n[")[0]  # the error block, up to the launcher's log
+    assert message in error, error
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()

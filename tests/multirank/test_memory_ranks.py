@@ -22,9 +22,25 @@ EXTRA = ["0:fp32:rosa", "0:bf16:rosa", "0:fp32:full", "2:bf16:lora", "3:fp32:lor
 
 
 @pytest.fixture(scope="module")
-def results():
-    ranks = launch_ranks(SCRIPT, ["--cases", ",".join(GRID + EXTRA)], world_size=2, timeout=600)
+def report_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("memory_report")
+
+
+@pytest.fixture(scope="module")
+def results(report_dir):
+    ranks = launch_ranks(SCRIPT, ["--cases", ",".join(GRID + EXTRA), "--report-dir", str(report_dir)],
+                         world_size=2, timeout=600)
     return {(r["rank"], c["case"]): c for r in ranks for c in r["cases"]}
+
+
+def test_trainer_report_written(results, report_dir):
+    """write_run_report (the trainer's hook) on the first case: JSON + Markdown, all rows exact."""
+    import json
+
+    data = json.loads((report_dir / "memory_report.json").read_text())
+    assert results[(0, GRID[0])]["run_report_ok"] is True
+    assert len(data["measured_all_ranks"]) == 2 and data["census_point"] == "after_step"
+    assert "| total |" in (report_dir / "memory_report.md").read_text()
 
 
 @pytest.mark.parametrize("case", GRID + EXTRA)

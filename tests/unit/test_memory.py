@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rosa_ds import RosaConfig, apply_rosa
-from rosa_ds.memory import (MemoryBreakdown, MemoryPlan, coefficients, compare, counts_from_module, exact_reduction,
+from rosa_ds.memory import (MemoryBreakdown, MemoryPlan, compare, counts_from_module, exact_reduction,
                             paper_reduction, predict, rho_of, write_memory_report)
 from rosa_ds.memory.counts import ModelCounts
 from rosa_ds.memory.predict import padded, zero2_grad_partition

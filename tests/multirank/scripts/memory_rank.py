@@ -65,7 +65,7 @@ def ds_config(stage: int, dtype: str, optimizer: str, offload: bool = False) -> 
     return cfg
 
 
-def run_case(case: str, rank: int, world: int) -> dict:
+def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
     stage, dtype, method, *rest = case.split(":")
     stage, optimizer, offload = int(stage), (rest[0] if rest else "adamw"), "offload" in rest
     model, groups, counts = build(method)
@@ -95,6 +95,16 @@ def run_case(case: str, rank: int, world: int) -> dict:
            "engine_counts_match": (live.frozen, live.groups, live.buffers) == (counts.frozen, counts.groups,
                                                                                 counts.buffers),
            "rho": counts.rho, "n_trainable": counts.n_trainable, "n_frozen": counts.n_frozen}
+    if report_dir:  # the trainer's hook, on a duck-typed trainer, after the step
+        from types import SimpleNamespace
+
+        from rosa_ds.memory.runtime import write_run_report
+
+        cfg = SimpleNamespace(method=method, rank=RANK_R, micro_batch=2, seq_len=12, optim=optimizer)
+        trainer = SimpleNamespace(engine=SimpleNamespace(ds=engine), cfg=cfg, rank=rank, world=world,
+                                  out=report_dir, ds_config=ds_config(stage, dtype, optimizer, offload))
+        report = write_run_report(trainer)
+        out["run_report_ok"] = all(r["ok"] for r in report["comparison"]) if rank == 0 else None
     engine.destroy() if hasattr(engine, "destroy") else None
     return out
 
@@ -103,9 +113,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", required=True, help="comma-separated stage:dtype:method[:optimizer]")
     ap.add_argument("--result", required=True)
+    ap.add_argument("--report-dir", default="", help="also write the trainer's memory report for the first case")
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    results = [run_case(c, rank, world) for c in args.cases.split(",")]
+    cases = args.cases.split(",")
+    results = [run_case(c, rank, world, args.report_dir if i == 0 else "") for i, c in enumerate(cases)]
     with open(args.result, "w") as f:
         json.dump({"rank": rank, "cases": results}, f)
 
