@@ -58,6 +58,9 @@ def validate_ds_config(cfg: dict, client_optimizer: bool) -> None:
                          "one GPU costs the same memory as stage 0")
     if cfg.get("bf16", {}).get("enabled") is True and cfg.get("fp16", {}).get("enabled") is True:
         raise ValueError("the DeepSpeed config enables both bf16 and fp16; enable one of them")
+    if cfg.get("fp16", {}).get("enabled") is True and not torch.cuda.is_available():
+        raise ValueError("fp16 is not supported by DeepSpeed's CPU accelerator; use fp32 (the CPU default) "
+                         "or bf16, or run on a GPU")
     offload = (zero.get("offload_optimizer") or {}).get("device", "none")
     if offload not in (None, "none") and client_optimizer and not cfg.get("zero_force_ds_cpu_optimizer") is False:
         raise ValueError("optimizer CPU offload runs DeepSpeed's CPU Adam; a client optimizer (e.g. --optim adamw8bit) "
