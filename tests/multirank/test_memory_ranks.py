@@ -75,3 +75,11 @@ def test_zero2_ranks_differ_as_predicted(results):
     is held whole by both); the census sees exactly the predicted difference."""
     g = [dict((r[0], r[2]) for r in results[(k, "2:fp32:rosa")]["rows"])["gradients"] for k in (0, 1)]
     assert g[0] != g[1]
+
+
+@pytest.mark.parametrize("case", ["3:fp32:rosa", "3:bf16:full"])
+def test_persistent_params_regathered_after_a_gathered_exit(results, case):
+    """A checkpoint save or a resample exits GatheredParameters, which partitions even persistent
+    (small) ZeRO-3 params until the next forward; the run report re-gathers them first."""
+    dropped, regathered, restored = results[(0, case)]["regather"]
+    assert regathered > 0 and dropped < restored

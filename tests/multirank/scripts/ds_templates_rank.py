@@ -84,7 +84,9 @@ def main() -> None:
     args = ap.parse_args()
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from rosa_ds.zero import init_distributed
+
+    init_distributed()  # gloo on CPU, without JIT-building the shm op
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.set_num_threads(1)
     out = {name: run_template(name, rank, world) for name in args.templates}

@@ -74,6 +74,9 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
         import bitsandbytes as bnb
 
         client = bnb.optim.AdamW8bit(groups, lr=1e-3)
+    from rosa_ds.zero import init_distributed
+
+    init_distributed()  # gloo on CPU, without JIT-building the shm op
     engine, *_ = deepspeed.initialize(model=model, model_parameters=None if client else groups, optimizer=client,
                                       config=ds_config(stage, dtype, optimizer, offload))
     x = torch.randint(0, 127, (2, 12), generator=torch.Generator().manual_seed(rank))
@@ -89,11 +92,21 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
     live = counts_from_engine(engine)  # what the trainer's report uses: must agree with the plain-model counts
     engine.step()  # second census after the step: gradients of stage 0-2 are freed
     rows_after = compare(predict(counts, plan, "after_step"), measure(engine))
+    persist = [p for p in engine.module.parameters() if getattr(p, "ds_persist", False)]
+    if persist:  # a checkpoint save / resample partitions persistent params; the report must re-gather them
+        from rosa_ds.memory.runtime import regather_persistent
+
+        with deepspeed.zero.GatheredParameters(persist):
+            pass
+        dropped = sum(measure(engine).device.values())
+        regathered = regather_persistent(engine.module)
+        out_regather = [dropped, regathered, sum(measure(engine).device.values())]
     out = {"case": case, "predicted": predicted.to_dict(), "measured": measured.to_dict(),
            "rows": [[r.category, r.predicted, r.measured, r.ok] for r in rows],
            "rows_after_step": [[r.category, r.predicted, r.measured, r.ok] for r in rows_after],
            "engine_counts_match": (live.frozen, live.groups, live.buffers) == (counts.frozen, counts.groups,
                                                                                 counts.buffers),
+           "regather": out_regather if persist else None,
            "rho": counts.rho, "n_trainable": counts.n_trainable, "n_frozen": counts.n_frozen}
     if report_dir:  # the trainer's hook, on a duck-typed trainer, after the step
         from types import SimpleNamespace
