@@ -173,15 +173,25 @@ def _cli(*args):
                           timeout=300)
 
 
+# Runs the planner in a fresh interpreter that prints its OWN peak RSS at exit (RUSAGE_CHILDREN would be
+# the largest child pytest ever waited for, e.g. a 2 GB DeepSpeed rank from an earlier test).
+_SELF_RSS = ("import resource, sys, runpy; sys.argv = ['rosa_ds.memory'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('rosa_ds.memory', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+             "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
+
+
 def test_cli_plans_llama_7b_fast_and_small(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(LLAMA_7B))
     t0 = time.perf_counter()
-    proc = _cli("--model", str(cfg), "--method", "rosa", "--rank", "16", "--zero", "3", "--world-size", "64",
-                "--dtype", "bf16", "--micro-batch", "4", "--seq-len", "2048", "--json", str(tmp_path / "p.json"))
+    proc = subprocess.run([sys.executable, "-c", _SELF_RSS, "--model", str(cfg), "--method", "rosa", "--rank", "16",
+                           "--zero", "3", "--world-size", "64", "--dtype", "bf16", "--micro-batch", "4",
+                           "--seq-len", "2048", "--json", str(tmp_path / "p.json")],
+                          capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - t0
-    rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
     assert proc.returncode == 0, proc.stderr
+    rss_gb = int(proc.stdout.split("MAXRSS_KIB")[-1].split()[0]) / 2**20  # KiB -> GiB
     assert elapsed < 120 and rss_gb < 1.0, (elapsed, rss_gb)
     data = json.loads((tmp_path / "p.json").read_text())
     full = sum(data["full"]["device"][c] for c in ("trainable_weights", "gradients", "master_weights",
