@@ -207,8 +207,10 @@ def merged_state_dict(engine: "RosaEngine") -> Optional[dict]:
     model = engine.ds.module
     full = {}
     for name, p in model.named_parameters():  # collective, one parameter at a time
-        if p.requires_grad:
-            value = zero.full_fp32(p).to(p.dtype) if not name.rsplit(".", 1)[-1].startswith("rosa_") else zero.full_fp32(p)
+        if p.requires_grad:  # from the fp32 master; factors stay fp32 for the merge, others take the module dtype
+            value = zero.full_fp32(p)
+            if not name.rsplit(".", 1)[-1].startswith("rosa_"):
+                value = value.to(p.dtype)
         else:
             with zero.gathered([p]):
                 value = p.detach().clone() if rank == 0 else None

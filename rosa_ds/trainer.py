@@ -8,7 +8,6 @@ DeepSpeed JSON) is checked in ``Trainer.check`` before the model's weights are l
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,9 +26,6 @@ from .metrics import MetricsWriter, classification_metrics, progress
 from .models import check_model_spec, load_config, load_model_and_tokenizer, model_max_length
 from .schedule import ScheduleConfig
 from .train_config import TrainConfig, save_resolved
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def world() -> tuple[int, int]:
     """(global rank, world size) from the launcher's environment (never LOCAL_RANK)."""
@@ -70,7 +66,6 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        dtype = DTYPES[dsconfig.precision(self.ds_config)]
         labels = self.raw.label_names
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.task, len(labels) if labels else None, labels)
         self.data = tokenize_data(self.raw, self.tokenizer)
@@ -84,7 +79,6 @@ class Trainer:
         if cfg.optim == "adamw8bit":
             self.ds_config, kwargs = dsconfig.client_optimizer_config(self.ds_config)
             optimizer = _bnb_factory(kwargs)
-        del dtype  # DeepSpeed casts the module to the config's precision itself
         schedule = ScheduleConfig(cfg.resample_every, cfg.rewarmup_steps)
         self.engine = rosa_ds.initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer,
                                          schedule=schedule)
