@@ -91,6 +91,9 @@ class RosaEngine:
         self.rosa_config = rosa_config
         self.schedule = schedule
         self.state = RosaState()
+        # DeepSpeed's is_gradient_accumulation_boundary() describes the NEXT micro step once step()
+        # has run; this records whether the last step() completed an optimizer step.
+        self.at_boundary = True
         self.factor_params = [p for n, p in ds_engine.module.named_parameters() if n.rsplit(".", 1)[-1].startswith("rosa_")]
 
     # --- DeepSpeed passthrough ----------------------------------------------------------
@@ -119,6 +122,7 @@ class RosaEngine:
             for g in groups:
                 g["lr"] = g["lr"] * factor
         self.ds.step()
+        self.at_boundary = boundary
         if factor != 1.0:  # undo the scaling unless a scheduler has set a new lr meanwhile
             for g, lr, scaled in zip(groups, saved, [s * factor for s in saved]):
                 if g["lr"] == scaled:
@@ -140,7 +144,7 @@ class RosaEngine:
         params and fp32 masters on every rank, and reset the factors' optimizer state."""
         if self.rosa_config is None:
             raise RuntimeError("this engine trains without ROSA layers; there is nothing to resample")
-        if not self.ds.is_gradient_accumulation_boundary():
+        if not self.at_boundary:
             raise RuntimeError("resample() between micro-steps of one optimizer step would drop the partial "
                                "gradients; call it after engine.step() at an accumulation boundary")
         start = time.perf_counter()

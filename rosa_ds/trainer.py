@@ -123,7 +123,7 @@ class Trainer:
                 event = eng.step()
                 losses.append(loss.detach().float())
                 tokens += int(batch["attention_mask"].sum())
-                if not eng.is_gradient_accumulation_boundary():
+                if not eng.at_boundary:  # a micro step inside an accumulation
                     continue
                 done_in_epoch += 1
                 rec = self.log_step(epoch, losses, tokens, time.perf_counter() - t0)

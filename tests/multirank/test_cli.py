@@ -68,14 +68,18 @@ def reloaded_eval_loss(model_dir, assets):
     return total / count
 
 
-@pytest.mark.parametrize("method, stage", [("rosa", 1), ("rosa", 2), ("rosa", 3), ("lora", 3), ("full", 2)])
-def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage):
+@pytest.mark.parametrize("method, stage, extra", [("rosa", 1, []), ("rosa", 2, ["--grad-accum", "2"]),
+                                                  ("rosa", 3, []), ("lora", 3, []), ("full", 2, [])])
+def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage, extra):
     out = tmp_path / "run"
-    launch(common(assets, method, stage), out)
+    launch(common(assets, method, stage) + extra, out)
     recs = records(out)
     evals = [r for r in recs if r.get("event") == "eval"]
     resamples = [r for r in recs if r.get("event") == "resample"]
-    assert [e["step"] for e in evals] == [0, 7, 14] and len(resamples) == (1 if method == "rosa" else 0)
+    spe = 7 // (2 if extra else 1)  # 58 training samples, global batch 8 (x2 with accumulation 2)
+    assert [e["step"] for e in evals] == [0, spe, 2 * spe]
+    assert [r["step"] for r in resamples] == ([spe] if method == "rosa" else [])
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 2 * spe + 1))  # one record per optimizer step
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals  # it learned
     saved = json.loads((out / "config.json").read_text())
     assert saved["method"] == method
