@@ -34,7 +34,7 @@ def lora_merged_state_dict(state: dict[str, torch.Tensor], peft_model) -> dict[s
     scale = config.lora_alpha / config.r
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if ".lora_" in key or "modules_to_save" in key and ".original_module." in key:
+        if ".lora_" in key or ("modules_to_save" in key and ".original_module." in key):
             continue
         plain = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         plain = plain.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")

@@ -48,8 +48,20 @@ def load_ds_config(config: Union[str, Path, dict]) -> dict:
     return json.loads(path.read_text())
 
 
+def _auto_keys(cfg, prefix: str = ""):
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            yield from _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            yield prefix + key
+
+
 def validate_ds_config(cfg: dict, client_optimizer: bool) -> None:
     """Refuse combinations ROSA cannot run, before DeepSpeed starts (one clear message each)."""
+    autos = sorted(_auto_keys(cfg))
+    if autos:
+        raise ValueError(f"the DeepSpeed config still has \"auto\" values ({', '.join(autos)}); fill them with "
+                         "rosa_ds.dsconfig.build_ds_config(template, RunValues(...), world_size) or set them")
     zero = cfg.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0))
     if stage not in (1, 2, 3):

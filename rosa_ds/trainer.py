@@ -168,8 +168,9 @@ class Trainer:
         mine = list(range(self.rank, len(split), self.world))  # strided shards: every sample once
         loss_sum = torch.zeros(2, dtype=torch.float64)
         preds, golds = [], []
-        for start in range(0, max(len(mine), 1), self.cfg.micro_batch):
-            idx = mine[start:start + self.cfg.micro_batch] or mine[:1] or [0]
+        largest_shard = math.ceil(len(split) / self.world)  # same loop length on every rank
+        for start in range(0, largest_shard, self.cfg.micro_batch):
+            idx = mine[start:start + self.cfg.micro_batch] or [0]  # a throwaway batch keeps ZeRO-3 in step
             batch = self.collate([split[i] for i in idx])
             out = eng(**batch)  # every rank runs the same number of forwards (ZeRO-3 gathers)
             if not mine[start:start + self.cfg.micro_batch]:

@@ -13,8 +13,9 @@ What a resample must touch under ZeRO, per adapted layer (W_f frozen; A, B train
 Coordination: every layer has one owner rank (greedy balance of SVD cost m n min(m, n)). Layers
 are processed in rounds of at most one layer per rank: all ranks gather the round's merged
 weights (collective), each owner runs its SVD (the round's SVDs run in parallel, each exactly
-once in the world), then each owner's result is broadcast and written everywhere. Peak extra
-memory per rank: about two dense layers (the owner's pending merge and one layer in transit).
+once in the world), then each owner's result is broadcast and written everywhere. By
+construction a rank holds at most two extra dense layers at a time (its pending merge and one
+layer in transit).
 """
 from __future__ import annotations
 

@@ -60,6 +60,8 @@ def test_compatibility_reports_every_difference_at_once(tmp_path):
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, True,
      "a client optimizer .* cannot be offloaded"),
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, False, "NVMe optimizer offload"),
+    ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "optimizer": {"params": {"lr": "auto"}}},
+     False, r"still has \"auto\" values \(optimizer\.params\.lr, train_micro_batch_size_per_gpu\); fill them with"),
     pytest.param({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, False,
                  "fp16 is not supported by DeepSpeed's CPU accelerator",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only refusal")),
