@@ -7,6 +7,9 @@ Layout of ``save_dir``:
         rosa_state.json       ROSA config, resample count and history, schedule, world layout
         rosa_frozen.safetensors   W_f of every layer (ZeRO-3 only: DeepSpeed does not restore
                                   frozen partitions there; under ZeRO-1/2 its module file has W_f)
+        rosa_masters.safetensors  quantized base only: the fp32 host master of W_f per layer
+                                  (not in DeepSpeed's files; the quantized buffers are re-made
+                                  from it on load, bit-identical: quantization is deterministic)
         rosa_rng_rank<r>.pt   each rank's RNG states (dropout draws continue exactly)
         COMPLETE              written last, lists every file and its size
 
@@ -66,6 +69,8 @@ def _z3_frozen(engine: "RosaEngine") -> dict[str, torch.Tensor]:
     rank, _ = zero.rank_and_world()
     out = {}
     for name, layer in iter_rosa_layers(engine.ds.module):
+        if layer.quantized:  # W_f is the host master (rosa_masters.safetensors)
+            continue
         w = layer.base_layer.weight
         with zero.gathered([w]):  # collective, one layer at a time
             if rank == 0:
@@ -89,6 +94,11 @@ def save(engine: "RosaEngine", root: Path, tag: str, client_state: dict) -> Path
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in frozen.items()}, str(partial / "rosa_frozen.safetensors"))
+        masters = _masters(engine)
+        if masters:
+            from safetensors.torch import save_file
+
+            save_file(masters, str(partial / "rosa_masters.safetensors"))
         state = {"format": FORMAT, **describe(engine), "global_step": engine.global_step,
                  "schedule": {"resample_every": engine.schedule.resample_every,
                               "rewarmup_steps": engine.schedule.rewarmup_steps},
@@ -111,6 +121,22 @@ def save(engine: "RosaEngine", root: Path, tag: str, client_state: dict) -> Path
     _barrier()
     log_rank0(f"checkpoint saved: {final}")
     return final
+
+
+def _masters(engine: "RosaEngine") -> dict[str, torch.Tensor]:
+    """Layer name -> fp32 master of W_f (quantized bases; replicated on every rank)."""
+    return {n: l.base_master.contiguous() for n, l in iter_rosa_layers(engine.ds.module) if l.quantized}
+
+
+@torch.no_grad()
+def _restore_masters(engine: "RosaEngine", path: Path) -> None:
+    """Every rank reads the masters and re-quantizes its buffers from them (no collective)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name, layer in iter_rosa_layers(engine.ds.module):
+            if layer.quantized:
+                layer.write_frozen(f.get_tensor(name))
 
 
 def _rng_state() -> dict:
@@ -153,6 +179,9 @@ def check_compatible(saved: dict, now: dict, ckpt: Path) -> None:
     s_cfg, n_cfg = saved.get("rosa_config") or {}, now["rosa_config"] or {}
     if s_cfg.get("rank") != n_cfg.get("rank"):
         problems.append(f"ROSA rank: checkpoint {s_cfg.get('rank')}, this run {n_cfg.get('rank')}")
+    if s_cfg.get("quantize_base") != n_cfg.get("quantize_base"):
+        problems.append(f"ROSA quantize_base: checkpoint {s_cfg.get('quantize_base')}, "
+                        f"this run {n_cfg.get('quantize_base')}")
     s_layers, n_layers = [tuple(l) for l in saved.get("layers", [])], [tuple(l) for l in now["layers"]]
     if s_layers != n_layers:
         only_s = sorted({l[0] for l in s_layers} - {l[0] for l in n_layers})
@@ -181,6 +210,8 @@ def load(engine: "RosaEngine", root: Path, tag: Optional[str]) -> dict:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     if saved["zero_stage"] == 3:
         _restore_z3_frozen(engine, ckpt / "rosa_frozen.safetensors")
+    if (ckpt / "rosa_masters.safetensors").is_file():
+        _restore_masters(engine, ckpt / "rosa_masters.safetensors")
     _set_rng_state(torch.load(ckpt / f"rosa_rng_rank{rank}.pt", weights_only=False))
     for key, value in saved["state"].items():
         setattr(engine.state, key, value)
@@ -195,6 +226,8 @@ def _restore_z3_frozen(engine: "RosaEngine", path: Path) -> None:
     rank, _ = zero.rank_and_world()
     with safe_open(str(path), framework="pt") as f:
         for name, layer in iter_rosa_layers(engine.ds.module):
+            if layer.quantized:
+                continue
             w = layer.base_layer.weight
             with zero.gathered([w], modifier_rank=0):
                 if rank == 0:
@@ -202,7 +235,8 @@ def _restore_z3_frozen(engine: "RosaEngine", path: Path) -> None:
 
 
 def merged_state_dict(engine: "RosaEngine") -> Optional[dict]:
-    """Full plain-model state dict on rank 0 (None elsewhere); factors from the fp32 masters."""
+    """Full plain-model state dict on rank 0 (None elsewhere); factors from the fp32 masters, a
+    quantized W_f from its host master (exact: W = master + A B, no quantization error)."""
     rank, _ = zero.rank_and_world()
     model = engine.ds.module
     full = {}

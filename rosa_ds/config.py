@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 STRATEGIES = ("random", "smallest", "largest")
 INITS = ("svd", "lora")
+QUANTIZE_BASE = ("nf4", "int8")  # kept equal to rosa_ds.quant.QUANT_TYPES (a test checks)
 
 # Leaf names of the projection layers in the architectures users bring most often.
 # GPT-2 (transformers Conv1D), Llama/Mistral/Qwen-style, BERT/RoBERTa-style.
@@ -37,6 +38,10 @@ class RosaConfig:
             adapted (e.g. a classification head ``classifier`` / ``score``).
         init: ``svd`` (ROSA: factors from singular triplets) or ``lora`` (ablation: A random,
             B zero, W_f = W; no SVD).
+        quantize_base: ``None`` (W_f in the model's dtype), ``"nf4"`` or ``"int8"``: W_f stored
+            quantized with bitsandbytes' nf4 / LLM.int8() row-wise scheme (1/7 or 1/4 of fp32 bytes
+            on the accelerator) and an fp32 master of W_f in host RAM that every merge updates and
+            re-quantizes from, so resamples never accumulate quantization error.
     """
 
     rank: int = 8
@@ -45,6 +50,7 @@ class RosaConfig:
     seed: int = 0
     modules_to_save: Sequence[str] = field(default_factory=tuple)
     init: str = "svd"
+    quantize_base: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -55,6 +61,9 @@ class RosaConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"RosaConfig.init {self.init!r} does not exist; choose one of {', '.join(INITS)}")
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASE:
+            raise ValueError(f"RosaConfig.quantize_base {self.quantize_base!r} does not exist; choose one of "
+                             f"{', '.join(QUANTIZE_BASE)} or None (no quantization)")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -94,4 +103,5 @@ class RosaConfig:
             "seed": self.seed,
             "modules_to_save": list(self.modules_to_save),
             "init": self.init,
+            "quantize_base": self.quantize_base,
         }

@@ -151,9 +151,10 @@ class RosaEngine:
         return None
 
     # --- ROSA ----------------------------------------------------------------------------
-    def resample(self) -> dict:
+    def resample(self, owner_svd: bool = True) -> dict:
         """Merge A B into W, draw new subspaces (one SVD per layer in the world), write module
-        params and fp32 masters on every rank, and reset the factors' optimizer state."""
+        params and fp32 masters on every rank, and reset the factors' optimizer state.
+        ``owner_svd=False``: every rank does every SVD (the benchmarks' naive baseline)."""
         if self.rosa_config is None:
             raise RuntimeError("this engine trains without ROSA layers; there is nothing to resample")
         if not self.at_boundary:
@@ -161,7 +162,7 @@ class RosaEngine:
                                "gradients; call it after engine.step() at an accumulation boundary")
         start = time.perf_counter()
         index = self.state.resamples + 1
-        counts = zero.distributed_resample(self.ds.module, self.rosa_config, index)
+        counts = zero.distributed_resample(self.ds.module, self.rosa_config, index, owner_svd=owner_svd)
         groups = zero.reset_factor_state(self.ds.optimizer, self.factor_params)
         self.state.resamples = index
         self.state.last_resample_step = self.global_step

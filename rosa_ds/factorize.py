@@ -13,6 +13,7 @@ the small singular values the ``smallest`` strategy relies on.
 """
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +24,7 @@ from .config import RosaConfig
 
 # SVDs computed in this process, counted so tests can check that each layer's SVD runs once in
 # the world per resample (owner-rank coordination), not once per rank.
-SVD_CALLS = {"count": 0}
+SVD_CALLS = {"count": 0, "seconds": 0.0}
 
 
 class Factors(NamedTuple):
@@ -77,13 +78,44 @@ def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.G
     """SVD-split ``weight`` (m x n) into (W_f, A, B); see the module docstring for the maths."""
     w = weight.detach().to(device="cpu" if weight.device.type == "meta" else weight.device)
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    start = time.perf_counter()
+    if w.shape[0] < w.shape[1]:
+        # LAPACK's divide-and-conquer SVD is ~1.5x faster on the tall orientation (measured,
+        # 576x1536 vs 1536x576, one thread): W^T = U' S V'^T  =>  W = V' S U'^T.
+        ut, s, vht = torch.linalg.svd(w.t(), full_matrices=False)
+        u, vh = vht.t(), ut.t()
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
     SVD_CALLS["count"] += 1
+    SVD_CALLS["seconds"] += time.perf_counter() - start
     idx = select_indices(s.cpu(), rank, strategy, generator).to(w.device)
     root = s[idx].sqrt()
     a = (u[:, idx] * root).contiguous()
     b = (root[:, None] * vh[idx, :]).contiguous()
-    return Factors(w_frozen=(w - a @ b).contiguous(), a=a, b=b)
+    return Factors(w_frozen=frozen_part(w, a, b), a=a, b=b)
+
+
+def frozen_part(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W_f = W - A B, accumulated in fp64 and rounded once to ``weight``'s dtype.
+
+    Ranks that receive only the new (A, B) of a layer recompute W_f themselves from their own
+    copy of W (instead of receiving the dense m x n W_f): in fp64 the product's summation order
+    (BLAS build, thread count) cannot change the fp32 result except at an exact rounding tie,
+    so every rank holds the same bits as the rank that ran the SVD.
+    """
+    out = weight.double() - a.double() @ b.double()
+    return out.to(weight.dtype).contiguous()
+
+
+def frozen_update(w_frozen: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tensor, a_new: torch.Tensor,
+                  b_new: torch.Tensor) -> torch.Tensor:
+    """The new frozen part after a resample, W_f' = W_f + A B - A' B' (m x n, fp32).
+
+    Accumulated in fp64 and rounded once, so it equals W - A' B' for the unrounded merged W and
+    every rank computes the same bits from its own replica (see ``frozen_part``).
+    """
+    out = torch.addmm(w_frozen.double(), a_old.double(), b_old.double())
+    return out.sub_(a_new.double() @ b_new.double()).float().contiguous()
 
 
 def lora_init(weight: torch.Tensor, rank: int, generator: torch.Generator) -> Factors:

@@ -14,6 +14,7 @@ from torch import nn
 from .config import RosaConfig
 from .factorize import new_factors
 from .layer import ADAPTER_PREFIX, RosaLinear, is_supported, weight_shape
+from .quant import QUANT_BUFFERS
 
 
 def iter_rosa_layers(model: nn.Module) -> Iterator[tuple[str, RosaLinear]]:
@@ -72,7 +73,7 @@ def apply_rosa(model: nn.Module, config: RosaConfig, factorize: bool = True) -> 
     """
     targets = find_targets(model, config)
     for index, (name, module) in enumerate(targets):
-        layer = RosaLinear(module, config.rank, index)
+        layer = RosaLinear(module, config.rank, index, quantize=config.quantize_base)
         if factorize:
             layer.write(new_factors(layer.frozen_weight(), config, resample_index=0, layer_index=index))
         _set_submodule(model, name, layer)
@@ -118,24 +119,34 @@ def resample(model: nn.Module, seed: int | None = None, resample_index: int | No
 
 
 def unwrap_name(name: str) -> str | None:
-    """Map a ROSA state-dict key to the plain model's key (None for factor keys)."""
+    """Map a ROSA state-dict key to the plain model's key (None for factor keys and the packed
+    buffers of a quantized base, which the export replaces by the merged weight)."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf.startswith(ADAPTER_PREFIX):
+    if leaf.startswith(ADAPTER_PREFIX) or (leaf in QUANT_BUFFERS and ".base_layer." in name):
         return None
     return name.replace(".base_layer.", ".")
 
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Plain-model state dict from a (full, gathered) ROSA state dict: W = W_f + A B per layer,
-    merged in fp32 and cast once to W_f's dtype; keys as in the original model."""
+    merged in fp32 and cast once to W_f's dtype; keys as in the original model.
+
+    For a quantized base W_f is the layer's fp32 master (``model``'s, on this process), never the
+    dequantized weight: the export carries no quantization error, W = master + A B exactly."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in iter_rosa_layers(model):
-        wf, a, b = (state_dict[f"{name}.{k}"] for k in ("base_layer.weight", "rosa_A", "rosa_B"))
+        a, b = state_dict[f"{name}.rosa_A"], state_dict[f"{name}.rosa_B"]
+        if layer.quantized:  # master is (m, n): orient it as the original module stores W
+            wf = layer.base_master.t() if layer.transposed else layer.base_master
+            dtype = layer.base_layer.weight_dtype
+        else:
+            wf = state_dict[f"{name}.base_layer.weight"]
+            dtype = wf.dtype
         for label, t in (("W_f", wf), ("rosa_A", a), ("rosa_B", b)):
             if not torch.isfinite(t).all():
                 raise FloatingPointError(f"ROSA layer {name}: {label} has non-finite values; refusing to merge")
         delta = a.float() @ b.float()
-        out[f"{name}.weight"] = (wf.float() + (delta.t() if layer.transposed else delta)).to(wf.dtype)
+        out[f"{name}.weight"] = (wf.float() + (delta.t() if layer.transposed else delta)).to(dtype)
     for key, value in state_dict.items():
         plain = unwrap_name(key)
         if plain is not None and plain not in out:
@@ -155,6 +166,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         layer.check_finite(name)
     for name, layer in layers:
         merged = layer.merged_weight()
+        if layer.quantized:  # rebuild the original module type from master + A B (no quantization error)
+            _set_submodule(model, name, layer.base_layer.to_plain(merged))
+            continue
         layer.base_layer.weight.copy_(merged.t() if layer.transposed else merged)
         _set_submodule(model, name, layer.base_layer)
     for param in model.parameters():
@@ -221,4 +235,6 @@ def trainable_report(model: nn.Module) -> TrainableReport:
             report.trainable += numel
         else:
             report.frozen += numel
+    # a quantized W_f is a buffer, not a parameter: still a frozen weight of the model
+    report.frozen += sum(l.out_features * l.in_features for _, l in iter_rosa_layers(model) if l.quantized)
     return report

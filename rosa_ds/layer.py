@@ -9,6 +9,19 @@ transformers' ``Conv1D`` stores W^T as (n, m)), now holding W_f and frozen. ``ro
 and ``rosa_B`` (R x n) are the only new parameters. Their Parameter objects never change across
 resamples (only their values do): DeepSpeed fixes the set of trainable parameters, their flat
 buffers and optimizer state at initialize time.
+
+Quantized base (``quantize="nf4" | "int8"``): the base module is replaced by a ``QuantizedBase``
+holding Q(W_f) in buffers, and the full-precision master of W_f, ``base_master`` (m x n fp32 on
+the host CPU), is a plain attribute: neither a parameter nor a buffer, so DeepSpeed never moves,
+casts or partitions it. Every write sets the master and re-quantizes FROM it:
+
+    master' = (master + A B) - A' B'        (fp32; A B from the fp32 factors)
+    stored  = Q(master')
+
+so the stored weight always carries the error of ONE quantization of the current W_f,
+||deq(Q(W_f)) - W_f|| <= eps ||W_f||, however many resamples came before; nothing learned in A B
+is rounded away (re-quantizing deq(Q(W_f)) + A B instead would drop every update smaller than
+half a quantization step, and add a fresh rounding error at every resample).
 """
 from __future__ import annotations
 
@@ -17,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .factorize import Factors
+from .quant import QuantizedBase, check_kind
 
 ADAPTER_PREFIX = "rosa_"  # name-prefix contract: every adapter parameter name contains it
 
@@ -49,9 +63,11 @@ class RosaLinear(nn.Module):
         base_layer: the module to adapt; kept as ``self.base_layer`` (frozen, holds W_f).
         rank: R.
         layer_index: position among the model's ROSA layers; seeds its subspace draws.
+        quantize: ``None`` (W_f in the base module's own parameter) or ``"nf4"`` / ``"int8"``
+            (W_f quantized in a ``QuantizedBase``, fp32 master on the host; see the module docstring).
     """
 
-    def __init__(self, base_layer: nn.Module, rank: int, layer_index: int) -> None:
+    def __init__(self, base_layer: nn.Module, rank: int, layer_index: int, quantize: str | None = None) -> None:
         super().__init__()
         if not is_supported(base_layer):
             raise TypeError(f"ROSA cannot adapt {type(base_layer).__name__}; supported: nn.Linear, transformers Conv1D")
@@ -65,6 +81,24 @@ class RosaLinear(nn.Module):
         self.rosa_B = nn.Parameter(torch.zeros(rank, self.in_features, dtype=w.dtype, device=w.device))
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        self.base_master: torch.Tensor | None = None  # fp32 (m, n) on the host, quantized base only
+        if quantize is not None:
+            check_kind(quantize)
+            # the master is a plain attribute (not registered): DeepSpeed must never see it
+            self.base_master = self.frozen_weight().detach().to("cpu", torch.float32, copy=True)
+            self.base_layer = QuantizedBase.from_module(base_layer, self.base_master, quantize)
+
+    @property
+    def quantized(self) -> bool:
+        return self.base_master is not None
+
+    def frozen_params(self) -> list[nn.Parameter]:
+        """Parameters that hold W_f (what ZeRO-3 must gather to read it): none for a quantized base."""
+        return [] if self.quantized else [self.base_layer.weight]
+
+    def frozen_tensors(self) -> list[torch.Tensor]:
+        """The tensors W_f lives in on this rank (finiteness checks): the weight, or the master."""
+        return [self.base_master] if self.quantized else [self.base_layer.weight]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two thin GEMMs (n -> R -> m) instead of materialising A B (m x n): the point of ROSA.
@@ -72,7 +106,10 @@ class RosaLinear(nn.Module):
 
     # --- values in the logical (m, n) orientation -------------------------------------------
     def frozen_weight(self) -> torch.Tensor:
-        """W_f as (m, n) (a view for Linear, a transposed view for Conv1D)."""
+        """W_f as (m, n): a view for Linear, a transposed view for Conv1D; for a quantized base
+        the fp32 master on the factors' device (not the dequantized weight the forward uses)."""
+        if self.quantized:
+            return self.base_master.to(self.rosa_A.device)
         w = self.base_layer.weight
         return w.t() if self.transposed else w
 
@@ -86,7 +123,7 @@ class RosaLinear(nn.Module):
 
     def check_finite(self, name: str = "") -> None:
         """Refuse to merge NaN/Inf: a merge would bake them into the frozen weight for good."""
-        for label, t in (("W_f", self.base_layer.weight), ("rosa_A", self.rosa_A), ("rosa_B", self.rosa_B)):
+        for label, t in (("W_f", self.frozen_tensors()[0]), ("rosa_A", self.rosa_A), ("rosa_B", self.rosa_B)):
             if not torch.isfinite(t).all():
                 raise FloatingPointError(
                     f"ROSA layer {name or self.layer_index}: {label} has non-finite values; refusing to merge "
@@ -100,19 +137,27 @@ class RosaLinear(nn.Module):
         ``copy_`` (never rebinding ``.data``): under ZeRO-1/2 a parameter is a view into a
         flat buffer, and rebinding would silently detach it from what the optimizer updates.
         """
-        wf = factors.w_frozen.t() if self.transposed else factors.w_frozen
-        self.base_layer.weight.copy_(wf)
+        self.write_frozen(factors.w_frozen)
         self.rosa_A.copy_(factors.a)
         self.rosa_B.copy_(factors.b)
+
+    @torch.no_grad()
+    def write_frozen(self, w_frozen: torch.Tensor) -> None:
+        """Set W_f (m, n): into the base weight, or into the master and then its quantization."""
+        if self.quantized:
+            self.base_master.copy_(w_frozen.detach().float())
+            self.base_layer.set_weight(self.base_master)
+            return
+        self.base_layer.weight.copy_(w_frozen.t() if self.transposed else w_frozen)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold A B into W_f and zero the factors (the output is unchanged)."""
         self.check_finite()
-        merged = self.merged_weight()
-        self.base_layer.weight.copy_(merged.t() if self.transposed else merged)
+        self.write_frozen(self.merged_weight())
         self.rosa_A.zero_()
         self.rosa_B.zero_()
 
     def extra_repr(self) -> str:
-        return f"m={self.out_features}, n={self.in_features}, rank={self.rank}, layer_index={self.layer_index}"
+        quant = f", quantize={self.base_layer.kind}" if self.quantized else ""
+        return f"m={self.out_features}, n={self.in_features}, rank={self.rank}, layer_index={self.layer_index}{quant}"

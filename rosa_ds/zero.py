@@ -13,15 +13,16 @@ What a resample must touch under ZeRO, per adapted layer (W_f frozen; A, B train
 Coordination: every layer has one owner rank (greedy balance of SVD cost m n min(m, n)). Layers
 are processed in rounds of at most one layer per rank: all ranks gather the round's merged
 weights (collective), each owner runs its SVD (the round's SVDs run in parallel, each exactly
-once in the world), then each owner's result is broadcast and written everywhere. By
-construction a rank holds at most two extra dense layers at a time (its pending merge and one
-layer in transit).
+once in the world), then each owner's new A, B (not the dense W_f) is broadcast and written
+everywhere; ZeRO-1/2 ranks recompute W_f = W - A B from their own replica of W. A rank holds at
+most one extra dense fp32 copy per layer of the round (its merged W).
 """
 from __future__ import annotations
 
 import contextlib
 import heapq
 import os
+import time
 from typing import Iterable, Iterator
 
 import deepspeed
@@ -31,7 +32,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 
 from .config import RosaConfig
-from .factorize import Factors, new_factors
+from .factorize import Factors, frozen_part, frozen_update, new_factors
 from .inject import iter_rosa_layers
 from .layer import RosaLinear
 
@@ -145,14 +146,14 @@ def rounds(layers: list[RosaLinear], owners: dict[int, int], world_size: int) ->
 
 
 # --- the resample ---------------------------------------------------------------------------
-def check_finite_everywhere(named_layers: list[tuple[str, RosaLinear]]) -> None:
+def check_finite_everywhere(named_layers: list[tuple[str, RosaLinear]], frozen: bool = True) -> None:
     """Raise on every rank, naming the layers, if any rank's slice of W_f, A or B is non-finite.
 
     Checked before anything is modified, and agreed by all ranks (an error on one rank alone
     would leave the others waiting in a collective forever)."""
     bad = torch.zeros(len(named_layers), dtype=torch.int32, device=device())
     for i, (_, layer) in enumerate(named_layers):
-        for p in (layer.base_layer.weight, layer.rosa_A, layer.rosa_B):
+        for p in (*(layer.frozen_tensors() if frozen else ()), layer.rosa_A, layer.rosa_B):  # W_f or its master
             local = p.ds_tensor if is_zero3(p) else p
             if not torch.isfinite(local).all():
                 bad[i] = 1
@@ -166,12 +167,16 @@ def check_finite_everywhere(named_layers: list[tuple[str, RosaLinear]]) -> None:
 
 
 def merged_on_owner(layer: RosaLinear, is_owner: bool) -> torch.Tensor | None:
-    """W = W_f + A B in fp32 from the fp32 masters of A, B; collective, returned on the owner only."""
+    """W = W_f + A B from the fp32 masters of A, B (product in fp64, rounded once to fp32).
+
+    Collective. Returned on the owner, and on every rank when W_f is replicated (ZeRO-1/2): those
+    ranks then need only the new A, B to recompute W_f (see ``write_everywhere``)."""
     a, b = full_fp32(layer.rosa_A), full_fp32(layer.rosa_B)
-    with gathered([layer.base_layer.weight]):
-        if not is_owner:
+    with gathered(layer.frozen_params()):  # none for a quantized base: its master is replicated
+        if not is_owner and any(is_zero3(p) for p in layer.frozen_params()):
             return None
-        return layer.frozen_weight().detach().float() + a @ b
+        w = layer.frozen_weight().detach().double() + a.double() @ b.double()
+        return w.float()
 
 
 def _broadcast(tensors: list[torch.Tensor], src: int) -> list[torch.Tensor]:
@@ -183,50 +188,155 @@ def _broadcast(tensors: list[torch.Tensor], src: int) -> list[torch.Tensor]:
     return out
 
 
-def write_everywhere(layer: RosaLinear, factors: Factors | None, src: int) -> None:
-    """Make the owner's new (W_f, A, B) the value on every rank: module params and fp32 masters."""
+def write_everywhere(layer: RosaLinear, factors: Factors | None, src: int, merged: torch.Tensor | None = None,
+                     broadcast: bool = True) -> None:
+    """Make the owner's new (W_f, A, B) the value on every rank: module params and fp32 masters.
+
+    Only A and B (R (m + n) values) travel. Under ZeRO-1/2 every rank holds W (``merged``) and
+    recomputes W_f = W - A B itself, bit-identical to the owner's (``frozen_part``), instead of
+    receiving the dense m x n W_f: ~40x less traffic at R = 8 for SmolLM2's layers. Under ZeRO-3
+    the owner writes the full W_f inside GatheredParameters and DeepSpeed re-partitions it.
+    ``broadcast=False``: every rank already holds the same ``factors`` (it computed them itself).
+    """
     rank, _ = rank_and_world()
     m, n, r = layer.out_features, layer.in_features, layer.rank
     dev = device()
     if factors is None:
-        factors = Factors(torch.empty(m, n, device=dev), torch.empty(m, r, device=dev), torch.empty(r, n, device=dev))
-    factors = Factors(*(t.to(dev) for t in factors))
+        factors = Factors(None, torch.empty(m, r, device=dev), torch.empty(r, n, device=dev))
+    a, b = (t.to(dev) for t in (factors.a, factors.b))
+    if broadcast:
+        a, b = _broadcast([a, b], src)
     if is_zero3(layer.rosa_A):
-        a, b = _broadcast([factors.a, factors.b], src)  # every rank needs them for its master slice
-        with gathered([layer.base_layer.weight, layer.rosa_A, layer.rosa_B], modifier_rank=src):
+        with gathered([*layer.frozen_params(), layer.rosa_A, layer.rosa_B], modifier_rank=src):
             if rank == src:
-                layer.write(factors)
+                layer.write(Factors(factors.w_frozen.to(dev), a, b))
+            elif layer.quantized:  # host master + replicated buffers: not DeepSpeed's, each rank writes its own
+                layer.write_frozen(frozen_part(merged, a, b))
     else:
-        w_f, a, b = _broadcast(list(factors), src)
-        layer.write(Factors(w_f, a, b))
+        w_f = factors.w_frozen if factors.w_frozen is not None else frozen_part(merged, a, b)
+        layer.write(Factors(w_f.to(dev), a, b))
     set_fp32_master(layer.rosa_A, a)
     set_fp32_master(layer.rosa_B, b)
 
 
 @torch.no_grad()
-def distributed_resample(model: torch.nn.Module, config: RosaConfig, resample_index: int) -> dict[str, int]:
+def distributed_resample(model: torch.nn.Module, config: RosaConfig, resample_index: int,
+                         owner_svd: bool = True) -> dict[str, int]:
     """Merge and redraw every ROSA layer of ``model`` across ranks (see the module docstring).
 
     Works before ``deepspeed.initialize`` too (plain parameters): with A = B = 0 it is the
     initial factorization. The caller resets the optimizer state afterwards. Returns counts.
+    ``owner_svd=False`` is the naive scheme the benchmarks compare against: every rank computes
+    every layer's SVD itself (the same numbers, no broadcast; world-size times the SVD work).
     """
     rank, world = rank_and_world()
     named = list(iter_rosa_layers(model))
-    check_finite_everywhere(named)
+    layers = [l for _, l in named]
+    replicated = not any(is_zero3(l.rosa_A) for l in layers)
+    # the replicated path checks each merged W on its owner (half the reads); factors are checked here
+    check_finite_everywhere(named, frozen=not (owner_svd and replicated))
+    if not owner_svd:
+        return _resample_everywhere(layers, config, resample_index, rank)
+    if replicated:
+        return _resample_replicated(named, config, resample_index, rank, world)
+    owners = assign_owners(layers, world)
+    svds, clock = 0, _Clock()
+    for group in rounds(layers, owners, world):
+        merged = {}
+        with clock("gather_s"):
+            for layer in group:  # collective gathers, one layer at a time
+                w = merged_on_owner(layer, owners[layer.layer_index] == rank)
+                if w is not None:
+                    merged[layer.layer_index] = w
+        with clock("svd_s"):
+            owned = [l.layer_index for l in group if owners[l.layer_index] == rank]
+            mine = {i: new_factors(merged[i], config, resample_index, i) for i in owned}
+        svds += len(mine)
+        with clock("write_s"):  # includes waiting for the round's slowest SVD (the first broadcast)
+            for layer in group:
+                i = layer.layer_index
+                write_everywhere(layer, mine.pop(i, None), owners[i], merged.pop(i, None))
+    return {"layers": len(layers), "svds_here": svds, **clock.totals}
+
+
+class _Clock:
+    """Wall seconds per phase of a resample on this rank (reported in the resample event)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.totals[name] = round(self.totals.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def _resample_replicated(named: list[tuple[str, RosaLinear]], config: RosaConfig, resample_index: int,
+                         rank: int, world: int) -> dict:
+    """The resample when every rank holds all of W_f (ZeRO-0/1/2; a quantized base's host master).
+
+    1. all ranks fetch the full fp32 A, B of every layer (small: R (m + n) per layer; collective);
+    2. each rank runs the SVDs of the layers it owns, back to back: no collective in between, so
+       ranks wait only for the total imbalance of the owner assignment, not for each round's
+       slowest SVD;
+    3. the owners' new A', B' are broadcast (the only data exchanged);
+    4. every rank computes W_f' = W_f + A B - A' B' (``frozen_update``: fp64, rounded once, the
+       same bits everywhere) and writes W_f', A', B' and the fp32 masters.
+    A non-finite merged W found by an owner is agreed by all ranks before anything is written.
+    """
     layers = [l for _, l in named]
     owners = assign_owners(layers, world)
+    clock, dev = _Clock(), device()
+    with clock("gather_s"):
+        old = {l.layer_index: (full_fp32(l.rosa_A), full_fp32(l.rosa_B)) for l in layers}
+    new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    bad = torch.zeros(len(layers), dtype=torch.int32, device=dev)
+    with clock("svd_s"):
+        for k, layer in enumerate(layers):
+            i = layer.layer_index
+            if owners[i] != rank:
+                continue
+            a_old, b_old = old[i]
+            merged = torch.addmm(layer.frozen_weight().detach().double(), a_old.double(), b_old.double()).float()
+            if not torch.isfinite(merged).all():
+                bad[k] = 1
+                continue
+            f = new_factors(merged, config, resample_index, i)
+            new[i] = (f.a, f.b)
+    with clock("exchange_s"):  # waits for the other owners' SVDs to finish
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(bad)
+        names = [n for (n, _), flag in zip(named, bad.tolist()) if flag]
+        if names:
+            raise FloatingPointError(f"ROSA layers with non-finite merged weights: {', '.join(names)}; refusing to "
+                                     "merge (lower the learning rate, enable gradient clipping, or resume from an "
+                                     "earlier checkpoint)")
+        for layer in layers:
+            i = layer.layer_index
+            m, n, r = layer.out_features, layer.in_features, layer.rank
+            a, b = new.pop(i, (torch.empty(m, r), torch.empty(r, n)))
+            new[i] = tuple(_broadcast([a.to(dev), b.to(dev)], owners[i]))
+    with clock("write_s"):
+        for layer in layers:
+            i = layer.layer_index
+            a, b = new.pop(i)
+            w_f = frozen_update(layer.frozen_weight().detach(), *old.pop(i), a, b)
+            layer.write(Factors(w_f, a, b))
+            set_fp32_master(layer.rosa_A, a)
+            set_fp32_master(layer.rosa_B, b)
+    return {"layers": len(layers), "svds_here": sum(owners[l.layer_index] == rank for l in layers), **clock.totals}
+
+
+def _resample_everywhere(layers: list[RosaLinear], config: RosaConfig, resample_index: int,
+                        rank: int) -> dict[str, int]:
     svds = 0
-    for group in rounds(layers, owners, world):
-        pending = {}
-        for layer in group:  # collective gathers, one layer at a time
-            merged = merged_on_owner(layer, owners[layer.layer_index] == rank)
-            if merged is not None:
-                pending[layer.layer_index] = merged
-        mine = {i: new_factors(w, config, resample_index, i) for i, w in pending.items()}
-        svds += len(mine)
-        del pending
-        for layer in group:
-            write_everywhere(layer, mine.pop(layer.layer_index, None), owners[layer.layer_index])
+    for layer in layers:
+        merged = merged_on_owner(layer, True)
+        factors = new_factors(merged, config, resample_index, layer.layer_index)
+        svds += 1
+        # ZeRO-3 keeps a write from one rank only; every rank holds the same values anyway
+        write_everywhere(layer, factors, src=0, merged=merged, broadcast=False)
     return {"layers": len(layers), "svds_here": svds}
 
 

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="bf16", help="fp32, bf16 or fp16")
     ap.add_argument("--optimizer", default="adamw", help="adamw or adamw8bit")
     ap.add_argument("--offload", action="store_true", help="ZeRO offload_optimizer to cpu")
+    ap.add_argument("--quantize-base", default=None, choices=("nf4", "int8"),
+                    help="also show ROSA with W_f quantized (column rosa+nf4 / rosa+int8)")
     ap.add_argument("--accelerator", default="cuda", help="cuda or cpu (fp32 ZeRO-3 master copy differs)")
     ap.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro step")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
@@ -62,13 +64,18 @@ def build_plan(args: argparse.Namespace) -> MemoryPlan:
     return MemoryPlan(**fields)
 
 
-def plan_all(model: str, plan: MemoryPlan, targets=None) -> tuple[dict, dict]:
-    """Predictions for full / lora / rosa under the same plan, and the counts behind them."""
+def plan_all(model: str, plan: MemoryPlan, targets=None, quantize_base=None) -> tuple[dict, dict]:
+    """Predictions for full / lora / rosa (and rosa+<quantize_base>) under the same plan, and the
+    counts behind them."""
     breakdowns, counts = {}, {}
     cfg = load_config(model)
     for method in ("full", "lora", "rosa"):
         counts[method] = counts_from_config(cfg, method, plan.rank, targets)
         breakdowns[method] = predict(counts[method], replace(plan, method=method))
+    if quantize_base:
+        key = f"rosa+{quantize_base}"
+        counts[key] = counts_from_config(cfg, "rosa", plan.rank, targets, quantize_base=quantize_base)
+        breakdowns[key] = predict(counts[key], replace(plan, method="rosa"))
     return breakdowns, counts
 
 
@@ -97,7 +104,7 @@ def main(argv=None) -> int:
     try:
         plan = build_plan(args)  # validated before any model is built
         targets = tuple(args.targets.split(",")) if args.targets else None
-        breakdowns, counts = plan_all(args.model, plan, targets)
+        breakdowns, counts = plan_all(args.model, plan, targets, args.quantize_base)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

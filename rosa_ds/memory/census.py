@@ -32,14 +32,16 @@ class _Census:
         self.out = MemoryBreakdown(label=label)
         self.device_type = device_type
 
-    def tensor(self, t, category: str) -> None:
+    def tensor(self, t, category: str, host: bool | None = None) -> None:
+        """Claim ``t``'s storage; ``host`` overrides where it lives (the quantized base's masters
+        are host RAM by design, even on the CPU accelerator where both are one memory)."""
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
         storage = t.untyped_storage()
         key = (t.device.type, storage.data_ptr())
         if storage.data_ptr() and key not in self.seen:
             self.seen.add(key)
-            self.out.add(category, storage.nbytes(), host=t.device.type != self.device_type)
+            self.out.add(category, storage.nbytes(), host=t.device.type != self.device_type if host is None else host)
 
     def walk(self, obj, category: str, depth: int = 0, grads: str | None = None) -> None:
         """Claim every tensor under ``obj`` (lists, dicts, DeepSpeed helper objects) for
@@ -78,6 +80,15 @@ def _module(c: _Census, module: torch.nn.Module) -> None:
         cat = "trainable_weights" if p.requires_grad else "frozen_weights"
         c.tensor(getattr(p, "ds_tensor", None), cat)  # ZeRO-3 partition
         c.tensor(p.data, cat)  # full tensor (ZeRO-1/2 view of the flat buffer, ZeRO-3 persistent)
+    from ..layer import RosaLinear
+    from ..quant import QuantizedBase
+
+    for m in module.modules():  # before the generic buffers: the packed W_f has its own category
+        if isinstance(m, QuantizedBase):
+            for b in m.buffers():
+                c.tensor(b, "quantized_weights")
+        elif isinstance(m, RosaLinear) and m.quantized:
+            c.tensor(m.base_master, "base_masters", host=True)
     for b in module.buffers():
         c.tensor(b, "buffers")
     for p in module.parameters():
@@ -126,7 +137,7 @@ def counts_from_engine(ds_engine):
     """ModelCounts exactly as DeepSpeed grouped the trainable parameters (its own group lists,
     in its order), frozen parameters and buffers of the live module; ROSA layers give rho."""
     from ..layer import RosaLinear
-    from .counts import ModelCounts, arch_from_config
+    from .counts import ModelCounts, _buffer_bytes, add_quantized, arch_from_config
 
     opt, module = ds_engine.optimizer, ds_engine.module
     numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
@@ -141,11 +152,12 @@ def counts_from_engine(ds_engine):
         if id(p) not in seen and not p.requires_grad:
             out.frozen.append(numel(p))
         seen.add(id(p))
-    out.buffers = [numel(b) * b.element_size() for b in module.buffers()]
+    out.buffers = _buffer_bytes(module)
     for m in module.modules():
         if isinstance(m, RosaLinear):
             out.adapted.append((m.out_features, m.in_features))
             out.rank = m.rank
+    add_quantized(out, module)
     if getattr(module, "config", None) is not None:
         out.arch = arch_from_config(module.config)
     return out

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import RosaConfig
 from ..layer import ADAPTER_PREFIX, RosaLinear
+from ..quant import QuantizedBase, quantized_nbytes
 from .plan import METHODS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,6 +45,9 @@ class ModelCounts:
         adapted: (m, n) of every adapted matrix (ROSA/LoRA), for rho.
         rank: R used for the factors (0 for full fine-tuning).
         arch: shape for the activation estimate.
+        quantized: bytes of every quantized W_f (``--quantize-base``: packed values + scales;
+            module buffers, but counted here and not in ``buffers``).
+        masters: numel of every fp32 host master of a quantized W_f.
     """
 
     frozen: list = field(default_factory=list)
@@ -52,6 +56,8 @@ class ModelCounts:
     adapted: list = field(default_factory=list)
     rank: int = 0
     arch: ArchInfo = field(default_factory=ArchInfo)
+    quantized: list = field(default_factory=list)
+    masters: list = field(default_factory=list)
 
     @property
     def n_frozen(self) -> int:
@@ -73,7 +79,17 @@ def _numel(p) -> int:
 
 
 def _buffer_bytes(model: nn.Module) -> list:
-    return [_numel(b) * b.element_size() for _, b in model.named_buffers()]
+    """Bytes of every module buffer except the packed weights of a quantized base (own category)."""
+    quant = {id(b) for m in model.modules() if isinstance(m, QuantizedBase) for b in m.buffers()}
+    return [_numel(b) * b.element_size() for _, b in model.named_buffers() if id(b) not in quant]
+
+
+def add_quantized(out: "ModelCounts", model: nn.Module) -> None:
+    """Fill ``quantized`` / ``masters`` from the ROSA layers of an applied model."""
+    for m in model.modules():
+        if isinstance(m, RosaLinear) and m.quantized:
+            out.quantized.append(m.base_layer.nbytes)
+            out.masters.append(m.out_features * m.in_features)
 
 
 def _from_applied(model: nn.Module) -> ModelCounts:
@@ -93,6 +109,7 @@ def _from_applied(model: nn.Module) -> ModelCounts:
         if isinstance(m, RosaLinear):
             out.adapted.append((m.out_features, m.in_features))
             out.rank = m.rank
+    add_quantized(out, model)
     return out
 
 
@@ -102,18 +119,22 @@ def _factor_sizes(method: str, m: int, n: int, r: int) -> list:
 
 
 def counts_from_module(model: nn.Module, method: str = "rosa", rank: int = 8, target_modules=None,
-                       modules_to_save=()) -> ModelCounts:
+                       modules_to_save=(), quantize_base: Optional[str] = None) -> ModelCounts:
     """Counts for training ``model`` with ``method`` (``full``, ``lora``, ``rosa``).
 
     A model that already holds ROSA layers is read as it is (``method``/``rank`` ignored).
     Otherwise ROSA/LoRA are simulated on the plain model's structure with the same target
     selection as ``apply_rosa`` (so a rank too large for a layer raises the same error).
     PEFT's ``modules_to_save`` keeps a frozen original plus a trainable copy.
+    ``quantize_base`` (ROSA only): each adapted weight leaves ``frozen`` for ``quantized`` bytes
+    and an fp32 host master; its bias stays a frozen parameter.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not supported; choose one of {', '.join(METHODS)}")
     if any(isinstance(m, RosaLinear) for m in model.modules()):
         return _from_applied(model)
+    if quantize_base is not None and method != "rosa":
+        raise ValueError(f"quantize_base applies to method rosa only, got method {method!r}")
     from ..inject import find_targets
 
     out = ModelCounts(buffers=_buffer_bytes(model), rank=0 if method == "full" else rank)
@@ -136,12 +157,15 @@ def counts_from_module(model: nn.Module, method: str = "rosa", rank: int = 8, ta
                 kept.append(_numel(p))
                 if method == "lora":
                     out.frozen.append(_numel(p))
-            else:
+            elif not (quantize_base and name in targets and pname == "weight"):
                 out.frozen.append(_numel(p))
         if name in targets:
             m, n = targets[name]
             out.adapted.append((m, n))
             main.extend(_factor_sizes(method, m, n, rank))
+            if quantize_base:
+                out.quantized.append(quantized_nbytes(m, n, quantize_base))
+                out.masters.append(m * n)
     if method == "lora":  # PEFT passes every trainable parameter in one group
         main, kept = main + kept, []
     out.groups = [g for g in (main, kept) if g]
@@ -202,11 +226,11 @@ def meta_model(cfg) -> nn.Module:
 
 
 def counts_from_config(model, method: str, rank: int, target_modules=None,
-                       modules_to_save=()) -> ModelCounts:
+                       modules_to_save=(), quantize_base: Optional[str] = None) -> ModelCounts:
     """Counts for ``model`` (``default``, a .gguf, a config.json, a directory, or a loaded
     transformers config object), built on the meta device."""
     cfg = load_config(model) if isinstance(model, (str, Path)) else model
-    counts = counts_from_module(meta_model(cfg), method, rank, target_modules, modules_to_save)
+    counts = counts_from_module(meta_model(cfg), method, rank, target_modules, modules_to_save, quantize_base)
     counts.arch = arch_from_config(cfg)
     return counts
 

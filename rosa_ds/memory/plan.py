@@ -17,11 +17,13 @@ ACCELERATORS = ("cuda", "cpu")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # Resident categories (verified by the census) and the estimated transient ones (peak only).
-CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "master_weights", "optimizer_states",
-              "buckets", "buffers", "other")
+CATEGORIES = ("frozen_weights", "quantized_weights", "base_masters", "trainable_weights", "gradients",
+              "master_weights", "optimizer_states", "buckets", "buffers", "other")
 TRANSIENT = ("transient_buckets", "gathered_params", "activations")
 CATEGORY_HELP = {
     "frozen_weights": "weights without gradient (W_f, embeddings, norms under ROSA/LoRA)",
+    "quantized_weights": "--quantize-base: packed nf4/int8 W_f and its fp32 scales (buffers, replicated)",
+    "base_masters": "--quantize-base: fp32 master of W_f per adapted layer, host RAM, every rank",
     "trainable_weights": "compute-precision copy of the trainable weights (ZeRO-1/2: whole flat buffer)",
     "gradients": "gradient partitions / buffers resident between backward and step",
     "master_weights": "fp32 master partitions held by the ZeRO / bf16 optimizer",
@@ -177,7 +179,8 @@ class MemoryBreakdown:
 
     def state_bytes(self, where: str = "all") -> int:
         """Parameter-related bytes: weights, gradients, masters, moments (the paper's quantity)."""
-        keys = ("frozen_weights", "trainable_weights", "gradients", "master_weights", "optimizer_states")
+        keys = ("frozen_weights", "quantized_weights", "base_masters", "trainable_weights", "gradients",
+                "master_weights", "optimizer_states")
         parts = {"device": (self.device,), "host": (self.host,), "all": (self.device, self.host)}[where]
         return sum(d[c] for d in parts for c in keys)
 

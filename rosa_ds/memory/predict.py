@@ -165,6 +165,10 @@ def predict(counts: ModelCounts, plan: MemoryPlan, point: str = "after_backward"
             out.device["gradients"] = 0
         out.device["other"] = {0: 0, 1: 4, 2: 4, 3: 5 if plan.offload_optimizer else 9}[plan.zero_stage]
     out.add("buffers", sum(counts.buffers))  # replicated, kept in their own dtype
+    # --quantize-base: packed W_f + scales are module buffers (every rank, every stage: ZeRO-3
+    # partitions parameters only), and each rank keeps the fp32 master of every W_f in host RAM
+    out.add("quantized_weights", sum(counts.quantized))
+    out.add("base_masters", 4 * sum(counts.masters), host=True)
     out.add("activations", activation_bytes(counts.arch, plan))
     return out
 

@@ -18,7 +18,8 @@ SCRIPT = Path(__file__).parent / "scripts" / "memory_rank.py"
 GRID = [f"{s}:{d}:{m}" for s in (1, 2, 3) for d in ("fp32", "bf16") for m in ("full", "rosa")]
 EXTRA = ["0:fp32:rosa", "0:bf16:rosa", "0:fp32:full", "2:bf16:lora", "3:fp32:lora",
          "2:fp32:full:adamw8bit", "2:fp32:rosa:adamw8bit",
-         "2:fp32:rosa:adamw:offload", "1:bf16:full:adamw:offload", "3:bf16:rosa:adamw:offload"]
+         "2:fp32:rosa:adamw:offload", "1:bf16:full:adamw:offload", "3:bf16:rosa:adamw:offload",
+         "2:fp32:rosa:adamw:nf4", "2:bf16:rosa:adamw:int8", "3:fp32:rosa:adamw:nf4", "2:fp32:rosa:adamw8bit:int8"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,17 @@ def test_rosa_reduction_matches_closed_form(results, stage, dtype):
     # Padding, ZeRO-3 persistent norms and step scalars are a few hundred bytes on a ~10 KB model.
     assert measured == pytest.approx(formula, rel=0.03), (measured, formula)
     assert measured > 1.5  # ROSA really saves memory at every stage
+
+
+@pytest.mark.parametrize("case, ratio", [("2:fp32:rosa:adamw:nf4", 1 / 8 + 1 / 64), ("2:bf16:rosa:adamw:int8", 1 / 4 + 1 / 30)])
+def test_quantized_base_categories(results, case, ratio):
+    """The packed W_f is its own device category (about 1/7 (nf4) or 1/4 (int8) of the fp32 bytes of
+    the adapted weights, scales included), the fp32 masters a host category of exactly 4 m n."""
+    for rank in (0, 1):
+        m = MemoryBreakdown.from_dict(results[(rank, case)]["measured"])
+        masters = m.host["base_masters"]
+        assert masters > 0 and m.device["base_masters"] == 0
+        assert m.device["quantized_weights"] / masters == pytest.approx(ratio, rel=0.1)
 
 
 def test_zero2_ranks_differ_as_predicted(results):

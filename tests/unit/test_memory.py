@@ -124,6 +124,29 @@ def test_counts_simulation_equals_applied_model():
         counts_from_module(tiny_model("gpt2"), "full").n_trainable
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_base_counts_and_prediction(kind):
+    """--quantize-base: each adapted weight leaves the frozen parameters for packed buffers (own
+    category, byte-exact against the live module's storage) and an fp32 host master of m n."""
+    pytest.importorskip("bitsandbytes")
+    from rosa_ds.inject import iter_rosa_layers
+
+    model = tiny_model("gpt2")
+    sim = counts_from_module(model, "rosa", 4, quantize_base=kind)
+    plain = counts_from_module(tiny_model("gpt2"), "rosa", 4)
+    apply_rosa(model, RosaConfig(rank=4, quantize_base=kind))
+    real = counts_from_module(model)
+    assert (sim.frozen, sim.groups, sim.buffers, sim.quantized, sim.masters) == \
+        (real.frozen, real.groups, real.buffers, real.quantized, real.masters)
+    assert sim.n_frozen + sum(sim.masters) == plain.n_frozen and sim.buffers == plain.buffers
+    stored = sum(b.numel() * b.element_size() for _, l in iter_rosa_layers(model) for b in l.base_layer.buffers())
+    out = predict(sim, plan(dtype="fp32"))
+    assert out.device["quantized_weights"] == stored and out.host["base_masters"] == 4 * sum(m * n for m, n in sim.adapted)
+    assert out.device["frozen_weights"] == 4 * sim.n_frozen
+    with pytest.raises(ValueError, match="quantize_base applies to method rosa only"):
+        counts_from_module(tiny_model("gpt2"), "lora", 4, quantize_base=kind)
+
+
 def test_counts_on_meta_device():
     import transformers as tf
 

@@ -2,8 +2,9 @@
 DeepSpeed the way the ROSA engine does, take one optimizer step plus one more backward, then
 write the census (measured) next to the prediction for this rank.
 
-Case syntax: ``stage:dtype:method[:optimizer[:offload]]``, e.g. ``2:bf16:rosa``,
-``2:fp32:full:adamw8bit`` or ``2:fp32:rosa:adamw:offload``.
+Case syntax: ``stage:dtype:method[:optimizer[:offload|nf4|int8]]``, e.g. ``2:bf16:rosa``,
+``2:fp32:full:adamw8bit``, ``2:fp32:rosa:adamw:offload`` or ``2:fp32:rosa:adamw:nf4`` (ROSA with
+a quantized base: packed W_f buffers and fp32 host masters are their own categories).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def tiny_llama() -> torch.nn.Module:
     return tf.LlamaForCausalLM(cfg)
 
 
-def build(method: str):
+def build(method: str, quantize: str | None = None):
     """(model, param groups, counts predicted from the plain model) as the engine builds them."""
     model = tiny_llama()
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,11 +45,12 @@ def build(method: str):
         counts = counts_from_module(model, "lora", RANK_R, targets)
         model = get_peft_model(model, LoraConfig(r=RANK_R, target_modules=list(targets), lora_dropout=0.0))
         return model, [{"params": [p for p in model.parameters() if p.requires_grad]}], counts
-    config = RosaConfig(rank=RANK_R, target_modules=targets, modules_to_save=("norm",))
-    counts = counts_from_module(model, "rosa", RANK_R, targets, ("norm",))
+    config = RosaConfig(rank=RANK_R, target_modules=targets, modules_to_save=("norm",), quantize_base=quantize)
+    counts = counts_from_module(model, "rosa", RANK_R, targets, ("norm",), quantize_base=quantize)
     apply_rosa(model, config)
     applied = counts_from_module(model)
-    assert (applied.frozen, applied.groups) == (counts.frozen, counts.groups), "simulated ROSA counts differ"
+    assert (applied.frozen, applied.groups, applied.buffers, applied.quantized, applied.masters) == (
+        counts.frozen, counts.groups, counts.buffers, counts.quantized, counts.masters), "simulated ROSA counts differ"
     factors = [p for n, p in model.named_parameters() if "rosa_" in n]
     kept = [p for n, p in model.named_parameters() if p.requires_grad and "rosa_" not in n]
     return model, [{"params": factors}] + ([{"params": kept}] if kept else []), counts
@@ -68,7 +70,8 @@ def ds_config(stage: int, dtype: str, optimizer: str, offload: bool = False) -> 
 def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
     stage, dtype, method, *rest = case.split(":")
     stage, optimizer, offload = int(stage), (rest[0] if rest else "adamw"), "offload" in rest
-    model, groups, counts = build(method)
+    quantize = next((r for r in rest if r in ("nf4", "int8")), None)
+    model, groups, counts = build(method, quantize)
     client = None
     if optimizer == "adamw8bit":
         import bitsandbytes as bnb
@@ -104,8 +107,8 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
     out = {"case": case, "predicted": predicted.to_dict(), "measured": measured.to_dict(),
            "rows": [[r.category, r.predicted, r.measured, r.ok] for r in rows],
            "rows_after_step": [[r.category, r.predicted, r.measured, r.ok] for r in rows_after],
-           "engine_counts_match": (live.frozen, live.groups, live.buffers) == (counts.frozen, counts.groups,
-                                                                                counts.buffers),
+           "engine_counts_match": (live.frozen, live.groups, live.buffers, live.quantized, live.masters) == (
+               counts.frozen, counts.groups, counts.buffers, counts.quantized, counts.masters),
            "regather": out_regather if persist else None,
            "rho": counts.rho, "n_trainable": counts.n_trainable, "n_frozen": counts.n_frozen}
     if report_dir:  # the trainer's hook, on a duck-typed trainer, after the step

@@ -1,0 +1,55 @@
+"""One rank of the resampling micro-benchmark (launched by ``bench/micro.py``).
+
+Builds the ROSA engine on the default model (ZeRO-2, fp32), then times full resamples of every
+adapted layer with owner-rank SVDs (each layer's SVD once in the world, results broadcast) and
+with every rank doing every SVD. Writes one JSON record per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import rosa_ds
+from rosa_ds.factorize import SVD_CALLS
+from rosa_ds.models import load_model_and_tokenizer
+from rosa_ds.testing import ds_test_config
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="default")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--modes", default="owner,every")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--result", required=True)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    model, _ = load_model_and_tokenizer(a.model)
+    cfg = ds_test_config(a.stage, micro_batch=1)
+    t0 = time.perf_counter()
+    engine = rosa_ds.initialize(model, rosa_ds.RosaConfig(rank=a.rank), config=cfg)
+    out = {"initial_factorization_s": time.perf_counter() - t0, "layers": sum(1 for _ in rosa_ds.iter_rosa_layers(model))}
+    for mode in a.modes.split(","):
+        times, svd_s, svds, phases = [], [], [], []
+        for _ in range(a.repeats):
+            torch.distributed.barrier()
+            SVD_CALLS.update(count=0, seconds=0.0)
+            start = time.perf_counter()
+            event = engine.resample(owner_svd=mode == "owner")
+            phases.append({k: event[k] for k in ("gather_s", "svd_s", "exchange_s", "write_s") if k in event})
+            torch.distributed.barrier()
+            times.append(time.perf_counter() - start)
+            svd_s.append(SVD_CALLS["seconds"])
+            svds.append(SVD_CALLS["count"])
+        out[mode] = {"seconds": min(times), "all_seconds": times, "svd_seconds_here": min(svd_s), "svds_here": svds[0],
+                    "phases": phases[times.index(min(times))]}
+    with open(a.result, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
