@@ -14,7 +14,7 @@ NPROC   ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast test-multirank bench memory-report clean
+.PHONY: setup train test test-fast test-multirank bench bench-micro memory-report clean
 
 setup: $(STAMP)
 
@@ -43,8 +43,12 @@ memory-report: setup
 	    --ds-config ds_configs/zero2.json --micro-batch 4 --seq-len 128 \
 	    --markdown bench/results/memory_default.md --png bench/results/memory_default.png
 
+SUITE ?= quick
 bench: setup
-	$(BIN)/python bench/run.py --suite quick
+	$(BIN)/python bench/run.py --suite $(SUITE)
+
+bench-micro: setup
+	$(BIN)/python bench/micro.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

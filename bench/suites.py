@@ -59,7 +59,11 @@ QUICK = Suite(
     description="SmolLM2-135M, BBC headlines, 2 CPU ranks, ZeRO-2 fp32, 3 epochs x 8 steps",
     flags=("--model", "default", "--max-train-samples", "64", "--max-eval-samples", "32", "--seq-len", "128",
            "--micro-batch", "4", "--epochs", "3", "--num-samples", "0", "--seed", "0"),
-    runs=_lm_runs((2, 8, 32), 8),
+    runs=_lm_runs((2, 8, 32), 8) + (
+        # the learning rate is the first suspect when one method trails: both at 4x the default
+        Run("lora-r8-lr2e-3", "lora", 8, ("--lr", "2e-3"), "ablation"),
+        Run("rosa-r8-lr2e-3", "rosa", 8, ("--lr", "2e-3"), "ablation"),
+    ),
 )
 
 # The same comparison at a size that means something, for one GPU node (8 ranks, bf16 chosen by

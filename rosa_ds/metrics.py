@@ -1,10 +1,12 @@
-"""Metrics: the JSONL log, the rank-0 progress bar, and classification scores."""
+"""Metrics: the JSONL log, the rank-0 progress bar, and classification scores and predictions."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 
 class MetricsWriter:
@@ -58,3 +60,28 @@ def classification_metrics(preds: list[int], golds: list[int], num_labels: int) 
     denom = math.sqrt((s * s - sum(x * x for x in p)) * (s * s - sum(x * x for x in t)))
     mcc = (correct * s - sum(a * b for a, b in zip(p, t))) / denom if denom else 0.0
     return {"accuracy": correct / s, "macro_f1": sum(f1s) / num_labels, "mcc": mcc}
+
+
+def eval_postfix(rec: Optional[dict]) -> dict:
+    """Progress-bar fields of the latest classification eval (nothing before the first one)."""
+    if not rec or "accuracy" not in rec:
+        return {}
+    return {"eval_acc": f"{rec['accuracy']:.3f}", "eval_f1": f"{rec['macro_f1']:.3f}"}
+
+
+def write_predictions(path: Path, rows: Sequence[tuple[int, list[float]]], gold_ids: Sequence[int],
+                      label_names: Sequence[str]) -> None:
+    """The latest eval's per-sample predictions, one JSON object per eval sample in split order:
+    ``{"index": i, "label": gold name, "pred": predicted name, "logits": [K floats]}``.
+
+    ``rows`` are (eval index, logits) from all ranks in any order; the file is replaced atomically,
+    so it always holds one complete evaluation. Logits are fp32 values written as Python floats
+    (shortest round-trip repr), so a reloaded model can be compared against them exactly."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for i, logits in sorted(rows, key=lambda r: r[0]):
+            pred = max(range(len(logits)), key=logits.__getitem__)
+            f.write(json.dumps({"index": i, "label": label_names[gold_ids[i]], "pred": label_names[pred],
+                                "logits": logits}) + "\n")
+    os.replace(tmp, path)

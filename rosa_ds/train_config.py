@@ -9,6 +9,9 @@ through ``--config``.
 The default job (SmolLM2-135M on BBC headlines, ROSA r=8, ZeRO-2, 2 CPU ranks, fp32) is sized to
 finish in about 5 minutes on 2 cores: 256 training samples / (4 per rank × 2 ranks) = 32
 optimizer steps per epoch, 2 epochs (one resample in between) = 64 steps at ~3 s per step.
+``--task classification`` alone is the packaged MiniLM-L6 encoder on BBC 5-way topics with the
+same 64 steps (first 128 tokens of each article), a higher learning rate for the new head
+(``CLASSIFICATION_LR``) and 200 held-out articles for evaluation (``TASK_DEFAULTS``).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .config import INITS, STRATEGIES, RosaConfig
+from .config import INITS, QUANTIZE_BASE, STRATEGIES, RosaConfig
 from .dsconfig import OPTIMS, PRECISIONS, RunValues, resolve_template
 
 TASKS = ("causal_lm", "classification")
@@ -31,6 +34,14 @@ METHODS = ("rosa", "lora", "full")
 DEFAULT_DATASETS = {"causal_lm": "bbc-headlines", "classification": "bbc-topics"}
 # Peak learning rates that suit short runs: adapters tolerate ~25x more than full fine-tuning.
 DEFAULT_LR = {"rosa": 5e-4, "lora": 5e-4, "full": 2e-5}
+# Classification trains a newly initialised head (and the pooler's inputs) from scratch in 64 steps,
+# which needs ~4x the LM rates. Measured on MiniLM-L6 / bbc-topics, 64 steps of 8, 200 held-out
+# articles, one process: ROSA r=8 reaches 66% accuracy at 5e-4 and 93% at 2e-3; full FT 91% by
+# step 32 at 1e-4.
+CLASSIFICATION_LR = {"rosa": 2e-3, "lora": 2e-3, "full": 1e-4}
+# Per-task defaults that replace a field's dataclass default when the user did not set the field.
+# 200 held-out articles (not 32): accuracy in 0.5% steps instead of 3%; eval is forward-only (~5 s).
+TASK_DEFAULTS = {"classification": {"max_eval_samples": 200}}
 NOT_SAVED = ("config", "local_rank", "explicit")  # launcher/bookkeeping fields, not run settings
 
 
@@ -55,13 +66,16 @@ class TrainConfig:
     text_pair_field: Optional[str] = opt(None, "classification: column with the second text of a pair")
     label_field: Optional[str] = opt(None, "classification: column with the label")
     max_train_samples: Optional[int] = opt(256, "use at most N training samples (none = all)", minimum=1)
-    max_eval_samples: Optional[int] = opt(32, "use at most N evaluation samples (none = all)", minimum=1)
+    max_eval_samples: Optional[int] = opt(
+        32, "use at most N evaluation samples (none = all); classification default: 200", minimum=1)
     seq_len: int = opt(128, "tokens per sample (longer are truncated)", minimum=8)
     # -- method
     method: str = opt("rosa", "rosa (random subspace adaptation), lora (peft baseline) or full fine-tuning", METHODS)
     rank: int = opt(8, "ROSA/LoRA rank R: trainable singular triplets per adapted matrix", minimum=1)
     strategy: str = opt("random", "ROSA: which singular triplets are trainable", STRATEGIES)
     init: str = opt("svd", "ROSA: svd (factors from singular triplets) or lora (ablation: A random, B zero)", INITS)
+    quantize_base: Optional[str] = opt(
+        None, "ROSA: store the frozen W_f quantized, nf4 or int8 (bitsandbytes), with an fp32 master in host RAM")
     target_modules: Optional[Union[list, str]] = opt(
         None, "leaf names of the layers to adapt, or one 're:<regex>' on full names; none = per-architecture defaults",
         nargs="+")
@@ -75,7 +89,8 @@ class TrainConfig:
     # -- optimization
     epochs: int = opt(2, "passes over the training samples", minimum=1)
     max_steps: Optional[int] = opt(None, "stop after N optimizer steps (none = run all epochs)", minimum=1)
-    lr: Optional[float] = opt(None, "peak learning rate; none = 5e-4 for rosa/lora, 2e-5 for full", minimum=0)
+    lr: Optional[float] = opt(None, "peak learning rate; none = 5e-4 for rosa/lora, 2e-5 for full "
+                                    "(classification: 2e-3 for rosa/lora, 1e-4 for full)", minimum=0)
     warmup: float = opt(0.1, "LR warmup: a fraction of all steps if < 1, else a number of optimizer steps", minimum=0)
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay", minimum=0)
     micro_batch: int = opt(4, "samples per rank per forward/backward", minimum=1)
@@ -104,8 +119,9 @@ class TrainConfig:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _hints()[f.name]))
             _check_bounds(f, getattr(self, f.name))
         self.resample_every = _parse_resample(self.resample_every)
+        self._apply_task_defaults()
         if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
+            self.lr = (CLASSIFICATION_LR if self.task == "classification" else DEFAULT_LR)[self.method]
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}; fix: e.g. --lr 5e-4")
         if self.dataset is None:
@@ -113,6 +129,13 @@ class TrainConfig:
         self.target_modules = _parse_targets(self.target_modules)
         self._check_cross_fields()
         self.explicit = set(self.explicit)
+
+    def _apply_task_defaults(self) -> None:
+        """The task's own defaults for fields the user left alone (not set, still the dataclass default)."""
+        defaults = {f.name: f.default for f in _fields()}
+        for name, value in TASK_DEFAULTS.get(self.task, {}).items():
+            if name not in self.explicit and getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
 
     def _check_cross_fields(self) -> None:
         only = {"prompt_field": "causal_lm", "target_field": "causal_lm",
@@ -122,6 +145,14 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} applies to --task {task} only; fix: drop it or use --task {task}")
         if self.model.endswith(".gguf") and not Path(self.model).is_file():
             raise ValueError(f"--model {self.model} not found; fix: give an existing .gguf file")
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASE:
+            raise ValueError(f"--quantize-base {self.quantize_base!r} does not exist; choose one of "
+                             f"{', '.join(QUANTIZE_BASE)}")
+        if self.quantize_base is not None and self.method != "rosa":
+            raise ValueError(f"--quantize-base applies to --method rosa only (got --method {self.method}); "
+                             "fix: drop --quantize-base or use --method rosa")
+        if self.quantize_base == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--quantize-base nf4 needs bitsandbytes; fix: pip install bitsandbytes or use int8")
         if self.optim == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("--optim adamw8bit needs bitsandbytes; fix: pip install bitsandbytes or use --optim adamw")
         resolve_template(self.deepspeed)
@@ -147,7 +178,8 @@ class TrainConfig:
     def rosa_config(self) -> RosaConfig:
         """The method's own config (pure PyTorch side)."""
         return RosaConfig(rank=self.rank, target_modules=self.target_modules, strategy=self.strategy,
-                          seed=self.seed, modules_to_save=tuple(self.modules_to_save or ()), init=self.init)
+                          seed=self.seed, modules_to_save=tuple(self.modules_to_save or ()), init=self.init,
+                          quantize_base=self.quantize_base)
 
     def to_dict(self) -> dict:
         """Run settings as plain JSON values (launcher/bookkeeping fields left out)."""

@@ -22,7 +22,7 @@ from . import dsconfig
 from .baselines import apply_lora, classification_head, lora_merged_state_dict
 from .data import BatchOrder, DataConfig, PadCollator, check_data, tokenize_data
 from .log import log_rank0
-from .metrics import MetricsWriter, classification_metrics, progress
+from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, write_predictions
 from .models import check_model_spec, load_config, load_model_and_tokenizer, model_max_length
 from .schedule import ScheduleConfig
 from .train_config import TrainConfig, save_resolved
@@ -38,6 +38,7 @@ class Trainer:
         self.rank, self.world = world()
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self.last_eval: Optional[dict] = None  # classification: the latest eval scores, shown in the bar
 
     # --- 1. cheap checks: every bad input fails here, in one line ------------------------
     def check(self) -> None:
@@ -73,7 +74,8 @@ class Trainer:
         rosa_config, optimizer = None, None
         if cfg.method == "rosa":
             rosa_config = rosa_ds.RosaConfig(rank=cfg.rank, target_modules=cfg.target_modules, strategy=cfg.strategy,
-                                             seed=cfg.seed, modules_to_save=tuple(keep), init=cfg.init)
+                                             seed=cfg.seed, modules_to_save=tuple(keep), init=cfg.init,
+                                             quantize_base=cfg.quantize_base)
         elif cfg.method == "lora":
             model = apply_lora(model, cfg.rank, cfg.target_modules, keep)
         if cfg.optim == "adamw8bit":
@@ -128,7 +130,8 @@ class Trainer:
                 done_in_epoch += 1
                 rec = self.log_step(epoch, losses, tokens, time.perf_counter() - t0)
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **eval_postfix(self.last_eval))
                 tokens, losses, t0 = 0, [], time.perf_counter()
                 if event:
                     self.metrics.write(event)
@@ -167,7 +170,7 @@ class Trainer:
         eng.eval()
         mine = list(range(self.rank, len(split), self.world))  # strided shards: every sample once
         loss_sum = torch.zeros(2, dtype=torch.float64)
-        preds, golds = [], []
+        preds, golds, rows = [], [], []
         largest_shard = math.ceil(len(split) / self.world)  # same loop length on every rank
         for start in range(0, largest_shard, self.cfg.micro_batch):
             idx = mine[start:start + self.cfg.micro_batch] or [0]  # a throwaway batch keeps ZeRO-3 in step
@@ -180,6 +183,7 @@ class Trainer:
             if self.cfg.task == "classification":
                 preds += out.logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
+                rows += zip(idx, out.logits.float().tolist())
         if self.world > 1:
             dist.all_reduce(loss_sum)
         loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
@@ -187,6 +191,11 @@ class Trainer:
                "eval_perplexity": math.exp(min(loss, 50))}
         if self.cfg.task == "classification":
             rec.update(classification_metrics(self._gather(preds), self._gather(golds), len(self.data.label_names)))
+            rows = self._gather(rows)
+            if self.rank == 0:
+                write_predictions(self.out / "eval_predictions.jsonl", rows, split.labels.tolist(),
+                                  self.data.label_names)
+            self.last_eval = rec
         else:
             rec["samples"] = self.generate_samples()
         self.metrics.write(rec)

@@ -246,6 +246,29 @@ def test_classification_tokens_and_label_ids(tmp_path):
     assert s["input_ids"][0] == tok.cls_token_id and s["input_ids"][-1] == tok.sep_token_id and len(s["input_ids"]) <= 8
 
 
+def test_classification_integer_labels_and_text_pairs(tmp_path):
+    """Integer labels become names ordered as numbers (id i = i-th smallest); a pair is encoded as
+    [CLS] text [SEP] pair [SEP] with the tokenizer's own template."""
+    tok = tiny_tokenizer("bert-cls")
+    rows = [{"premise": "red apple", "hypothesis": "blue plum", "y": [10, 2, 0][i % 3]} for i in range(12)]
+    path = jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = DataConfig(task="classification", dataset=path, text_field="premise", text_pair_field="hypothesis",
+                     label_field="y", seq_len=32, eval_fraction=0, cache_dir="")
+    raw = check_data(cfg)
+    assert raw.label_names == ["0", "2", "10"]
+    data = tokenize_data(raw, tok)
+    assert [data.train[i]["labels"] for i in range(len(data.train))] == \
+        [raw.label_names.index(e.values["label"]) for e in raw.train]
+    assert [data.train[i]["labels"] for i in range(3)] != [0, 0, 0]  # not all mapped to one id
+    expected = tok("red apple", "blue plum")["input_ids"]
+    assert data.train[0]["input_ids"].tolist() == expected
+    assert expected.count(tok.sep_token_id) == 2 and expected[0] == tok.cls_token_id
+    # String labels that look like numbers and real numbers give the same classes.
+    strs = jsonl(tmp_path / "s.jsonl", [{**r, "y": str(r["y"])} for r in rows])
+    assert check_data(DataConfig(task="classification", dataset=strs, text_field="premise", label_field="y",
+                                 eval_fraction=0)).label_names == ["0", "2", "10"]
+
+
 def test_cache_second_call_does_not_tokenize(tmp_path, llama_tok, monkeypatch):
     path = write_tiny_dataset(tmp_path / "p.jsonl", "prompt_target", n=30)
     cfg = DataConfig(dataset=str(path), seq_len=64, cache_dir=str(tmp_path / "cache"))

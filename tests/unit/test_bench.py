@@ -1,0 +1,86 @@
+"""The benchmark tooling on synthetic run outputs: what it reads, how it checks targets."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.collect import collect  # noqa: E402
+from bench.report import targets, write  # noqa: E402
+from bench.suites import SUITES  # noqa: E402
+
+
+def _write_run(out: Path, step_s: float, resample_s: float, losses: list[float], trainable: int) -> None:
+    out.mkdir(parents=True)
+    recs = [{"event": "eval", "step": 0, "epoch": 0, "eval_loss": losses[0]}]
+    step = 0
+    for epoch in range(2):
+        for k in range(4):
+            step += 1
+            # each epoch's first step is slow (loader start): the median must leave it out
+            recs.append({"step": step, "epoch": epoch, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 100.0,
+                         "step_seconds": step_s * (5 if k == 0 else 1)})
+        if epoch == 0 and resample_s:
+            recs.append({"event": "resample", "index": 1, "step": step, "seconds": resample_s})
+        recs.append({"event": "eval", "step": step, "epoch": epoch + 1, "eval_loss": losses[epoch + 1]})
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    zeros = {"frozen_weights": 0}
+    (out / "memory_report.json").write_text(json.dumps({
+        "predicted": {"device": {**zeros, "trainable_weights": 100}, "host": {}},
+        "measured_all_ranks": [{"device": {**zeros, "trainable_weights": 100}, "host": {}}] * 2,
+        "comparison": [{"rel_error": 0.0}], "n_trainable": trainable, "n_frozen": 10, "rho": 4.0}))
+
+
+def test_collect_reads_steps_evals_resamples_and_memory(tmp_path):
+    _write_run(tmp_path / "r", step_s=2.0, resample_s=1.0, losses=[5.0, 4.0, 3.5], trainable=1000)
+    rec = collect(tmp_path / "r")
+    assert rec["steps"] == 8 and rec["step_seconds_median"] == 2.0  # slow first steps left out
+    assert rec["epoch_train_seconds"] == [16.0, 16.0]
+    assert rec["resample_share_of_epoch"] == pytest.approx(1.0 / 16.0)
+    assert (rec["eval_loss_start"], rec["eval_loss_final"], rec["eval_loss_best"]) == (5.0, 3.5, 3.5)
+    assert rec["memory"]["predicted_bytes_rank0"] == 100 and rec["memory"]["measured_bytes_per_rank"] == [100, 100]
+    assert rec["memory"]["trainable"] == 1000
+
+
+def _suite_json(tmp_path, rosa_step: float, rosa_loss: float, resample_s: float = 0.1) -> Path:
+    runs = []
+    for name, method, step_s, loss in (("full", "full", 4.0, 3.0), ("lora-r8", "lora", 2.0, 3.4),
+                                       ("rosa-r8", "rosa", rosa_step, rosa_loss)):
+        _write_run(tmp_path / name, step_s, resample_s if method == "rosa" else 0.0, [5.0, 4.0, loss], 1000)
+        runs.append({"name": name, "method": method, "rank": 8 if method != "full" else 0, "flags": [],
+                     "group": "main", "wall_seconds": 60.0, "returncode": 0, **collect(tmp_path / name)})
+    data = {"suite": "quick", "description": "synthetic", "task": "causal_lm", "flags": [], "deepspeed": "z.json",
+            "nproc": 2, "started": "now", "runs": runs,
+            "hardware": {"cpu": "cpu", "cpu_cores": 2, "memory_gib": 1, "gpu": None, "gpus": 0, "torch": "t",
+                         "deepspeed": "d", "transformers": "x", "peft": "p"}}
+    path = tmp_path / "quick.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_targets_report_met_and_not_met_honestly(tmp_path):
+    good = "\n".join(targets(json.loads(_suite_json(tmp_path / "a", 2.05, 3.3).read_text()), None))
+    assert "ROSA step ≤ 1.05× LoRA, r=8 | 2.05 s vs 2.00 s = 1.025× | met" in good
+    assert "ROSA eval loss < LoRA, r=8 | ROSA 3.3000 vs LoRA 3.4000 (Δ -0.1000) | met" in good
+    assert "0.1 s = 0.6% of its epoch's training time; ≤ 1% needs epochs of ≥ 5 steps at its 2.05 s/step | met" in good
+    bad = "\n".join(targets(json.loads(_suite_json(tmp_path / "b", 2.5, 3.5, 1.0).read_text()), None))
+    assert "= 1.250× | **NOT met**" in bad
+    assert "(Δ +0.1000) | **NOT met**" in bad
+    assert "1.0 s = 5.0% of its epoch's training time; ≤ 1% needs epochs of ≥ 40 steps at its 2.50 s/step | **NOT met**" in bad
+
+
+def test_report_writes_markdown_and_plots(tmp_path):
+    md = write(_suite_json(tmp_path, 2.0, 3.3))
+    text = md.read_text()
+    assert "| rosa-r8 | 1,000 |" in text and "Hardware: cpu, 2 cores" in text
+    assert (tmp_path / "quick_curves.png").stat().st_size > 0 and (tmp_path / "quick_params.png").stat().st_size > 0
+
+
+def test_suites_compare_equal_settings():
+    quick = SUITES["quick"]
+    names = [r.name for r in quick.runs]
+    assert len(names) == len(set(names))
+    for r in quick.runs:  # a run never overrides the shared data/steps/seed flags
+        assert not {"--epochs", "--max-train-samples", "--seed", "--seq-len", "--micro-batch"} & set(r.flags)
