@@ -10,10 +10,10 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _resident(breakdown: dict) -> int:
+def _resident(breakdown: dict, places: tuple[str, ...] = ("device", "host")) -> int:
     from rosa_ds.memory.plan import CATEGORIES
 
-    return sum(breakdown[where].get(c, 0) for where in ("device", "host") for c in CATEGORIES)
+    return sum(breakdown[where].get(c, 0) for where in places for c in CATEGORIES)
 
 
 def _memory(out: Path) -> dict:
@@ -25,6 +25,9 @@ def _memory(out: Path) -> dict:
     rep = json.loads(path.read_text())
     errors = [abs(r["rel_error"]) for r in rep.get("comparison", []) if r.get("rel_error") is not None]
     return {"predicted_bytes_rank0": _resident(rep["predicted"]),
+            "predicted_device_bytes_rank0": _resident(rep["predicted"], ("device",)),
+            "predicted_host_bytes_rank0": _resident(rep["predicted"], ("host",)),
+            "measured_device_bytes_per_rank": [_resident(m, ("device",)) for m in rep.get("measured_all_ranks", [])],
             "measured_bytes_per_rank": [_resident(m) for m in rep.get("measured_all_ranks", [])],
             "max_category_rel_error": max(errors, default=None),
             "trainable": rep.get("n_trainable"), "frozen": rep.get("n_frozen"), "rho": rep.get("rho")}

@@ -98,7 +98,11 @@ def markdown(data: dict) -> str:
         lines.append(f"| {m} | {med[m]:.3f} | {med[m] / med['lora']:.3f} | {med[m] / med['full']:.3f} |")
     lines += ["", f"ROSA ÷ LoRA {fb['rosa_over_lora']:.3f} (target ≤ 1.05: {ok(fb['rosa_over_lora'] <= 1.05)}); "
               f"ROSA ÷ full {fb['rosa_over_full']:.3f}, LoRA ÷ full {fb['lora_over_full']:.3f} "
-              f"(target ≤ 0.7: {ok(max(fb['rosa_over_full'], fb['lora_over_full']) <= 0.7)}).", ""]
+              "(informational: the ≤ 0.7× target is on the whole optimizer step, checked in quick.md, where "
+              "full fine-tuning also pays gradient reduction, fp32 masters and Adam on every weight. Forward+"
+              "backward alone: frozen weights skip only their weight-gradient GEMMs, one of a linear layer's "
+              "three, so the GEMM-only bound is (1 + 1) / (1 + 2) = 0.67; attention, norms, activations and the "
+              "49k-vocabulary cross-entropy cost the same in both and raise it).", ""]
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ def run_table(data: dict) -> list[str]:
     head = ["run", "trainable", "eval loss start → final (best)"]
     head += ["accuracy", "macro-F1", "MCC"] if cls else ["ppl final"]
     head += ["step s (median)", "tokens/s", "step ÷ full", "resample s (share of epoch)",
-             "memory/rank predicted", "measured (rank 0, 1)", "wall s"]
+             "memory/rank predicted (device + host)", "measured (rank 0, 1)", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         if r.get("returncode") != 0:
@@ -56,9 +56,14 @@ def run_table(data: dict) -> list[str]:
             import math
 
             cells.append(_fmt(math.exp(r["eval_loss_final"]) if r.get("eval_loss_final") else None, ".1f"))
+        host = mem.get("predicted_host_bytes_rank0") or 0
+        pred = _fmt(mem.get("predicted_bytes_rank0") and (mem["predicted_bytes_rank0"] - host) / MiB, ".1f") + \
+            (f" + {host / MiB:.1f} host" if host else "") + " MiB"
+        meas_dev = mem.get("measured_device_bytes_per_rank") or meas
+        meas_txt = ", ".join(f"{d / MiB:.1f}" + (f" + {(t - d) / MiB:.1f}" if t != d else "")
+                             for d, t in zip(meas_dev, meas)) + " MiB" if meas else "–"
         cells += [_fmt(step, ".2f"), _fmt(r.get("tokens_per_s_median"), ".0f"), _fmt(ratio, ".2f"), res_txt,
-                  _fmt(mem.get("predicted_bytes_rank0") and mem["predicted_bytes_rank0"] / MiB, ".1f") + " MiB",
-                  ", ".join(f"{m / MiB:.1f}" for m in meas) + " MiB" if meas else "–", f"{r['wall_seconds']:.0f}"]
+                  pred, meas_txt, f"{r['wall_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -177,8 +182,9 @@ def write(path: Path) -> Path:
     if data.get("task") != "classification":
         md += ["## Targets", "", *targets(data, micro), ""]
     md += [f"![{name}]({name})" for name in images] + [""]
-    if data.get("notes"):
-        md += ["## Notes", "", *data["notes"], ""]
+    notes = Path(path).with_name(f"{data['suite']}_notes.md")  # hand-written analysis, kept across reruns
+    if notes.is_file():
+        md += [notes.read_text().rstrip(), ""]
     out = stem.with_suffix(".md")
     out.write_text("\n".join(md))
     return out

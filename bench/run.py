@@ -3,7 +3,7 @@
     python bench/run.py --suite quick            # CPU, <= 30 min on 2 cores (committed results)
     python bench/run.py --suite full             # a GPU node
     python bench/run.py --suite quick --only rosa-r8,lora-r8   # rerun some runs, keep the others
-    python bench/run.py --suite quick --report-only            # rebuild Markdown and plots
+    python bench/run.py --suite quick --report-only [--recollect]   # rebuild Markdown and plots
 
 Each run is a real `deepspeed --num_gpus N launch/train.py` job on the suite's shared flags
 (same model, data, seed, steps, DeepSpeed config), so the numbers are what users get. Results go
@@ -88,8 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=ROOT / "bench/results")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench", help="training output dirs (not committed)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--recollect", action="store_true",
+                   help="with --report-only: read every run's metrics again from its output dir")
+    p.add_argument("--nproc", type=int, default=None, help="ranks per run (default: the suite's; full: 8 GPUs)")
     a = p.parse_args(argv)
     suite = SUITES[a.suite]
+    if a.nproc:
+        from dataclasses import replace
+
+        suite = replace(suite, nproc=a.nproc)
     a.results.mkdir(parents=True, exist_ok=True)
     path = a.results / f"{suite.name}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -114,6 +121,11 @@ def main(argv: list[str] | None = None) -> None:
             data["suite_wall_seconds"] = round(time.perf_counter() - suite_start, 1)
             path.write_text(json.dumps(data, indent=1))
             print(f"  {record['wall_seconds']:.0f}s  final eval loss {record.get('eval_loss_final')}", flush=True)
+    if a.report_only and a.recollect:
+        for record in data.get("runs", []):
+            if record.get("returncode") == 0 and Path(record["output_dir"]).is_dir():
+                record.update(collect(Path(record["output_dir"])))
+        path.write_text(json.dumps(data, indent=1))
     md = report.write(path)
     print(f"wrote {path} and {md}")
 

@@ -104,4 +104,18 @@ CLS = Suite(
     task="classification",
 )
 
-SUITES = {s.name: s for s in (QUICK, FULL, QUANT, CLS)}
+# Follow-ups of the quick suite where ROSA trailed LoRA (r = 32: ROSA's training loss fell much
+# faster, its held-out loss rose in epoch 3): is it the learning rate or the resampling?
+PROBE = Suite(
+    name="probe",
+    description="quick-suite settings; ROSA r=32 at half the learning rate, and ROSA without resampling",
+    flags=QUICK.flags,
+    runs=(
+        Run("rosa-r32-lr2.5e-4", "rosa", 32, ("--lr", "2.5e-4"), "ablation"),
+        Run("lora-r32-lr2.5e-4", "lora", 32, ("--lr", "2.5e-4"), "ablation"),
+        Run("rosa-r32-no-resample", "rosa", 32, ("--resample-every", "never"), "ablation"),
+        Run("rosa-r8-no-resample", "rosa", 8, ("--resample-every", "never"), "ablation"),
+    ),
+)
+
+SUITES = {s.name: s for s in (QUICK, FULL, QUANT, CLS, PROBE)}
