@@ -101,13 +101,12 @@ def targets(data: dict, micro: dict | None) -> list[str]:
                    f"{mean_res:.1f} s = {worst[1]:.1%} of its epoch's training time; ≤ 1% needs epochs of "
                    f"≥ {mean_res / (0.01 * step_s):,.0f} steps at its {step_s:.2f} s/step | {_ok(worst[1] <= 0.01)} |")
     if len(ranks) >= 2:
-        lo, hi = ranks[0], ranks[-1]
         for m in ("rosa", "lora"):
-            a, b = runs.get(f"{m}-r{lo}"), runs.get(f"{m}-r{hi}")
-            if a and b:
-                out.append(f"| {m.upper()} eval loss r={lo} → r={hi} | {a['eval_loss_final']:.4f} → "
-                           f"{b['eval_loss_final']:.4f} (Δ {b['eval_loss_final'] - a['eval_loss_final']:+.4f}) | "
-                           f"{'improves' if b['eval_loss_final'] < a['eval_loss_final'] else 'does not improve'} |")
+            pts = [(r, runs[f"{m}-r{r}"]["eval_loss_final"]) for r in ranks if f"{m}-r{r}" in runs]
+            if len(pts) >= 2:
+                steady = all(b[1] < a[1] for a, b in zip(pts, pts[1:]))
+                out.append(f"| {m.upper()} eval loss by rank | " + " → ".join(f"r={r}: {v:.4f}" for r, v in pts)
+                           + f" | {'improves at every rank' if steady else 'not monotone in rank'} |")
     if micro and micro.get("resample"):
         rs = micro["resample"]
         if "owner_2" in rs and "every_2" in rs:

@@ -277,7 +277,7 @@ def _resample_replicated(named: list[tuple[str, RosaLinear]], config: RosaConfig
     """The resample when every rank holds all of W_f (ZeRO-0/1/2; a quantized base's host master).
 
     1. all ranks fetch the full fp32 A, B of every layer (small: R (m + n) per layer; collective);
-    2. each rank merges W = W_f + A B (fp32) and runs the SVDs of the layers it owns, back to back: no collective in between, so
+    2. each rank merges W = W_f + A B (fp64, rounded once) and runs the SVDs of the layers it owns, back to back: no collective in between, so
        ranks wait only for the total imbalance of the owner assignment, not for each round's
        slowest SVD;
     3. the owners' new A', B' are broadcast (the only data exchanged);
@@ -298,8 +298,8 @@ def _resample_replicated(named: list[tuple[str, RosaLinear]], config: RosaConfig
             if owners[i] != rank:
                 continue
             a_old, b_old = old[i]
-            # the SVD input only (this rank alone uses it): fp32 is enough; W_f' below is fp64
-            merged = torch.addmm(layer.frozen_weight().detach().float(), a_old, b_old)
+            # fp64, rounded once: the same SVD input as the ZeRO-3 path (merged_on_owner) and the pure method
+            merged = torch.addmm(layer.frozen_weight().detach().double(), a_old.double(), b_old.double()).float()
             if not torch.isfinite(merged).all():
                 bad[k] = 1
                 continue
