@@ -129,6 +129,31 @@ def no_dropout_gpt2(seed: int = 0):
     return tiny_model("gpt2", seed=seed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
+def adamw_reference(model, batch_fn, steps_per_epoch: int, epochs: int, lr: float, weight_decay: float = 0.01):
+    """The single-process reference multi-rank runs are compared with: plain torch AdamW on the
+    global batch ``batch_fn(step)``, a resample after every epoch but the last with the optimizer
+    state cleared (zero moments AND step counter, as the engine does). Returns (per-step losses,
+    the merged plain model's state dict)."""
+    import torch
+
+    from .inject import merge_and_unload, resample
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
+                            eps=1e-8, weight_decay=weight_decay)
+    losses = []
+    for step in range(steps_per_epoch * epochs):
+        loss = model(**batch_fn(step)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        epoch, end = divmod(step + 1, steps_per_epoch)
+        if end == 0 and epoch < epochs:
+            resample(model, resample_index=epoch)
+            opt.state.clear()  # a fresh Adam: zero moments, step counter 0
+    return losses, merge_and_unload(model).state_dict()
+
+
 def ds_test_config(stage: int, dtype: str = "fp32", micro_batch: int = 2, lr: float = 1e-3,
                    offload: bool = False) -> dict:
     """A small DeepSpeed config for tests: torch AdamW, no clipping, small buckets."""

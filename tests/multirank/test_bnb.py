@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rosa_ds import RosaConfig, apply_rosa, merge_and_unload, resample
-from rosa_ds.testing import launch_ranks, no_dropout_gpt2
+from rosa_ds import RosaConfig, apply_rosa
+from rosa_ds.testing import adamw_reference, launch_ranks, no_dropout_gpt2
 
 pytest.importorskip("bitsandbytes")
 SCRIPT = Path(__file__).parent / "scripts" / "bnb_rank.py"
@@ -39,23 +39,11 @@ def reference(quantize=None, lr=LR):
     torch.manual_seed(1234)
     model = apply_rosa(no_dropout_gpt2(), RosaConfig(rank=RANK, seed=7, quantize_base=quantize))
     initial = copy.deepcopy(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
-                            eps=1e-8, weight_decay=0.01)
-    losses, base = [], []
-    for step in range(STEPS_PER_EPOCH * EPOCHS):
-        batch = bnb_rank.pattern_batch(step, WORLD, MICRO)
-        with torch.no_grad():
-            base.append(initial(**batch).loss.item())
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        epoch, end = divmod(step + 1, STEPS_PER_EPOCH)
-        if end == 0 and epoch < EPOCHS:
-            resample(model, resample_index=epoch)
-            opt.state.clear()
-    return losses, base, merge_and_unload(model).state_dict()
+    batches = [bnb_rank.pattern_batch(step, WORLD, MICRO) for step in range(STEPS_PER_EPOCH * EPOCHS)]
+    with torch.no_grad():
+        base = [initial(**batch).loss.item() for batch in batches]
+    losses, merged = adamw_reference(model, batches.__getitem__, STEPS_PER_EPOCH, EPOCHS, lr)
+    return losses, base, merged
 
 
 def run(tmp_path, *extra, stage=2, lr=LR):

@@ -1,13 +1,12 @@
 """ROSA engine on 2 real CPU ranks (gloo) vs a single-process plain-PyTorch AdamW reference."""
-import copy
 import functools
 from pathlib import Path
 
 import pytest
 import torch
 
-from rosa_ds import RosaConfig, apply_rosa, merge_and_unload, resample
-from rosa_ds.testing import launch_ranks, lm_batch, no_dropout_gpt2
+from rosa_ds import RosaConfig, apply_rosa
+from rosa_ds.testing import adamw_reference, launch_ranks, lm_batch, no_dropout_gpt2
 
 SCRIPT = Path(__file__).parent / "scripts" / "engine_rank.py"
 STEPS_PER_EPOCH, EPOCHS, MICRO, WORLD, LR = 3, 3, 2, 2, 1e-3
@@ -18,20 +17,7 @@ def reference():
     """Single process, global batch, torch.optim.AdamW, same seeds; state cleared at resample."""
     torch.manual_seed(1234)
     model = apply_rosa(no_dropout_gpt2(), RosaConfig(rank=3, seed=7))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.999),
-                            eps=1e-8, weight_decay=0.01)
-    losses = []
-    for step in range(STEPS_PER_EPOCH * EPOCHS):
-        loss = model(**lm_batch(step, WORLD, MICRO)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        epoch, end = divmod(step + 1, STEPS_PER_EPOCH)
-        if end == 0 and epoch < EPOCHS:
-            resample(model, resample_index=epoch)
-            opt.state.clear()  # a fresh Adam: zero moments, step counter 0
-    return losses, merge_and_unload(model).state_dict()
+    return adamw_reference(model, lambda step: lm_batch(step, WORLD, MICRO), STEPS_PER_EPOCH, EPOCHS, LR)
 
 
 def run(tmp_path, stage, dtype="fp32", extra=(), nodes=1, world=WORLD):
