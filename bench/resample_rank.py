@@ -53,3 +53,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from rosa_ds.zero import shutdown_distributed
+
+    shutdown_distributed()

@@ -80,8 +80,8 @@ def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.G
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
     start = time.perf_counter()
     if w.shape[0] < w.shape[1]:
-        # LAPACK's divide-and-conquer SVD is ~1.5x faster on the tall orientation (measured,
-        # 576x1536 vs 1536x576, one thread): W^T = U' S V'^T  =>  W = V' S U'^T.
+        # LAPACK's divide-and-conquer SVD is ~1.8x faster on the tall orientation (measured on
+        # the 2-core CPU, one thread: 576x1536 0.13 s, its transpose 0.072 s): W^T = U' S V'^T  =>  W = V' S U'^T.
         ut, s, vht = torch.linalg.svd(w.t(), full_matrices=False)
         u, vh = vht.t(), ut.t()
     else:

@@ -251,6 +251,9 @@ class Trainer:
         self.train()
         _memory_report(self)  # before export: the census reads the live engine
         self.export()
+        from . import zero
+
+        zero.shutdown_distributed()
 
 
 def _save_plain(model, state: dict, out: Path, tokenizer) -> None:

@@ -10,12 +10,15 @@ What a resample must touch under ZeRO, per adapted layer (W_f frozen; A, B train
   moments AND resets the step counter (bias correction restarts; keeping the step with zeroed
   moments makes the first update up to ~3x too large).
 
-Coordination: every layer has one owner rank (greedy balance of SVD cost m n min(m, n)). Layers
-are processed in rounds of at most one layer per rank: all ranks gather the round's merged
-weights (collective), each owner runs its SVD (the round's SVDs run in parallel, each exactly
-once in the world), then each owner's new A, B (not the dense W_f) is broadcast and written
-everywhere; ZeRO-1/2 ranks recompute W_f = W - A B from their own replica of W. A rank holds at
-most one extra dense fp32 copy per layer of the round (its merged W).
+Coordination: every layer has one owner rank (greedy balance of SVD cost m n min(m, n)); its SVD
+runs exactly once in the world, on the owner.
+
+* ZeRO-1/2 (W_f replicated; ``_resample_replicated``): owners run their SVDs back to back, only
+  the new A', B' are broadcast, and every rank computes W_f' = W_f + A B - A' B' itself (fp64,
+  rounded once: the same bits everywhere).
+* ZeRO-3 (W_f partitioned): rounds of at most one layer per rank: all ranks gather the round's
+  merged weights (collective), owners run their SVDs concurrently, then write the full W_f inside
+  ``GatheredParameters(modifier_rank=owner)`` and broadcast A', B' for the fp32 master slices.
 """
 from __future__ import annotations
 
@@ -64,6 +67,17 @@ def init_distributed() -> None:
     if get_accelerator().device_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly once every rank is done (call last).
+
+    Exiting with a live gloo group lets its C++ threads be destroyed during interpreter
+    teardown, which intermittently aborts a finished rank ("terminate called without an active
+    exception", exit -6) and turns a completed job into a failed launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def ds_initialize(model, groups: list[dict], ds_config: dict, optimizer=None, lr_scheduler=None):
@@ -169,8 +183,8 @@ def check_finite_everywhere(named_layers: list[tuple[str, RosaLinear]], frozen: 
 def merged_on_owner(layer: RosaLinear, is_owner: bool) -> torch.Tensor | None:
     """W = W_f + A B from the fp32 masters of A, B (product in fp64, rounded once to fp32).
 
-    Collective. Returned on the owner, and on every rank when W_f is replicated (ZeRO-1/2): those
-    ranks then need only the new A, B to recompute W_f (see ``write_everywhere``)."""
+    Collective. Returned on the owner, and on every rank when W_f is not partitioned (a quantized
+    base's host master): those ranks re-quantize W_f from it (see ``write_everywhere``)."""
     a, b = full_fp32(layer.rosa_A), full_fp32(layer.rosa_B)
     with gathered(layer.frozen_params()):  # none for a quantized base: its master is replicated
         if not is_owner and any(is_zero3(p) for p in layer.frozen_params()):
@@ -192,11 +206,10 @@ def write_everywhere(layer: RosaLinear, factors: Factors | None, src: int, merge
                      broadcast: bool = True) -> None:
     """Make the owner's new (W_f, A, B) the value on every rank: module params and fp32 masters.
 
-    Only A and B (R (m + n) values) travel. Under ZeRO-1/2 every rank holds W (``merged``) and
-    recomputes W_f = W - A B itself, bit-identical to the owner's (``frozen_part``), instead of
-    receiving the dense m x n W_f: ~40x less traffic at R = 8 for SmolLM2's layers. Under ZeRO-3
-    the owner writes the full W_f inside GatheredParameters and DeepSpeed re-partitions it.
-    ``broadcast=False``: every rank already holds the same ``factors`` (it computed them itself).
+    Only A and B travel. Under ZeRO-3 the owner writes the full W_f inside GatheredParameters and
+    DeepSpeed re-partitions it; a quantized base (host master, replicated buffers) is recomputed
+    by every other rank from its own ``merged`` W. ``broadcast=False``: every rank already holds
+    the same ``factors`` (it computed them itself; the benchmarks' every-rank scheme).
     """
     rank, _ = rank_and_world()
     m, n, r = layer.out_features, layer.in_features, layer.rank
@@ -213,8 +226,7 @@ def write_everywhere(layer: RosaLinear, factors: Factors | None, src: int, merge
             elif layer.quantized:  # host master + replicated buffers: not DeepSpeed's, each rank writes its own
                 layer.write_frozen(frozen_part(merged, a, b))
     else:
-        w_f = factors.w_frozen if factors.w_frozen is not None else frozen_part(merged, a, b)
-        layer.write(Factors(w_f.to(dev), a, b))
+        layer.write(Factors(factors.w_frozen.to(dev), a, b))
     set_fp32_master(layer.rosa_A, a)
     set_fp32_master(layer.rosa_B, b)
 
@@ -277,10 +289,11 @@ def _resample_replicated(named: list[tuple[str, RosaLinear]], config: RosaConfig
     """The resample when every rank holds all of W_f (ZeRO-0/1/2; a quantized base's host master).
 
     1. all ranks fetch the full fp32 A, B of every layer (small: R (m + n) per layer; collective);
-    2. each rank merges W = W_f + A B (fp64, rounded once) and runs the SVDs of the layers it owns, back to back: no collective in between, so
-       ranks wait only for the total imbalance of the owner assignment, not for each round's
-       slowest SVD;
-    3. the owners' new A', B' are broadcast (the only data exchanged);
+    2. each rank merges W = W_f + A B (fp64, rounded once) and runs the SVDs of the layers it
+       owns, back to back: no collective in between, so ranks wait only for the total imbalance
+       of the owner assignment, not for each round's slowest SVD;
+    3. the owners' new A', B' are broadcast: R (m + n) values per layer instead of the dense
+       m n of W_f, rho = m n / (R (m + n)) times less (43x for SmolLM2-135M at R = 8);
     4. every rank computes W_f' = W_f + A B - A' B' (``frozen_update``: fp64, rounded once, the
        same bits everywhere) and writes W_f', A', B' and the fp32 masters.
     A non-finite merged W found by an owner is agreed by all ranks before anything is written.
