@@ -36,7 +36,9 @@ def _memory(out: Path) -> dict:
 def collect(out: Path) -> dict:
     """Per-run metrics. Step time = median over optimizer steps, leaving out each epoch's first
     step (data-loader start, first-touch allocations) and steps that ran a step-scheduled
-    resample; the epoch's training wall = the sum of its steps' seconds."""
+    resample; the epoch's training wall = the sum of its steps' seconds. A resample's share is
+    its seconds over the training wall of the epoch it closes (a run cut short by --max-steps
+    has a partial last epoch, which must not shrink the denominator)."""
     recs = _read_jsonl(out / "metrics.jsonl")
     steps = [r for r in recs if "step_seconds" in r]
     evals = [r for r in recs if r.get("event") == "eval"]
@@ -51,8 +53,10 @@ def collect(out: Path) -> dict:
     epoch_s: dict[int, float] = {}
     for r in steps:
         epoch_s[r["epoch"]] = epoch_s.get(r["epoch"], 0.0) + r["step_seconds"]
-    mean_epoch = statistics.mean(epoch_s.values()) if epoch_s else None
     res_s = [r["seconds"] for r in resamples]
+    epoch_of = {r["step"]: r["epoch"] for r in steps}
+    shares = [r["seconds"] / epoch_s[epoch_of[r["step"]]] for r in resamples
+              if r["step"] in epoch_of and epoch_s.get(epoch_of[r["step"]])]
     losses = [e["eval_loss"] for e in evals]
     rec = {
         "steps": len(steps),
@@ -61,7 +65,7 @@ def collect(out: Path) -> dict:
         "epoch_train_seconds": [round(epoch_s[k], 2) for k in sorted(epoch_s)],
         "resamples": len(resamples),
         "resample_seconds": res_s,
-        "resample_share_of_epoch": (statistics.mean(res_s) / mean_epoch) if res_s and mean_epoch else None,
+        "resample_share_of_epoch": statistics.mean(shares) if shares else None,
         "eval_curve": [{"step": e["step"], "epoch": e["epoch"], "eval_loss": e["eval_loss"],
                         **{k: e[k] for k in ("accuracy", "macro_f1", "mcc") if k in e}} for e in evals],
         "eval_loss_start": losses[0] if losses else None,

@@ -24,17 +24,22 @@ sys.path.insert(0, str(ROOT))
 from bench.hardware import describe, one_line  # noqa: E402
 
 
-def resample_bench(repeats: int, rank: int) -> dict:
+def resample_bench(repeats: int, rank: int, solvers: tuple[str, ...]) -> dict:
+    """Resample timings per solver: 1 rank, and 2 ranks with owner-rank vs every-rank SVDs.
+
+    The top-level owner_1 / owner_2 / every_2 are the first (default) solver's."""
     from rosa_ds.testing import launch_ranks
 
     script = ROOT / "bench/resample_rank.py"
-    one = launch_ranks(script, ["--modes", "owner", "--repeats", str(repeats), "--rank", str(rank)],
-                       world_size=1, timeout=900)[0]
-    two = launch_ranks(script, ["--modes", "owner,every", "--repeats", str(repeats), "--rank", str(rank)],
-                       world_size=2, timeout=900)
-    slowest = {m: max(two, key=lambda r: r[m]["seconds"])[m] for m in ("owner", "every")}
-    return {"layers": one["layers"], "owner_1": one["owner"], "owner_2": slowest["owner"],
-            "every_2": slowest["every"], "per_rank_2": two}
+    common = ["--solvers", ",".join(solvers), "--repeats", str(repeats), "--rank", str(rank)]
+    one = launch_ranks(script, ["--modes", "owner", *common], world_size=1, timeout=900)[0]
+    two = launch_ranks(script, ["--modes", "owner,every", *common], world_size=2, timeout=900)
+    by_solver = {}
+    for solver in solvers:
+        slowest = {m: max(two, key=lambda r: r[solver][m]["seconds"])[solver][m] for m in ("owner", "every")}
+        by_solver[solver] = {"owner_1": one[solver]["owner"], "owner_2": slowest["owner"], "every_2": slowest["every"]}
+    return {"layers": one["layers"], "solver": solvers[0], **by_solver[solvers[0]], "by_solver": by_solver,
+            "per_rank_2": two}
 
 
 def fwd_bwd_bench(iters: int, rank: int, micro_batch: int, seq_len: int) -> dict:
@@ -76,20 +81,32 @@ def fwd_bwd_bench(iters: int, rank: int, micro_batch: int, seq_len: int) -> dict
 def markdown(data: dict) -> str:
     rs, fb = data["resample"], data["fwd_bwd"]
     ok = lambda f: "met" if f else "**NOT met**"  # noqa: E731
-    sp = rs["every_2"]["seconds"] / rs["owner_2"]["seconds"]
     lines = [
         "# Micro-benchmarks (default model: SmolLM2-135M, 210 adapted matrices)", "",
         f"Hardware: {one_line(data['hardware'])}. Command: `python bench/micro.py`.", "",
         "## Resampling every layer (ZeRO-2 fp32, R = 8, best of "
         f"{data['repeats']}; slowest rank)", "",
-        "| setting | wall s | SVDs on this rank | SVD s on this rank | phases (s) |", "|---|---|---|---|---|"]
-    for key, label in (("owner_1", "1 rank"), ("owner_2", "2 ranks, owner-rank SVD"),
-                       ("every_2", "2 ranks, every rank does every SVD")):
-        r = rs[key]
-        phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r.get("phases", {}).items()) or "–"
-        lines.append(f"| {label} | {r['seconds']:.2f} | {r['svds_here']} | {r['svd_seconds_here']:.2f} | {phases} |")
-    lines += ["", f"Owner-rank SVD speed-up on 2 ranks: {sp:.2f}× (target ≥ 1.6×: {ok(sp >= 1.6)}); "
-              f"vs 1 rank: {rs['owner_1']['seconds'] / rs['owner_2']['seconds']:.2f}×.", "",
+        "Solver of the singular directions (`RosaConfig.solver`): `gram` (default) = eigenvectors of the "
+        "k x k Gram matrix with the small-singular-value tail refined in fp64; `svd` = `torch.linalg.svd`.", "",
+        "| solver | setting | wall s | SVDs on this rank | solver s on this rank | phases (s) |",
+        "|---|---|---|---|---|---|"]
+    by_solver = rs.get("by_solver", {"svd": rs})
+    for solver, runs in by_solver.items():
+        for key, label in (("owner_1", "1 rank"), ("owner_2", "2 ranks, owner-rank SVD"),
+                           ("every_2", "2 ranks, every rank does every SVD")):
+            r = runs[key]
+            phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r.get("phases", {}).items()) or "–"
+            lines.append(f"| {solver} | {label} | {r['seconds']:.2f} | {r['svds_here']} | {r['svd_seconds_here']:.2f} "
+                         f"| {phases} |")
+    lines.append("")
+    for solver, runs in by_solver.items():
+        sp = runs["every_2"]["seconds"] / runs["owner_2"]["seconds"]
+        lines.append(f"- `{solver}`: owner-rank SVD speed-up on 2 ranks {sp:.2f}× (target ≥ 1.6×: {ok(sp >= 1.6)}); "
+                     f"vs 1 rank: {runs['owner_1']['seconds'] / runs['owner_2']['seconds']:.2f}×.")
+    if {"gram", "svd"} <= set(by_solver):
+        g, v = by_solver["gram"]["owner_2"]["seconds"], by_solver["svd"]["owner_2"]["seconds"]
+        lines.append(f"- 2 ranks, owner-rank: `gram` {g:.2f} s vs `svd` {v:.2f} s = {v / g:.2f}× faster.")
+    lines += ["",
               f"## One forward+backward, batch {fb['micro_batch']} × {fb['seq_len']} tokens, 1 thread, "
               f"R = {fb['rank']} (median of {len(fb['all_seconds']['rosa'])}, round-robin)", "",
               "| method | seconds | ÷ LoRA | ÷ full |", "|---|---|---|---|"]
@@ -111,12 +128,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--solvers", default="gram,svd", help="solvers to time; the first is the reported default")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--results", type=Path, default=ROOT / "bench/results")
     a = p.parse_args()
     data = {"hardware": describe(), "repeats": a.repeats,
-            "resample": resample_bench(a.repeats, a.rank),
+            "resample": resample_bench(a.repeats, a.rank, tuple(a.solvers.split(","))),
             "fwd_bwd": fwd_bwd_bench(a.iters, a.rank, a.micro_batch, a.seq_len)}
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "micro.json").write_text(json.dumps(data, indent=1))

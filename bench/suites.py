@@ -104,6 +104,23 @@ CLS = Suite(
     task="classification",
 )
 
+# Resample cost at the default job's sizes (issue 6: "resampling <= 1% of an epoch's wall time at
+# the default sizes"): the default job itself (256 training articles = 32 steps per epoch, the demo
+# cap), the same with torch's SVD instead of the default Gram solver, and the default job over the
+# whole BBC training split (2,002 articles = 250 steps per epoch), stopped a few steps into epoch 2,
+# after its one resample.
+EPOCH = Suite(
+    name="epoch",
+    description="the default job (SmolLM2-135M, ROSA r=8, 2 CPU ranks, ZeRO-2 fp32): resample share of an epoch",
+    flags=("--model", "default", "--num-samples", "0", "--seed", "0"),
+    runs=(
+        Run("rosa-r8", "rosa", 8),
+        Run("rosa-r8-svd", "rosa", 8, ("--solver", "svd"), "extra"),
+        Run("rosa-r8-all-articles", "rosa", 8, ("--max-train-samples", "none", "--max-steps", "256"), "extra"),
+    ),
+    timeout_s=1800,
+)
+
 # Follow-ups of the quick suite where ROSA trailed LoRA (r = 32: ROSA's training loss fell much
 # faster, its held-out loss rose in epoch 3): is it the learning rate or the resampling?
 PROBE = Suite(
@@ -118,4 +135,4 @@ PROBE = Suite(
     ),
 )
 
-SUITES = {s.name: s for s in (QUICK, FULL, QUANT, CLS, PROBE)}
+SUITES = {s.name: s for s in (QUICK, FULL, QUANT, CLS, PROBE, EPOCH)}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .config import INITS, QUANTIZE_BASE, STRATEGIES, RosaConfig
+from .config import INITS, QUANTIZE_BASE, SOLVERS, STRATEGIES, RosaConfig
 from .dsconfig import OPTIMS, PRECISIONS, RunValues, resolve_template
 
 TASKS = ("causal_lm", "classification")
@@ -74,6 +74,8 @@ class TrainConfig:
     rank: int = opt(8, "ROSA/LoRA rank R: trainable singular triplets per adapted matrix", minimum=1)
     strategy: str = opt("random", "ROSA: which singular triplets are trainable", STRATEGIES)
     init: str = opt("svd", "ROSA: svd (factors from singular triplets) or lora (ablation: A random, B zero)", INITS)
+    solver: str = opt("gram", "ROSA: singular directions from the Gram matrix's eigenvectors (fast) or torch's svd",
+                      SOLVERS)
     quantize_base: Optional[str] = opt(
         None, "ROSA: store the frozen W_f quantized, nf4 or int8 (bitsandbytes), with an fp32 master in host RAM")
     target_modules: Optional[Union[list, str]] = opt(
@@ -179,7 +181,7 @@ class TrainConfig:
         """The method's own config (pure PyTorch side)."""
         return RosaConfig(rank=self.rank, target_modules=self.target_modules, strategy=self.strategy,
                           seed=self.seed, modules_to_save=tuple(self.modules_to_save or ()), init=self.init,
-                          quantize_base=self.quantize_base)
+                          quantize_base=self.quantize_base, solver=self.solver)
 
     def to_dict(self) -> dict:
         """Run settings as plain JSON values (launcher/bookkeeping fields left out)."""

@@ -8,6 +8,8 @@ DeepSpeed JSON) is checked in ``Trainer.check`` before the model's weights are l
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import shutil
@@ -73,9 +75,7 @@ class Trainer:
         keep = list(cfg.modules_to_save or (classification_head(model) if cfg.task == "classification" else []))
         rosa_config, optimizer = None, None
         if cfg.method == "rosa":
-            rosa_config = rosa_ds.RosaConfig(rank=cfg.rank, target_modules=cfg.target_modules, strategy=cfg.strategy,
-                                             seed=cfg.seed, modules_to_save=tuple(keep), init=cfg.init,
-                                             quantize_base=cfg.quantize_base)
+            rosa_config = dataclasses.replace(cfg.rosa_config(), modules_to_save=tuple(keep))
         elif cfg.method == "lora":
             model = apply_lora(model, cfg.rank, cfg.target_modules, keep)
         if cfg.optim == "adamw8bit":

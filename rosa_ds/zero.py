@@ -316,7 +316,7 @@ def _resample_replicated(named: list[tuple[str, RosaLinear]], config: RosaConfig
             if not torch.isfinite(merged).all():
                 bad[k] = 1
                 continue
-            f = new_factors(merged, config, resample_index, i)
+            f = new_factors(merged, config, resample_index, i, frozen=False)  # W_f' comes from frozen_update
             new[i] = (f.a, f.b)
     with clock("exchange_s"):  # waits for the other owners' SVDs to finish
         if dist.is_initialized() and world > 1:

@@ -63,3 +63,64 @@ def test_lora_init_has_zero_product():
     w = torch.randn(6, 5)
     f = new_factors(w, RosaConfig(rank=2, init="lora"), 0, 0)
     assert torch.equal(f.w_frozen, w) and torch.count_nonzero(f.b) == 0 and torch.count_nonzero(f.a) > 0
+
+
+def _with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """An m x n fp64 matrix with singular values ``s`` (descending) and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return u @ torch.diag(s) @ v.t()
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (32, 32)])
+@pytest.mark.parametrize("strategy", ["random", "smallest", "largest"])
+def test_gram_solver_gives_the_svd_triplets(shape, strategy, rel):
+    """Well-separated spectrum in fp32: the Gram solver's A B is the SVD's U_I S_I V_I^T."""
+    k = min(shape)
+    w = _with_spectrum(*shape, torch.linspace(10.0, 1.0, k, dtype=torch.float64)).float()
+    by = {solver: factorize(w, 3, strategy, make_generator(5), solver) for solver in ("gram", "svd")}
+    assert rel(by["gram"].a @ by["gram"].b, by["svd"].a @ by["svd"].b) < 1e-4
+    for f in by.values():
+        assert rel(f.w_frozen + f.a @ f.b, w) < 1e-6
+        # balanced split: |A e_i| = |B^T e_i| = sqrt(s_i), as U sqrt(S) and sqrt(S) V^T are
+        assert torch.allclose(f.a.norm(dim=0), f.b.norm(dim=1), rtol=1e-4)
+
+
+def test_gram_solver_refines_the_small_singular_values(rel, monkeypatch):
+    """Condition number 1e5 in fp32: S_i^2 of the tail is far below G's rounding (eps_32 |G|), so
+    unrefined Gram eigenvectors of the ``smallest`` triplets are noise; the fp64 Rayleigh-Ritz
+    step recovers the true values (and the test fails without it)."""
+    import rosa_ds.factorize as fz
+
+    s = torch.logspace(0, -5, 40, dtype=torch.float64)
+    w = _with_spectrum(64, 40, s).float()
+    exact = torch.linalg.svdvals(w.double())
+
+    def smallest_values(f):  # s_i of the chosen directions, recovered from the balanced split
+        return (f.a.norm(dim=0) * f.b.norm(dim=1)).double().sort(descending=True).values
+
+    f = factorize(w, 4, "smallest", make_generator(0), "gram")
+    assert rel(f.w_frozen + f.a @ f.b, w) < 1e-6
+    assert rel(smallest_values(f), exact[-4:]) < 1e-3
+    monkeypatch.setattr(fz, "GRAM_TAIL", 0.0)  # no refinement: the test must be able to fail
+    f = factorize(w, 4, "smallest", make_generator(0), "gram")
+    assert rel(smallest_values(f), exact[-4:]) > 1e-1
+
+
+def test_gram_solver_keeps_zero_directions_finite():
+    w = torch.zeros(6, 4)
+    w[0, 0] = 2.0  # rank 1: three zero singular values
+    f = factorize(w, 3, "smallest", make_generator(0), "gram")
+    assert all(torch.isfinite(t).all() for t in f)
+    assert torch.allclose(f.w_frozen + f.a @ f.b, w)
+
+
+def test_solver_names_and_validation():
+    import rosa_ds.config as config
+    import rosa_ds.factorize as fz
+
+    assert config.SOLVERS == fz.SOLVERS
+    with pytest.raises(ValueError, match="solver 'qr' does not exist; choose one of gram, svd"):
+        RosaConfig(solver="qr")
+    assert RosaConfig().solver == "gram" and RosaConfig(solver="svd").to_dict()["solver"] == "svd"
