@@ -43,6 +43,7 @@ def assert_resample_invariants(results):
     for k, events in enumerate(zip(*(r["resamples"] for r in results))):
         assert all(e["checksums"] == events[0]["checksums"] for e in events), f"ranks differ after resample {k + 1}"
         assert all(e["module_eq_master"] for e in events)
+        assert all(e["batched_gather_exact"] for e in events)
         assert all(e["state_empty"] and e["n_state_groups"] >= 1 for e in events)  # moments and step gone
         assert all(e["step_after_next_update"] == [1] * len(e["step_after_next_update"]) for e in events)
         svds = [e["svds_here"] for e in events]

@@ -63,7 +63,10 @@ def after_resample_checks() -> dict:
             else:  # the module holds the master rounded once to bf16
                 module_eq_master &= bool(torch.equal(layer.rosa_A, a32.to(layer.rosa_A.dtype)))
     states = zero.factor_state(engine.optimizer, engine.factor_params)
-    return {"checksums": sums, "module_eq_master": module_eq_master,
+    # the resample's one-collective gather of every factor's fp32 master = one DeepSpeed call per factor
+    params = [p for _, layer in iter_rosa_layers(engine.module) for p in (layer.rosa_A, layer.rosa_B)]
+    batched_exact = all(torch.equal(x, zero.full_fp32(p)) for x, p in zip(zero.full_fp32_many(params), params))
+    return {"checksums": sums, "module_eq_master": module_eq_master, "batched_gather_exact": batched_exact,
             "state_empty": all(len(s) == 0 for s in states), "n_state_groups": len(states)}
 
 
