@@ -51,8 +51,10 @@ def collect(out: Path) -> dict:
             first_of_epoch.add(r["step"])
     steady = [r for r in steps if r["step"] not in first_of_epoch and r["step"] not in resampled_at] or steps
     epoch_s: dict[int, float] = {}
+    epoch_n: dict[int, int] = {}
     for r in steps:
         epoch_s[r["epoch"]] = epoch_s.get(r["epoch"], 0.0) + r["step_seconds"]
+        epoch_n[r["epoch"]] = epoch_n.get(r["epoch"], 0) + 1
     res_s = [r["seconds"] for r in resamples]
     epoch_of = {r["step"]: r["epoch"] for r in steps}
     shares = [r["seconds"] / epoch_s[epoch_of[r["step"]]] for r in resamples
@@ -63,6 +65,7 @@ def collect(out: Path) -> dict:
         "step_seconds_median": statistics.median(r["step_seconds"] for r in steady) if steady else None,
         "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steady) if steady else None,
         "epoch_train_seconds": [round(epoch_s[k], 2) for k in sorted(epoch_s)],
+        "epoch_steps": [epoch_n[k] for k in sorted(epoch_n)],
         "resamples": len(resamples),
         "resample_seconds": res_s,
         "resample_share_of_epoch": statistics.mean(shares) if shares else None,

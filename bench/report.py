@@ -96,9 +96,10 @@ def targets(data: dict, micro: dict | None) -> list[str]:
         if share is None:
             continue
         mean_res, step_s = sum(r["resample_seconds"]) / len(r["resample_seconds"]), r["step_seconds_median"]
-        epochs = r.get("epoch_train_seconds") or []
+        epochs, steps = r.get("epoch_train_seconds") or [0], r.get("epoch_steps") or []
+        size = f"{epochs[0]:.0f} s" + (f", {steps[0]}-step" if steps else "")
         out.append(f"| resampling ≤ 1% of an epoch, {name} | {mean_res:.1f} s = {share:.1%} of the "
-                   f"{epochs[0] if epochs else 0:.0f} s epoch it closes; ≤ 1% needs epochs of ≥ "
+                   f"{size} epoch it closes; ≤ 1% needs epochs of ≥ "
                    f"{mean_res / (0.01 * step_s):,.0f} steps at {step_s:.2f} s/step | {_ok(share <= 0.01)} |")
     if len(ranks) >= 2:
         for m in ("rosa", "lora"):
