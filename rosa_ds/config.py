@@ -44,7 +44,7 @@ class RosaConfig:
             on the accelerator) and an fp32 master of W_f in host RAM that every merge updates and
             re-quantizes from, so resamples never accumulate quantization error.
         solver: how the singular directions are computed: ``gram`` (default: eigenvectors of the
-            k x k Gram matrix, its small-singular-value tail refined in fp64; ~2.4x faster on CPU)
+            k x k Gram matrix, its small-singular-value tail refined in fp64; ~2x faster on CPU)
             or ``svd`` (``torch.linalg.svd``). Either way W_f + A B = W exactly
             (see ``rosa_ds.factorize``).
     """

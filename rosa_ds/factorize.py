@@ -17,7 +17,7 @@ Two solvers give the singular directions (``RosaConfig.solver``):
 - ``gram`` (default): with X = W oriented tall (p x k, p >= k, k = min(m, n)), the eigenvectors
   of the k x k Gram matrix G = X^T X are X's right singular vectors and its eigenvalues are
   S^2. One fp32 GEMM and one symmetric eigensolve cost ~2.4x less than the SVD (SmolLM2-135M's
-  210 matrices, one thread: 4.9 s vs 11.8 s). Squaring costs accuracy where S_i^2 < ~1e-3 S_0^2:
+  210 matrices, one thread of a 2-core AMD EPYC: 4.9 s vs 11.8 s). Squaring costs accuracy where S_i^2 < ~1e-3 S_0^2:
   there G's rounding (eps_32 |G|) is no longer small against S_i^2, so that tail's vectors are
   refined by a Rayleigh-Ritz step in fp64 with X itself (not G): Y = X V_tail, the SVD of the
   thin p x t matrix Y rotates V_tail onto X's singular vectors and gives S_tail unsquared.
@@ -130,7 +130,7 @@ def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.G
     w = weight.detach().to(device="cpu" if weight.device.type == "meta" else weight.device)
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
     # Tall orientation: the Gram matrix is then k x k, and LAPACK's divide-and-conquer SVD is
-    # ~1.8x faster on it (576x1536 0.13 s, its transpose 0.072 s, one thread, the 2-core CPU).
+    # ~1.8x faster on it (576x1536 0.13 s, its transpose 0.072 s, one thread of a 2-core Xeon).
     wide = w.shape[0] < w.shape[1]
     x = w.t() if wide else w
     start = time.perf_counter()

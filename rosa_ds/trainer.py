@@ -9,7 +9,6 @@ DeepSpeed JSON) is checked in ``Trainer.check`` before the model's weights are l
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 import shutil
