@@ -63,6 +63,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from rosa_ds.cli import exit_now
     from rosa_ds.zero import shutdown_distributed
 
     shutdown_distributed()
+    exit_now(0)

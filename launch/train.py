@@ -3,9 +3,7 @@
     deepspeed launch/train.py --deepspeed ds_configs/zero2.json     # the embedded default, N ranks
     python launch/train.py --help                                     # every flag
 """
-import sys
-
-from rosa_ds.cli import main
+from rosa_ds.cli import exit_now, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -144,3 +144,16 @@ def test_every_field_has_help_and_a_flag():
             continue
         assert f.metadata["help"], name
         assert f"--{name.replace('_', '-')}" in help_text, name
+
+
+def test_exit_now_flushes_and_keeps_the_exit_code():
+    """The CLI's exit skips interpreter teardown (gloo threads abort finished ranks there), so it
+    must flush what was printed and logged itself, and return the run's code."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from rosa_ds.cli import exit_now; logging.basicConfig(stream=sys.stderr); "
+            "print('out', end=''); logging.getLogger('x').warning('logged'); exit_now(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "out" and "logged" in proc.stderr

@@ -119,12 +119,15 @@ def main() -> None:
     merged = engine.merged_state_dict()
     if rank == 0 and a.merged_out:
         torch.save(merged, a.merged_out)
-    json.dump({"rank": rank, "losses": losses, "resamples": resamples, "states": states,
-               "masters_on_host": all(on_host)}, open(a.result, "w"))
+    with open(a.result, "w") as f:
+        json.dump({"rank": rank, "losses": losses, "resamples": resamples, "states": states,
+                   "masters_on_host": all(on_host)}, f)
 
 
 if __name__ == "__main__":
     main()
+    from rosa_ds.cli import exit_now
     from rosa_ds.zero import shutdown_distributed
 
     shutdown_distributed()
+    exit_now(0)

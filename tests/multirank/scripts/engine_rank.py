@@ -11,6 +11,7 @@ from rosa_ds import RosaConfig
 from rosa_ds.factorize import SVD_CALLS
 from rosa_ds.inject import iter_rosa_layers
 from rosa_ds.schedule import ScheduleConfig
+from rosa_ds.cli import exit_now
 from rosa_ds.zero import shutdown_distributed
 from rosa_ds.testing import ds_test_config, lm_batch, no_dropout_gpt2
 
@@ -107,5 +108,7 @@ if rank == 0 and a.merged_out:
 result = {"rank": rank, "world": world, "losses": losses, "resamples": resamples,
           "svds_total_here": SVD_CALLS["count"] - svd_before, "n_layers": len(list(iter_rosa_layers(engine.module))),
           "trainable_state_groups": len(engine.optimizer.optimizer.param_groups)}
-json.dump(result, open(a.result, "w"))
+with open(a.result, "w") as f:
+    json.dump(result, f)
 shutdown_distributed()
+exit_now(0)
