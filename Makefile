@@ -49,6 +49,7 @@ bench: setup
 
 bench-micro: setup
 	$(BIN)/python bench/micro.py
+	$(BIN)/python bench/solvers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -16,8 +16,9 @@ Two solvers give the singular directions (``RosaConfig.solver``):
 - ``svd``: ``torch.linalg.svd`` of W (LAPACK gesdd on CPU).
 - ``gram`` (default): with X = W oriented tall (p x k, p >= k, k = min(m, n)), the eigenvectors
   of the k x k Gram matrix G = X^T X are X's right singular vectors and its eigenvalues are
-  S^2. One fp32 GEMM and one symmetric eigensolve cost ~2.4x less than the SVD (SmolLM2-135M's
-  210 matrices, one thread of a 2-core AMD EPYC: 4.9 s vs 11.8 s). Squaring costs accuracy where S_i^2 < ~1e-3 S_0^2:
+  S^2. One fp32 GEMM and one symmetric eigensolve cost ~2.2x less than the SVD (SmolLM2-135M's
+  210 matrices, one thread of a 2-core AMD EPYC: 5.85 s vs 12.86 s, bench/results/solvers.md).
+  Squaring costs accuracy where S_i^2 < ~1e-3 S_0^2:
   there G's rounding (eps_32 |G|) is no longer small against S_i^2, so that tail's vectors are
   refined by a Rayleigh-Ritz step in fp64 with X itself (not G): Y = X V_tail, the SVD of the
   thin p x t matrix Y rotates V_tail onto X's singular vectors and gives S_tail unsquared.
