@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.hardware import describe, one_line  # noqa: E402
+from bench.report import save_results  # noqa: E402
 
 
 def resample_bench(repeats: int, rank: int, solvers: tuple[str, ...]) -> dict:
@@ -90,7 +90,7 @@ def markdown(data: dict) -> str:
         "k x k Gram matrix with the small-singular-value tail refined in fp64; `svd` = `torch.linalg.svd`.", "",
         "| solver | setting | wall s | SVDs on this rank | solver s on this rank | phases (s) |",
         "|---|---|---|---|---|---|"]
-    by_solver = rs.get("by_solver", {"svd": rs})
+    by_solver = rs["by_solver"]
     for solver, runs in by_solver.items():
         for key, label in (("owner_1", "1 rank"), ("owner_2", "2 ranks, owner-rank SVD"),
                            ("every_2", "2 ranks, every rank does every SVD")):
@@ -136,10 +136,7 @@ def main() -> None:
     data = {"hardware": describe(), "repeats": a.repeats,
             "resample": resample_bench(a.repeats, a.rank, tuple(a.solvers.split(","))),
             "fwd_bwd": fwd_bwd_bench(a.iters, a.rank, a.micro_batch, a.seq_len)}
-    a.results.mkdir(parents=True, exist_ok=True)
-    (a.results / "micro.json").write_text(json.dumps(data, indent=1))
-    (a.results / "micro.md").write_text(markdown(data))
-    print(markdown(data))
+    save_results(a.results, "micro", data, markdown(data))
 
 
 if __name__ == "__main__":

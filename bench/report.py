@@ -161,6 +161,14 @@ def plots(data: dict, stem: Path) -> list[str]:
     return made
 
 
+def save_results(results: Path, stem: str, data: dict, text: str) -> None:
+    """``<results>/<stem>.json`` (the numbers) and ``<stem>.md`` (``text``); prints the Markdown."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    (results / f"{stem}.md").write_text(text)
+    print(text)
+
+
 def write(path: Path) -> Path:
     data = json.loads(Path(path).read_text())
     micro_path = Path(path).with_name("micro.json")

@@ -13,7 +13,6 @@ For each of SmolLM2-135M's 210 adapted matrices (one thread, what each CPU rank 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.hardware import describe, one_line  # noqa: E402
+from bench.report import save_results  # noqa: E402
 
 
 def backward_error(x, v) -> float:
@@ -92,10 +92,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=ROOT / "bench/results")
     a = p.parse_args()
     data = {"hardware": describe(), "results": measure(a.rank)}
-    a.results.mkdir(parents=True, exist_ok=True)
-    (a.results / "solvers.json").write_text(json.dumps(data, indent=1))
-    (a.results / "solvers.md").write_text(markdown(data))
-    print(markdown(data))
+    save_results(a.results, "solvers", data, markdown(data))
 
 
 if __name__ == "__main__":

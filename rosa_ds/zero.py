@@ -234,10 +234,10 @@ def _broadcast_owned(new: dict[int, tuple[torch.Tensor, torch.Tensor]], layers: 
     out = {}
     for src in range(world):
         mine = [l for l in layers if owners[l.layer_index] == src]
-        shapes = [((l.out_features, l.rank), (l.rank, l.in_features)) for l in mine]
-        sizes = [m * r + r * n for (m, r), (_, n) in shapes]
         if not mine:
             continue
+        shapes = [((l.out_features, l.rank), (l.rank, l.in_features)) for l in mine]
+        sizes = [m * r + r * n for (m, r), (_, n) in shapes]
         if rank == src:
             flat = torch.cat([t.to(dev, torch.float32).flatten() for l in mine for t in new[l.layer_index]])
         else:
