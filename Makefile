@@ -14,7 +14,7 @@ NPROC   ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast test-multirank bench bench-micro memory-report clean
+.PHONY: setup train test test-fast test-multirank lint bench bench-micro memory-report clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# ruff (pinned in requirements.txt), configured in ruff.toml; CI runs it before the tests.
+lint: setup
+	$(BIN)/ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

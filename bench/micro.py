@@ -28,7 +28,7 @@ def resample_bench(repeats: int, rank: int, solvers: tuple[str, ...]) -> dict:
     """Resample timings per solver: 1 rank, and 2 ranks with owner-rank vs every-rank SVDs.
 
     The top-level owner_1 / owner_2 / every_2 are the first (default) solver's."""
-    from rosa_ds.testing import launch_ranks
+    from tests.helpers.launch import launch_ranks
 
     script = ROOT / "bench/resample_rank.py"
     common = ["--solvers", ",".join(solvers), "--repeats", str(repeats), "--rank", str(rank)]
@@ -46,8 +46,8 @@ def fwd_bwd_bench(iters: int, rank: int, micro_batch: int, seq_len: int) -> dict
     import torch
 
     import rosa_ds
-    from rosa_ds.baselines import apply_lora
-    from rosa_ds.models import load_model_and_tokenizer
+    from rosa_ds.recipe.baselines import apply_lora
+    from rosa_ds.recipe.models import load_model_and_tokenizer
 
     torch.set_num_threads(1)
     models = {}

@@ -1,6 +1,6 @@
 """Markdown tables, target checks and PNG plots from bench/results/<suite>.json.
 
-Targets (issue 6) are checked here, on the committed numbers, not in timed tests:
+The project's targets are checked here, on the committed numbers, not in timed tests:
   * ROSA step time <= 1.05x LoRA at equal rank; ROSA and LoRA step <= 0.7x full fine-tuning;
   * resampling <= 1% of an epoch's wall time;
   * owner-rank SVD on 2 ranks >= 1.6x faster than every rank doing every layer (bench/micro.py);
@@ -49,7 +49,8 @@ def run_table(data: dict) -> list[str]:
         res = r.get("resample_seconds") or []
         res_txt = f"{sum(res) / len(res):.1f} ({r['resample_share_of_epoch']:.1%})" if res else "–"
         cells = [r["name"], f"{mem.get('trainable') or 0:,}",
-                 f"{_fmt(r.get('eval_loss_start'))} → {_fmt(r.get('eval_loss_final'))} ({_fmt(r.get('eval_loss_best'))})"]
+                 f"{_fmt(r.get('eval_loss_start'))} → {_fmt(r.get('eval_loss_final'))} "
+                 f"({_fmt(r.get('eval_loss_best'))})"]
         if cls:
             cells += [_fmt(r.get("accuracy_final")), _fmt(r.get("macro_f1_final")), _fmt(r.get("mcc_final"))]
         else:

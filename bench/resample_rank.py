@@ -16,8 +16,8 @@ import torch
 
 import rosa_ds
 from rosa_ds.factorize import SVD_CALLS
-from rosa_ds.models import load_model_and_tokenizer
-from rosa_ds.testing import ds_test_config
+from rosa_ds.recipe.models import load_model_and_tokenizer
+from tests.helpers.models import ds_test_config
 
 
 def time_mode(engine, mode: str, repeats: int) -> dict:
@@ -53,7 +53,8 @@ def main() -> None:
     cfg = ds_test_config(a.stage, micro_batch=1)
     t0 = time.perf_counter()
     engine = rosa_ds.initialize(model, rosa_ds.RosaConfig(rank=a.rank), config=cfg)
-    out = {"initial_factorization_s": time.perf_counter() - t0, "layers": sum(1 for _ in rosa_ds.iter_rosa_layers(model))}
+    out = {"initial_factorization_s": time.perf_counter() - t0,
+           "layers": sum(1 for _ in rosa_ds.iter_rosa_layers(model))}
     for solver in a.solvers.split(","):
         engine.rosa_config = dataclasses.replace(engine.rosa_config, solver=solver)
         out[solver] = {mode: time_mode(engine, mode, a.repeats) for mode in a.modes.split(",")}
@@ -63,8 +64,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from rosa_ds.cli import exit_now
-    from rosa_ds.zero import shutdown_distributed
+    from rosa_ds.ds.dist import shutdown_distributed
+    from rosa_ds.utils.dist import exit_now
 
     shutdown_distributed()
     exit_now(0)

@@ -41,7 +41,7 @@ def deepspeed_cmd(suite: Suite, run: Run, out: Path) -> list[str]:
 
 
 def _free_port() -> int:
-    from rosa_ds.testing import free_port
+    from rosa_ds.utils.dist import free_port
 
     return free_port()
 

@@ -38,7 +38,7 @@ def measure(rank: int) -> dict:
     from rosa_ds.config import RosaConfig
     from rosa_ds.factorize import make_generator, select_indices, singular_directions
     from rosa_ds.inject import find_targets
-    from rosa_ds.models import load_model_and_tokenizer
+    from rosa_ds.recipe.models import load_model_and_tokenizer
 
     torch.set_num_threads(1)
     model, _ = load_model_and_tokenizer("default")
@@ -75,9 +75,11 @@ def markdown(data: dict) -> str:
     for s in ("gram", "svd"):
         lines.append(f"| {s} | {r['seconds'][s]:.2f} | {r['backward_error'][s + '/random']:.1e} | "
                      f"{r['backward_error'][s + '/smallest']:.1e} |")
-    lines += ["", f"`gram` is {r['seconds']['svd'] / r['seconds']['gram']:.2f}× faster than `svd` here. Backward error = "
+    speedup = r['seconds']['svd'] / r['seconds']['gram']
+    lines += ["", f"`gram` is {speedup:.2f}× faster than `svd` here. Backward error = "
               "max over chosen directions of |XᵀX v − s² v| / |X|₂² (fp64).", "",
-              "| projection | max condition number | smallest singular value from the unrefined Gram matrix: max rel. error |",
+              "| projection | max condition number | "
+              "smallest singular value from the unrefined Gram matrix: max rel. error |",
               "|---|---|---|"]
     for kind, v in sorted(r["by_type"].items()):
         lines.append(f"| {kind} | {v['cond_max']:.3g} | {v['unrefined_min_sv_rel_err_max']:.2g} |")

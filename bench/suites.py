@@ -81,7 +81,7 @@ FULL = Suite(
     timeout_s=7200,
 )
 
-# bitsandbytes options (issue 7): ROSA r=8 with 8-bit Adam states, and with a 4-bit / 8-bit frozen base.
+# bitsandbytes options: ROSA r=8 with 8-bit Adam states, and with a 4-bit / 8-bit frozen base.
 QUANT = Suite(
     name="quant",
     description="SmolLM2-135M, BBC headlines, 2 CPU ranks, ZeRO-2 fp32, ROSA r=8: fp32 vs bitsandbytes options",
@@ -94,7 +94,7 @@ QUANT = Suite(
     ),
 )
 
-# Sequence classification (issue 8): packaged MiniLM encoder on BBC 5-way topics; ROSA and LoRA
+# Sequence classification: packaged MiniLM encoder on BBC 5-way topics; ROSA and LoRA
 # at equal rank (equal trainable counts; the new head is fully trainable in every method).
 CLS = Suite(
     name="cls",
@@ -104,8 +104,8 @@ CLS = Suite(
     task="classification",
 )
 
-# Resample cost at the default job's sizes (issue 6: "resampling <= 1% of an epoch's wall time at
-# the default sizes"): the default job itself (256 training articles = 32 steps per epoch, the demo
+# Resample cost at the default job's sizes (target: resampling <= 1% of an epoch's wall time at
+# the default sizes): the default job itself (256 training articles = 32 steps per epoch, the demo
 # cap), the same with torch's SVD instead of the default Gram solver, and the default job over the
 # whole BBC training split (2,002 articles = 250 steps per epoch), stopped a few steps into epoch 2,
 # after its one resample.

@@ -1,7 +1,14 @@
 """rosa_ds: ROSA (Random Subspace Adaptation) fine-tuning on DeepSpeed ZeRO.
 
-The method (config, factorize, layer, inject, schedule, memory prediction) is pure PyTorch;
-``rosa_ds.zero`` is the only module that imports DeepSpeed, loaded lazily by ``initialize``.
+Layers, each importing only those before it:
+
+    rosa_ds            the pure method (config, factorize, layer, inject, schedule, quant): PyTorch only
+    rosa_ds.utils      cross-cutting helpers (atomic files, rank/world, packages, logging, typed options)
+    rosa_ds.memory     the memory planner: predicted bytes from parameter counts (pure arithmetic)
+    rosa_ds.ds         the DeepSpeed seam: the only package that imports deepspeed
+    rosa_ds.recipe     the trainer behind launch/train.py (config/CLI, models, data, loop, metrics)
+
+``initialize`` loads the seam lazily, so ``import rosa_ds`` does not import DeepSpeed.
 """
 from .config import RosaConfig
 from .inject import apply_rosa, iter_rosa_layers, merge_and_unload, merged_state_dict, resample, trainable_report
@@ -11,12 +18,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RosaConfig", "RosaLinear", "apply_rosa", "resample", "merge_and_unload", "merged_state_dict",
-    "trainable_report", "iter_rosa_layers", "initialize",
+    "trainable_report", "iter_rosa_layers", "initialize", "build_ds_config",
 ]
 
 
 def initialize(*args, **kwargs):
-    """Build a ROSA DeepSpeed engine; see ``rosa_ds.engine.initialize``."""
-    from .engine import initialize as _initialize
+    """Build a ROSA DeepSpeed engine; see ``rosa_ds.ds.engine.initialize``."""
+    from .ds.engine import initialize as _initialize
 
     return _initialize(*args, **kwargs)
+
+
+def build_ds_config(*args, **kwargs):
+    """Fill a DeepSpeed JSON template; see ``rosa_ds.ds.config.build_ds_config``."""
+    from .ds.config import build_ds_config as _build
+
+    return _build(*args, **kwargs)

@@ -1,17 +1,22 @@
 """ROSA method configuration: what to adapt, at which rank, with which subspace strategy.
 
-Validated at construction so that a bad value fails before any model is touched.
+Validated at construction so that a bad value fails before any model is touched. Each field
+carries its one-line help: the training CLI derives its flags from them (``--rank``,
+``--target-modules`` ...), so a new ROSA option is one field here.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
-STRATEGIES = ("random", "smallest", "largest")
+from .factorize import SOLVERS, STRATEGIES
+from .quant import QUANT_TYPES
+from .utils.options import OptionError, check_options, opt
+from .utils.packages import is_installed
+
 INITS = ("svd", "lora")
-SOLVERS = ("gram", "svd")  # kept equal to rosa_ds.factorize.SOLVERS (a test checks)
-QUANTIZE_BASE = ("nf4", "int8")  # kept equal to rosa_ds.quant.QUANT_TYPES (a test checks)
+REGEX_PREFIX = "re:"  # a target list of one "re:<regex>" is a regex on full module names
 
 # Leaf names of the projection layers in the architectures users bring most often.
 # GPT-2 (transformers Conv1D), Llama/Mistral/Qwen-style, BERT/RoBERTa-style.
@@ -29,8 +34,9 @@ class RosaConfig:
     Attributes:
         rank: R, the number of singular triplets made trainable per adapted matrix.
         target_modules: leaf names (matched against the last component of a module's name),
-            or one regex string matched (``re.fullmatch``) against the full module name.
-            ``None`` means the defaults for GPT-2, Llama-style and BERT-style models.
+            or one regex string matched (``re.fullmatch``) against the full module name (also
+            given as a one-element list ``["re:<regex>"]``). ``None`` means the defaults for
+            GPT-2, Llama-style and BERT-style models.
         strategy: which singular triplets become the trainable factors: ``random`` (the
             paper's default), ``smallest`` or ``largest`` singular values.
         seed: base seed; every (resample index, layer index) draws from a seed derived from it,
@@ -49,41 +55,42 @@ class RosaConfig:
             (see ``rosa_ds.factorize``).
     """
 
-    rank: int = 8
-    target_modules: Optional[Union[Sequence[str], str]] = None
-    strategy: str = "random"
-    seed: int = 0
-    modules_to_save: Sequence[str] = field(default_factory=tuple)
-    init: str = "svd"
-    quantize_base: Optional[str] = None
-    solver: str = "gram"
+    rank: int = opt(8, "ROSA/LoRA rank R: trainable singular triplets per adapted matrix", minimum=1)
+    target_modules: Optional[Union[tuple, str]] = opt(
+        None, "leaf names of the layers to adapt, or one 're:<regex>' on full names; none = per-architecture defaults",
+        nargs="+")
+    strategy: str = opt("random", "ROSA: which singular triplets are trainable", STRATEGIES)
+    seed: int = opt(0, "base seed of the subspace draws (the recipe sets it from --seed)", flag=False)
+    modules_to_save: tuple = opt(
+        default_factory=tuple, help="modules kept fully trainable (e.g. classifier); none = the classification "
+        "head for classification", nargs="+")
+    init: str = opt("svd", "ROSA: svd (factors from singular triplets) or lora (ablation: A random, B zero)", INITS)
+    quantize_base: Optional[str] = opt(
+        None, "ROSA: store the frozen W_f quantized, nf4 or int8 (bitsandbytes), with an fp32 master in host RAM",
+        QUANT_TYPES)
+    solver: str = opt("gram", "ROSA: singular directions from the Gram matrix's eigenvectors (fast) or torch's svd",
+                      SOLVERS)
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"RosaConfig.rank must be a positive integer, got {self.rank!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"RosaConfig.strategy {self.strategy!r} does not exist; choose one of {', '.join(STRATEGIES)}"
-            )
-        if self.init not in INITS:
-            raise ValueError(f"RosaConfig.init {self.init!r} does not exist; choose one of {', '.join(INITS)}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"RosaConfig.solver {self.solver!r} does not exist; choose one of {', '.join(SOLVERS)}")
-        if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASE:
-            raise ValueError(f"RosaConfig.quantize_base {self.quantize_base!r} does not exist; choose one of "
-                             f"{', '.join(QUANTIZE_BASE)} or None (no quantization)")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        if isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) == 1 \
+                and str(self.target_modules[0]).startswith(REGEX_PREFIX):
+            self.target_modules = self.target_modules[0]
+        if isinstance(self.target_modules, str) and self.target_modules.startswith(REGEX_PREFIX):
+            self.target_modules = self.target_modules[len(REGEX_PREFIX):]
+        check_options(self)
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
             except re.error as exc:
-                raise ValueError(f"RosaConfig.target_modules is not a valid regex: {exc}") from None
-        elif self.target_modules is not None:
-            self.target_modules = tuple(self.target_modules)
-            if not self.target_modules:
-                raise ValueError("RosaConfig.target_modules is empty; give names, a regex, or None for defaults")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = (self.modules_to_save,)
-        self.modules_to_save = tuple(self.modules_to_save)
+                raise OptionError("RosaConfig", "target_modules", f"is not a valid regex: {exc}") from None
+        elif self.target_modules is not None and not self.target_modules:
+            raise OptionError("RosaConfig", "target_modules", "is empty; give layer names, one re:<regex>, or "
+                                                              "none for the defaults")
+        if self.quantize_base == "nf4" and not is_installed("bitsandbytes"):
+            raise OptionError("RosaConfig", "quantize_base", "nf4 needs bitsandbytes; fix: pip install "
+                                                             "bitsandbytes or use int8")
 
     def matches_target(self, name: str) -> bool:
         """True if the module called ``name`` (dotted path) is a ROSA target by name."""

@@ -36,18 +36,20 @@ error can change the function the layer computes.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
-from .config import RosaConfig
+if TYPE_CHECKING:
+    from .config import RosaConfig
 
 
 # SVDs computed in this process, counted so tests can check that each layer's SVD runs once in
 # the world per resample (owner-rank coordination), not once per rank.
 SVD_CALLS = {"count": 0, "seconds": 0.0}
-SOLVERS = ("gram", "svd")  # kept equal to rosa_ds.config.SOLVERS (a test checks)
+SOLVERS = ("gram", "svd")
+STRATEGIES = ("random", "smallest", "largest")
 # Gram eigenvalues below GRAM_TAIL * largest (S_i < 3.2% of S_0) are refined in fp64 (see above).
 GRAM_TAIL = 1e-3
 

@@ -5,16 +5,17 @@ Single-process, pure PyTorch. The distributed versions (ZeRO) live in ``zero.py`
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .config import RosaConfig
 from .factorize import new_factors
-from .layer import ADAPTER_PREFIX, RosaLinear, is_supported, weight_shape
+from .layer import RosaLinear, is_adapter_param, is_supported, weight_shape
 from .quant import QUANT_BUFFERS
+from .utils.log import warn_rank0
 
 
 def iter_rosa_layers(model: nn.Module) -> Iterator[tuple[str, RosaLinear]]:
@@ -29,7 +30,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Module]]:
     """Modules to adapt, validated. Raises (before anything is modified) when
-    nothing matches, a match is of an unsupported type, or the rank is too large for a layer."""
+    nothing matches, a match is of an unsupported type, or the rank is too large for a layer;
+    warns (rank 0) about every listed target name that matched nothing."""
     matched = [(n, m) for n, m in model.named_modules()
                if n and config.matches_target(n) and not config.is_saved_module(n)
                and not isinstance(m, RosaLinear) and not any(isinstance(c, RosaLinear) for c in m.children())]
@@ -40,9 +42,10 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
             f"ROSA target_modules {config.target_modules!r} matched no module. "
             f"Linear/Conv1D modules in this model: {shown or '(none)'}"
         )
+    _warn_unmatched(config, matched)
     bad = [f"{n} ({type(m).__name__})" for n, m in matched if not is_supported(m)]
     if bad:
-        raise TypeError(
+        raise ValueError(
             f"ROSA cannot adapt these matched modules: {', '.join(bad)}. Supported types: nn.Linear, "
             "transformers Conv1D; narrow target_modules to those"
         )
@@ -54,6 +57,17 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
                 f"the largest valid rank for it is {min(rows, cols) - 1}"
             )
     return matched
+
+
+def _warn_unmatched(config: RosaConfig, matched: list[tuple[str, nn.Module]]) -> None:
+    """A listed leaf name that matched nothing is usually a typo ("v_porj"), or a name of another
+    architecture; the layers that did match are adapted, so say which names were ignored."""
+    if not isinstance(config.target_modules, tuple):  # the defaults, or one regex (it matched)
+        return
+    unmatched = [t for t in config.target_modules if t not in {n.split(".")[-1] for n, _ in matched}]
+    if unmatched:
+        warn_rank0(f"ROSA target_modules {', '.join(unmatched)} matched no module (adapting only "
+                   f"{', '.join(sorted({n.split('.')[-1] for n, _ in matched}))}); check the names")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,7 +100,7 @@ def apply_rosa(model: nn.Module, config: RosaConfig, factorize: bool = True) -> 
 def mark_trainable(model: nn.Module, config: RosaConfig) -> None:
     """Freeze everything except factors and the modules kept fully trainable."""
     for name, param in model.named_parameters():
-        param.requires_grad_(ADAPTER_PREFIX in name.split(".")[-1] or config.is_saved_module(name.rpartition(".")[0]))
+        param.requires_grad_(is_adapter_param(name) or config.is_saved_module(name.rpartition(".")[0]))
 
 
 def _config_of(model: nn.Module) -> RosaConfig:
@@ -112,7 +126,7 @@ def resample(model: nn.Module, seed: int | None = None, resample_index: int | No
     for name, layer in layers:  # check all first: nothing is modified if any layer is bad
         layer.check_finite(name)
     index = getattr(model, "rosa_resamples", 0) + 1 if resample_index is None else resample_index
-    for name, layer in layers:
+    for _, layer in layers:
         layer.write(new_factors(layer.merged_weight(), config, index, layer.layer_index))
     model.rosa_resamples = index
     return index
@@ -121,8 +135,7 @@ def resample(model: nn.Module, seed: int | None = None, resample_index: int | No
 def unwrap_name(name: str) -> str | None:
     """Map a ROSA state-dict key to the plain model's key (None for factor keys and the packed
     buffers of a quantized base, which the export replaces by the merged weight)."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf.startswith(ADAPTER_PREFIX) or (leaf in QUANT_BUFFERS and ".base_layer." in name):
+    if is_adapter_param(name) or (name.rsplit(".", 1)[-1] in QUANT_BUFFERS and ".base_layer." in name):
         return None
     return name.replace(".base_layer.", ".")
 

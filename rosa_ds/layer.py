@@ -32,7 +32,13 @@ from torch import nn
 from .factorize import Factors
 from .quant import QuantizedBase, check_kind
 
-ADAPTER_PREFIX = "rosa_"  # name-prefix contract: every adapter parameter name contains it
+ADAPTER_PREFIX = "rosa_"  # name-prefix contract: every adapter parameter's own name starts with it
+
+
+def is_adapter_param(name: str) -> bool:
+    """True for a ROSA factor (``...rosa_A`` / ``...rosa_B``), by the leaf of its dotted name.
+    The one test of the prefix contract: a module path that merely contains "rosa_" does not match."""
+    return name.rsplit(".", 1)[-1].startswith(ADAPTER_PREFIX)
 
 
 def _conv1d_type():
@@ -70,7 +76,8 @@ class RosaLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, rank: int, layer_index: int, quantize: str | None = None) -> None:
         super().__init__()
         if not is_supported(base_layer):
-            raise TypeError(f"ROSA cannot adapt {type(base_layer).__name__}; supported: nn.Linear, transformers Conv1D")
+            raise ValueError(f"ROSA cannot adapt {type(base_layer).__name__}; "
+                             "supported: nn.Linear, transformers Conv1D")
         self.base_layer = base_layer
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D stores W^T
         self.out_features, self.in_features = weight_shape(base_layer)

@@ -37,7 +37,10 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def packed_shapes(m: int, n: int, kind: str) -> tuple[tuple[tuple[int, ...], torch.dtype], tuple[tuple[int, ...], torch.dtype]]:
+Shape = tuple[tuple[int, ...], torch.dtype]
+
+
+def packed_shapes(m: int, n: int, kind: str) -> tuple[Shape, Shape]:
     """((shape, dtype) of the packed values, (shape, dtype) of the fp32 scales) for an (m, n) weight."""
     numel = m * n
     if check_kind(kind) == "nf4":
@@ -73,7 +76,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, m: int, n: int, kind: str,
         import bitsandbytes.functional as bnbf
 
         state = bnbf.QuantState(absmax=scale, shape=torch.Size([m * n]), blocksize=NF4_BLOCK, quant_type="nf4",
-                                dtype=dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
+                                dtype=dtype if dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                else torch.float32)
         return bnbf.dequantize_4bit(q, state).reshape(m, n).to(dtype)
     return (q.float() * (scale[:, None] / 127.0)).to(dtype)
 
@@ -101,7 +105,7 @@ class QuantizedBase(nn.Module):
             bias.requires_grad_(False)
 
     @classmethod
-    def from_module(cls, module: nn.Module, weight_mn: torch.Tensor, kind: str) -> "QuantizedBase":
+    def from_module(cls, module: nn.Module, weight_mn: torch.Tensor, kind: str) -> QuantizedBase:
         """A quantized copy of ``module`` (``nn.Linear`` or ``Conv1D``) holding ``weight_mn`` (m, n)."""
         m, n = weight_mn.shape
         source = "linear" if isinstance(module, nn.Linear) else "conv1d"

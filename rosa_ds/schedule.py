@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from .utils.options import OptionError, check_options, opt
+
 
 @dataclass
 class ScheduleConfig:
@@ -17,18 +19,20 @@ class ScheduleConfig:
             each resample (ReLoRA's "jagged" schedule); 0 keeps the schedule continuous.
     """
 
-    resample_every: Union[str, int] = "epoch"
-    rewarmup_steps: int = 0
+    resample_every: Union[str, int] = opt(
+        "epoch", "ROSA: merge and redraw the subspace every 'epoch', 'never', or N optimizer steps")
+    rewarmup_steps: int = opt(
+        0, "ROSA: K optimizer steps of LR re-warmup after each resample (0 = continuous schedule)", minimum=0)
 
     def __post_init__(self) -> None:
         every = self.resample_every
-        if isinstance(every, str) and every.isdigit():
+        if isinstance(every, str) and every.strip().isdigit():
             every = int(every)
         if isinstance(every, bool) or not (every in ("epoch", "never") or (isinstance(every, int) and every > 0)):
-            raise ValueError(f"resample_every must be 'epoch', 'never' or a positive step count, got {self.resample_every!r}")
+            raise OptionError("ScheduleConfig", "resample_every", f"{every!r} is not valid; fix: use "
+                                                                  "epoch, never, or a positive number of steps")
         self.resample_every = every
-        if not isinstance(self.rewarmup_steps, int) or self.rewarmup_steps < 0:
-            raise ValueError(f"rewarmup_steps must be a non-negative integer, got {self.rewarmup_steps!r}")
+        check_options(self)
 
     def due_after_step(self, global_step: int) -> bool:
         """True if a resample follows optimizer step ``global_step`` (1-based count of steps done)."""

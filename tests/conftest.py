@@ -1,8 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+# the repository root, so that `tests.helpers` imports however pytest is started
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

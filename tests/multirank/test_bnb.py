@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from rosa_ds import RosaConfig, apply_rosa
-from rosa_ds.testing import adamw_reference, launch_ranks, no_dropout_gpt2
+from tests.helpers.launch import launch_ranks
+from tests.helpers.models import adamw_reference, no_dropout_gpt2
 
 pytest.importorskip("bitsandbytes")
 SCRIPT = Path(__file__).parent / "scripts" / "bnb_rank.py"
@@ -32,7 +33,7 @@ STEPS_PER_EPOCH, EPOCHS, MICRO, WORLD, LR, RANK = 3, 4, 2, 2, 5e-3, 16
 TOL_8BIT = 0.1  # fraction of the largest training effect max |D_t| (module docstring)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(quantize=None, lr=LR):
     """Single process, global batch, torch AdamW (the engine's settings), state cleared at resample.
     Returns (losses, losses of the initial model on the same batches, merged plain state dict)."""
@@ -97,7 +98,8 @@ def test_quantized_base_matches_single_process_and_resumes_exactly(tmp_path, kin
 
     Sharp check, at every resample on every rank (script's ``check_resample``): the new master equals
     the pure method applied to the same (master, A, B) to 1e-6, the packed codes and scales are
-    exactly quantize(master), and both ranks hold the same bits. Trajectory check against the single-process quantized reference: quantization is
+    exactly quantize(master), and both ranks hold the same bits. Trajectory check against the
+    single-process quantized reference: quantization is
     discontinuous, so a W_f value within fp32 reduction-order noise (1e-7) of a code boundary lands in
     the neighbouring code in one run and not the other (one weight moves by a whole bin), and Adam
     amplifies such perturbations over the following steps. At lr 1e-3 this gives measured max

@@ -1,45 +1,22 @@
 """End-to-end CLI runs with the real DeepSpeed launcher on 2 CPU ranks, a tiny model and data."""
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from rosa_ds.testing import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 420
+from tests.helpers.launch import ROOT, launch_cli, metrics_records
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from rosa_ds.testing_assets import save_tiny_model_dir, write_tiny_dataset
+    from tests.helpers.assets import save_tiny_model_dir, write_tiny_dataset
 
     d = tmp_path_factory.mktemp("assets")
     save_tiny_model_dir(d / "llama", "llama")
     write_tiny_dataset(d / "data.jsonl", "prompt_target", n=64)
     return d
-
-
-def launch(args, out, world=2, check=True):
-    """`deepspeed --num_gpus N launch/train.py ...` with a free port and a hard timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(out.parent / "cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), "--output-dir", str(out), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def records(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def common(assets, method, stage):
@@ -52,7 +29,7 @@ def reloaded_eval_loss(model_dir, assets, max_eval=16):
     """Token-mean loss of the exported plain model on the run's eval split, with plain transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rosa_ds.data import DataConfig, PadCollator, check_data, tokenize_data
+    from rosa_ds.recipe.data import DataConfig, PadCollator, check_data, tokenize_data
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -76,8 +53,8 @@ def reloaded_eval_loss(model_dir, assets, max_eval=16):
     ("rosa", 3, ["--micro-batch", "2", "--max-eval-samples", "5"], 14), ("lora", 3, [], 7), ("full", 2, [], 7)])
 def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage, extra, spe):
     out = tmp_path / "run"
-    launch(common(assets, method, stage) + extra, out)
-    recs = records(out)
+    launch_cli(common(assets, method, stage) + extra, out)
+    recs = metrics_records(out)
     evals = [r for r in recs if r.get("event") == "eval"]
     resamples = [r for r in recs if r.get("event") == "resample"]
     assert [e["step"] for e in evals] == [0, spe, 2 * spe]
@@ -98,14 +75,14 @@ def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage, e
 def test_resume_from_output_dir_continues_exactly(tmp_path, assets):
     full = tmp_path / "full"
     args = common(assets, "rosa", 2) + ["--save-every", "9"]
-    launch(args, full)
-    steps = {r["step"]: r["loss"] for r in records(full) if "loss" in r}
+    launch_cli(args, full)
+    steps = {r["step"]: r["loss"] for r in metrics_records(full) if "loss" in r}
     # a run stopped after step 9 (past the resample at the epoch boundary after step 7): its output dir
     stopped = tmp_path / "stopped"
     shutil.copytree(full, stopped, ignore=shutil.ignore_patterns("final_model", "metrics.jsonl"))
     (stopped / "checkpoints" / "latest").write_text("step_00000009")
-    launch(args + ["--resume"], stopped)
-    resumed = {r["step"]: r["loss"] for r in records(stopped) if "loss" in r}
+    launch_cli(args + ["--resume"], stopped)
+    resumed = {r["step"]: r["loss"] for r in metrics_records(stopped) if "loss" in r}
     assert min(resumed) == 10 and resumed == {s: l for s, l in steps.items() if s >= 10}
 
 
@@ -125,7 +102,7 @@ def test_bad_input_is_one_clear_line_before_heavy_work(tmp_path, assets, extra, 
     (tmp_path / "batch.json").write_text(json.dumps({**template, "train_batch_size": 10}))
     extra = [{"{JSON}": str(tmp_path / "contradicting.json"), "{JSON_BATCH}": str(tmp_path / "batch.json")}.get(x, x)
              for x in extra]
-    proc = launch(common(assets, "rosa", 2) + extra, tmp_path / "bad", world=1, check=False)
+    proc = launch_cli(common(assets, "rosa", 2) + extra, tmp_path / "bad", world=1, check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "rosa_ds: error:" in text, text[-2000:]

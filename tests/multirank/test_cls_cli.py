@@ -8,14 +8,12 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from rosa_ds.testing import free_port
+from tests.helpers.launch import CLI_TIMEOUT, ROOT, launch_cli, metrics_records
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 180  # one launch takes ~30 s on 2 busy cores
 LABELS = ["politics", "sport"]  # tiny_records(classes=2): the first two topics, sorted
 N_RECORDS = 240  # 24 held out (eval_fraction 0.1), 216 train = 27 steps of 8 per epoch
@@ -24,24 +22,12 @@ SEQ_LEN = 16  # texts are 5 words: [CLS] + <= 10 word pieces + [SEP] fit
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from rosa_ds.testing_assets import save_tiny_model_dir, tiny_records, write_tiny_dataset
+    from tests.helpers.assets import save_tiny_model_dir, tiny_records, write_tiny_dataset
 
     d = tmp_path_factory.mktemp("cls_assets")
     save_tiny_model_dir(d / "bert", "bert-cls")  # saved with a 3-way head: the run must replace it
     write_tiny_dataset(d / "data.jsonl", records=tiny_records("classification", N_RECORDS, classes=2))
     return d
-
-
-def launch(args, out, world=2):
-    """`deepspeed --num_gpus N launch/train.py ...` with a free port and a hard timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(out.parent / "cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), "--output-dir", str(out), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def common(assets, method, stage, lr):
@@ -55,7 +41,7 @@ def reloaded_predictions(model_dir, assets, max_eval):
     eval split, with plain transformers and one unpadded sample per forward."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rosa_ds.data import DataConfig, check_data, tokenize_data
+    from rosa_ds.recipe.data import DataConfig, check_data, tokenize_data
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -83,8 +69,8 @@ def reloaded_predictions(model_dir, assets, max_eval):
 def test_cls_trains_and_exports_a_plain_classifier(tmp_path, assets, method, stage, lr, max_eval):
     out = tmp_path / "run"
     extra = ["--max-eval-samples", str(max_eval)] if max_eval else []
-    launch(common(assets, method, stage, lr) + extra, out)
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    launch_cli(common(assets, method, stage, lr) + extra, out)
+    recs = metrics_records(out)
     evals = [r for r in recs if r.get("event") == "eval"]
     assert [e["step"] for e in evals] == [0, 27, 54, 81, 108]
     assert [r["step"] for r in recs if r.get("event") == "resample"] == ([27, 54, 81] if method == "rosa" else [])
@@ -121,8 +107,8 @@ def test_cls_trains_and_exports_a_plain_classifier(tmp_path, assets, method, sta
 
 def _bad_records(tmp_path, kind):
     """A classification file that is wrong in one way (`kind`), with the message it must produce."""
-    from rosa_ds.data.prepare import split_indices
-    from rosa_ds.testing_assets import tiny_records
+    from rosa_ds.recipe.data.prepare import split_indices
+    from tests.helpers.assets import tiny_records
 
     rows = tiny_records("classification", 40, classes=2)
     if kind == "eval_only_label":
@@ -143,8 +129,8 @@ def _bad_records(tmp_path, kind):
 def test_bad_input_is_one_clear_line_before_weights_load(tmp_path, assets, kind, monkeypatch, capsys):
     """In process (fast): ``load_model_and_tokenizer`` is replaced by a tripwire, so an error raised
     after the weights would have loaded fails the test instead of passing it."""
-    from rosa_ds import cli, trainer
-    from rosa_ds.testing_assets import write_tiny_dataset
+    from rosa_ds.recipe import cli, trainer
+    from tests.helpers.assets import write_tiny_dataset
 
     def tripwire(*args, **kwargs):
         raise AssertionError("model weights were loaded before the bad input was reported")
@@ -164,14 +150,14 @@ def test_bad_input_is_one_clear_line_before_weights_load(tmp_path, assets, kind,
 
 def test_bad_input_from_the_real_entry_point(tmp_path, assets):
     """The same through `python launch/train.py` (one process): exit 2, one line, no traceback."""
-    from rosa_ds.testing_assets import tiny_records, write_tiny_dataset
+    from tests.helpers.assets import tiny_records, write_tiny_dataset
 
     data = write_tiny_dataset(tmp_path / "d.jsonl", records=tiny_records("classification", 20, classes=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--task", "classification",
                            "--model", str(assets / "bert"), "--dataset", str(data), "--label-field", "topic",
                            "--output-dir", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+                          timeout=CLI_TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "rosa_ds: error:" in line]
     assert errors == [f"rosa_ds: error: {data}:1: record has no field 'topic' (fields: label, text); "
@@ -182,20 +168,20 @@ def test_bad_input_from_the_real_entry_point(tmp_path, assets):
 # ---------------------------------------------------------------- defaults and metrics
 
 def test_classification_defaults():
-    from rosa_ds.train_config import parse_args
+    from rosa_ds.recipe.config import parse_args
 
     cfg = parse_args(["--task", "classification"])
-    assert (cfg.model, cfg.dataset, cfg.lr, cfg.max_eval_samples, cfg.max_train_samples, cfg.epochs) == \
-        ("default", "bbc-topics", 2e-3, 200, 256, 2)
+    assert (cfg.model, cfg.data.dataset, cfg.lr, cfg.data.max_eval_samples, cfg.data.max_train_samples,
+            cfg.epochs) == ("default", "bbc-topics", 2e-3, 200, 256, 2)
     assert parse_args(["--task", "classification", "--method", "full"]).lr == 1e-4
     # A value the user gives wins, even when it equals the generic default.
-    assert parse_args(["--task", "classification", "--max-eval-samples", "32"]).max_eval_samples == 32
+    assert parse_args(["--task", "classification", "--max-eval-samples", "32"]).data.max_eval_samples == 32
     assert parse_args(["--task", "classification", "--lr", "5e-4"]).lr == 5e-4
-    assert parse_args([]).max_eval_samples == 32 and parse_args([]).lr == 5e-4  # the LM job is unchanged
+    assert parse_args([]).data.max_eval_samples == 32 and parse_args([]).lr == 5e-4  # the LM job is unchanged
 
 
 def test_classification_metrics_hand_computed():
-    from rosa_ds.metrics import classification_metrics
+    from rosa_ds.recipe.metrics import classification_metrics
 
     # Confusion (rows gold, cols pred): [[1,1,0],[0,2,0],[1,0,1]]. Per class P/R/F1: 1/2,1/2,1/2;
     # 2/3,1,4/5; 1,1/2,2/3. MCC: c=4, s=6, p=(2,3,1), t=(2,2,2): (24-12)/sqrt((36-14)(36-12)).
@@ -213,7 +199,7 @@ def test_classification_metrics_hand_computed():
 
 
 def test_write_predictions_orders_by_index_and_names_labels(tmp_path):
-    from rosa_ds.metrics import eval_postfix, write_predictions
+    from rosa_ds.recipe.metrics import eval_postfix, write_predictions
 
     path = tmp_path / "p.jsonl"
     write_predictions(path, [(1, [0.5, -1.0]), (0, [-0.25, 2.0])], [1, 0], ["neg", "pos"])

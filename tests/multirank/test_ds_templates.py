@@ -2,8 +2,8 @@
 trains a tiny GPT-2 exactly like torch AdamW on the global batch (one launch for all five)."""
 import pytest
 
-from rosa_ds.dsconfig import TEMPLATE_NAMES
-from rosa_ds.testing import launch_ranks
+from rosa_ds.ds.config import TEMPLATE_NAMES
+from tests.helpers.launch import launch_ranks
 
 SCRIPT = __file__.rsplit("/", 1)[0] + "/scripts/ds_templates_rank.py"
 

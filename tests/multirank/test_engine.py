@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from rosa_ds import RosaConfig, apply_rosa
-from rosa_ds.testing import adamw_reference, launch_ranks, lm_batch, no_dropout_gpt2
+from tests.helpers.launch import launch_ranks
+from tests.helpers.models import adamw_reference, lm_batch, no_dropout_gpt2
 
 SCRIPT = Path(__file__).parent / "scripts" / "engine_rank.py"
 STEPS_PER_EPOCH, EPOCHS, MICRO, WORLD, LR = 3, 3, 2, 2, 1e-3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference():
     """Single process, global batch, torch.optim.AdamW, same seeds; state cleared at resample."""
     torch.manual_seed(1234)

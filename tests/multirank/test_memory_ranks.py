@@ -3,8 +3,8 @@
 One launch runs every case (ZeRO-0..3 x fp32/bf16 x full/ROSA, LoRA, 8-bit Adam, optimizer
 offload): each rank takes a census of its engine's tensors after one step and one more backward,
 and again after the next step; both must equal the prediction for that rank in every category
-(on the CPU accelerator host and device are one memory, so offload is checked per category total). ROSA's measured reduction against
-full fine-tuning must match the closed form c_t P / (c_f F + c_t T) (docs/memory.md).
+(on the CPU accelerator host and device are one memory, so offload is checked per category total).
+ROSA's measured reduction against full fine-tuning must match the closed form c_t P / (c_f F + c_t T) (docs/memory.md).
 """
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import pytest
 
 from rosa_ds.memory import MemoryBreakdown, MemoryPlan, model_reduction, reduction_vs_full
 from rosa_ds.memory.counts import ModelCounts
-from rosa_ds.testing import launch_ranks
+from tests.helpers.launch import launch_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "memory_rank.py"
 GRID = [f"{s}:{d}:{m}" for s in (1, 2, 3) for d in ("fp32", "bf16") for m in ("full", "rosa")]
@@ -63,7 +63,8 @@ def _counts(case: dict) -> ModelCounts:
 @pytest.mark.parametrize("stage,dtype", [(s, d) for s in (1, 2, 3) for d in ("fp32", "bf16")])
 def test_rosa_reduction_matches_closed_form(results, stage, dtype):
     full, rosa = results[(0, f"{stage}:{dtype}:full")], results[(0, f"{stage}:{dtype}:rosa")]
-    measured = reduction_vs_full(MemoryBreakdown.from_dict(full["measured"]), MemoryBreakdown.from_dict(rosa["measured"]))
+    measured = reduction_vs_full(MemoryBreakdown.from_dict(full["measured"]),
+                                 MemoryBreakdown.from_dict(rosa["measured"]))
     plan = MemoryPlan(method="rosa", zero_stage=stage, world_size=2, dtype=dtype, accelerator="cpu")
     formula = model_reduction(_counts(full), _counts(rosa), plan)
     # Padding, ZeRO-3 persistent norms and step scalars are a few hundred bytes on a ~10 KB model.
@@ -71,7 +72,8 @@ def test_rosa_reduction_matches_closed_form(results, stage, dtype):
     assert measured > 1.5  # ROSA really saves memory at every stage
 
 
-@pytest.mark.parametrize("case, ratio", [("2:fp32:rosa:adamw:nf4", 1 / 8 + 1 / 64), ("2:bf16:rosa:adamw:int8", 1 / 4 + 1 / 30)])
+@pytest.mark.parametrize("case, ratio", [("2:fp32:rosa:adamw:nf4", 1 / 8 + 1 / 64),
+                                         ("2:bf16:rosa:adamw:int8", 1 / 4 + 1 / 30)])
 def test_quantized_base_categories(results, case, ratio):
     """The packed W_f is its own device category (about 1/7 (nf4) or 1/4 (int8) of the fp32 bytes of
     the adapted weights, scales included), the fp32 masters a host category of exactly 4 m n."""

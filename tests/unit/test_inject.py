@@ -1,5 +1,6 @@
 """Method-core tests on tiny GPT-2 (Conv1D), Llama-style and BERT models built from configs."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 import rosa_ds
 from rosa_ds import RosaConfig, apply_rosa, merge_and_unload, resample, trainable_report
 from rosa_ds.inject import iter_rosa_layers
-from rosa_ds.testing import tiny_model
+from tests.helpers.models import tiny_model
 
 KINDS = ["gpt2", "llama", "bert"]
 
@@ -108,6 +109,20 @@ def test_dtype_and_device_kept_and_bias_untouched():
     assert torch.equal(layer.base_layer.bias, bias)
 
 
+def test_unmatched_target_names_are_warned_about(caplog):
+    """A listed name that matches nothing is named in a warning; the names that match are adapted."""
+    model = tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="rosa_ds"):
+        apply_rosa(model, RosaConfig(rank=2, target_modules=("q_proj", "v_porj", "w_in")))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "v_porj, w_in matched no module (adapting only q_proj)" in warnings[0], warnings
+    assert len(list(iter_rosa_layers(model))) == 2  # q_proj of both blocks
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rosa_ds"):
+        apply_rosa(tiny_model("llama"), RosaConfig(rank=2, target_modules=("q_proj", "v_proj")))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_factor_parameter_objects_survive_resample():
     model = tiny_model("gpt2")
     apply_rosa(model, RosaConfig(rank=2))
@@ -155,7 +170,7 @@ def _snapshot(model):
     (dict(rank=32), ValueError, r"rank 32 is too large for layer transformer\.h\.0\.attn\.c_attn \(96x32\): "
                                 r"the largest valid rank for it is 31"),
     (dict(target_modules=["nope"]), ValueError, r"matched no module.*transformer\.h\.0\.attn\.c_attn"),
-    (dict(target_modules=r"transformer\.h\.0\.ln_1"), TypeError, r"cannot adapt .*ln_1 \(LayerNorm\)"),
+    (dict(target_modules=r"transformer\.h\.0\.ln_1"), ValueError, r"cannot adapt .*ln_1 \(LayerNorm\)"),
 ])
 def test_bad_input_is_rejected_without_modifying_the_model(config, error, message):
     model = tiny_model("gpt2")
@@ -168,7 +183,9 @@ def test_bad_input_is_rejected_without_modifying_the_model(config, error, messag
 
 @pytest.mark.parametrize("field, value, message", [
     ("strategy", "middle", r"strategy 'middle' does not exist; choose one of random, smallest, largest"),
-    ("rank", 0, "rank must be a positive integer"),
+    ("rank", 0, r"RosaConfig.rank must be >= 1, got 0"),
+    ("rank", True, r"RosaConfig.rank must be an integer, got True \(bool\)"),
+    ("target_modules", [], "RosaConfig.target_modules is empty"),
     ("init", "gauss", "init 'gauss' does not exist"),
     ("target_modules", "(", "not a valid regex"),
 ])

@@ -1,6 +1,5 @@
 """Memory accountant: hand-computed cases, closed forms, counts on meta models, bad input, CLI."""
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -9,11 +8,20 @@ import pytest
 import torch
 
 from rosa_ds import RosaConfig, apply_rosa
-from rosa_ds.memory import (MemoryBreakdown, MemoryPlan, compare, counts_from_module, exact_reduction,
-                            paper_reduction, predict, rho_of, write_memory_report)
+from rosa_ds.memory import (
+    MemoryBreakdown,
+    MemoryPlan,
+    compare,
+    counts_from_module,
+    exact_reduction,
+    paper_reduction,
+    predict,
+    rho_of,
+    write_memory_report,
+)
 from rosa_ds.memory.counts import ModelCounts
 from rosa_ds.memory.predict import padded, zero2_grad_partition
-from rosa_ds.testing import tiny_model
+from tests.helpers.models import tiny_model
 
 M = N = 768
 R = 8
@@ -141,7 +149,8 @@ def test_quantized_base_counts_and_prediction(kind):
     assert sim.n_frozen + sum(sim.masters) == plain.n_frozen and sim.buffers == plain.buffers
     stored = sum(b.numel() * b.element_size() for _, l in iter_rosa_layers(model) for b in l.base_layer.buffers())
     out = predict(sim, plan(dtype="fp32"))
-    assert out.device["quantized_weights"] == stored and out.host["base_masters"] == 4 * sum(m * n for m, n in sim.adapted)
+    assert out.device["quantized_weights"] == stored
+    assert out.host["base_masters"] == 4 * sum(m * n for m, n in sim.adapted)
     assert out.device["frozen_weights"] == 4 * sim.n_frozen
     with pytest.raises(ValueError, match="quantize_base applies to method rosa only"):
         counts_from_module(tiny_model("gpt2"), "lora", 4, quantize_base=kind)

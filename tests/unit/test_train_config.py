@@ -3,19 +3,43 @@ import json
 
 import pytest
 
-from rosa_ds import dsconfig as dc
-from rosa_ds.train_config import TrainConfig, build_parser, load_config_file, parse_args, save_resolved
+from rosa_ds import RosaConfig
+from rosa_ds.ds import config as dc
+from rosa_ds.recipe.config import (
+    COMPONENTS,
+    TrainConfig,
+    all_flag_fields,
+    build_parser,
+    load_config_file,
+    parse_args,
+    save_resolved,
+)
+from rosa_ds.recipe.data import DataConfig
+from rosa_ds.schedule import ScheduleConfig
 
 
 def test_defaults_are_the_default_job():
     cfg = parse_args([])
-    assert (cfg.model, cfg.task, cfg.dataset, cfg.method, cfg.rank, cfg.deepspeed) == \
+    assert (cfg.model, cfg.data.task, cfg.data.dataset, cfg.method, cfg.rosa.rank, cfg.deepspeed) == \
         ("default", "causal_lm", "bbc-headlines", "rosa", 8, "zero2")
-    assert (cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.epochs) == (128, 4, 1, 2)
-    assert (cfg.max_train_samples, cfg.max_eval_samples, cfg.lr) == (256, 32, 5e-4)
+    assert (cfg.data.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.epochs) == (128, 4, 1, 2)
+    assert (cfg.data.max_train_samples, cfg.data.max_eval_samples, cfg.lr) == (256, 32, 5e-4)
     assert cfg.explicit == set()
-    assert parse_args(["--task", "classification"]).dataset == "bbc-topics"
+    assert parse_args(["--task", "classification"]).data.dataset == "bbc-topics"
+    assert parse_args(["--task", "classification"]).data.max_eval_samples == 200
     assert parse_args(["--method", "full"]).lr == 2e-5
+    assert cfg.rosa.seed == cfg.data.seed == cfg.seed == 0 and parse_args(["--seed", "5"]).rosa.seed == 5
+
+
+def test_components_are_composed_not_redeclared():
+    """Each flat option is a field of exactly one config; the components are the library's own
+    classes, validated by themselves (one place per option)."""
+    names = [f.name for _, f in all_flag_fields()]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert [c for _, c in COMPONENTS] == [RosaConfig, ScheduleConfig, DataConfig]
+    cfg = parse_args(["--rank", "4", "--resample-every", "7", "--seq-len", "64"])
+    assert cfg.rosa == RosaConfig(rank=4, seed=0) and cfg.schedule == ScheduleConfig(7)
+    assert isinstance(cfg.data, DataConfig) and cfg.data.seq_len == 64
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -27,9 +51,10 @@ def test_precedence_defaults_file_cli(tmp_path, suffix):
     else:
         path.write_text("rank: 4\nlr: 1.0e-3\nmicro-batch: 2\ntarget_modules: [q_proj, v_proj]\n")
     cfg = parse_args(["--config", str(path), "--rank", "16", "--seq-len", "64"])
-    assert cfg.rank == 16                 # CLI beats file
-    assert cfg.lr == 1e-3 and cfg.micro_batch == 2 and cfg.target_modules == ["q_proj", "v_proj"]  # file beats default
-    assert cfg.seq_len == 64 and cfg.epochs == 2  # CLI only / default only
+    assert cfg.rosa.rank == 16                 # CLI beats file
+    # file beats default
+    assert cfg.lr == 1e-3 and cfg.micro_batch == 2 and cfg.rosa.target_modules == ("q_proj", "v_proj")
+    assert cfg.data.seq_len == 64 and cfg.epochs == 2  # CLI only / default only
     assert cfg.explicit == {"rank", "lr", "micro_batch", "target_modules", "seq_len"}
     assert cfg.config == str(path)
 
@@ -63,14 +88,15 @@ def test_saved_config_round_trips(tmp_path):
             "--tensorboard", "--resume", "--deepspeed", "zero3", "--local_rank=1", "--lr", "2e-4", "--task",
             "classification", "--label-field", "topic"]
     cfg = parse_args(argv)
-    assert cfg.target_modules == ".*attn.*" and cfg.resample_every == 25 and cfg.max_train_samples is None
+    assert cfg.rosa.target_modules == ".*attn.*" and cfg.schedule.resample_every == 25
+    assert cfg.data.max_train_samples is None
     assert cfg.resume == "latest" and cfg.tensorboard is True and cfg.local_rank == 1
     path = save_resolved(cfg, tmp_path / "out" / "config.json")
     saved = json.loads(path.read_text())
     assert "local_rank" not in saved and "config" not in saved and "explicit" not in saved
     again = parse_args(["--config", str(path)])
     assert again == cfg
-    assert again.rosa_config().to_dict() == cfg.rosa_config().to_dict()
+    assert again.rosa.to_dict() == cfg.rosa.to_dict()
 
 
 def test_save_resolved_records_values_the_json_decided(tmp_path):
@@ -94,22 +120,27 @@ def test_deepspeed_launcher_flags():
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--rank", "0"], "--rank must be >= 1, got 0"),
-    (["--lr", "0"], "TrainConfig.lr must be positive, got 0.0"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--quantize-base", "nf5"], "--quantize-base 'nf5' does not exist; choose one of nf4, int8"),
+    (["--method", "lora", "--quantize-base", "int8"], "--quantize-base applies to --method rosa only"),
+    (["--seq-len", "4"], "--seq-len must be >= 8, got 4"),
     (["--resample-every", "sometimes"],
      "--resample-every 'sometimes' is not valid; fix: use epoch, never, or a positive"),
     (["--resample-every", "0"], "--resample-every 0 is not valid"),
     (["--label-field", "y"],
      "--label-field applies to --task classification only; fix: drop it or use --task classification"),
+    (["--target-modules", "re:("], "--target-modules is not a valid regex"),
     (["--task", "classification", "--prompt-field", "p"], "--prompt-field applies to --task causal_lm only"),
     (["--model", "missing.gguf"], "--model missing.gguf not found; fix: give an existing .gguf file"),
     (["--deepspeed", "zero7"], "DeepSpeed config 'zero7' not found; give a JSON path or one of zero1"),
-    (["--target-modules", "re:("], "RosaConfig.target_modules is not a valid regex"),
 ])
 def test_bad_values(argv, fragment):
+    """Every problem names the flag, never an internal class."""
     with pytest.raises(ValueError) as info:
-        cfg = parse_args(argv)
-        cfg.rosa_config()
+        parse_args(argv)
     assert fragment in str(info.value)
+    assert "Config." not in str(info.value)
 
 
 def test_argparse_rejects_bad_choices_and_types(capsys):
@@ -127,7 +158,7 @@ def test_bad_config_files(tmp_path):
         load_config_file(unknown)
     typed = tmp_path / "t.json"
     typed.write_text('{"rank": "8"}')
-    with pytest.raises(ValueError, match=r"TrainConfig.rank must be int, got '8' \(str\)"):
+    with pytest.raises(ValueError, match=r"--rank must be an integer, got '8' \(str\)"):
         parse_args(["--config", str(typed)])
     broken = tmp_path / "b.json"
     broken.write_text("{")
@@ -137,13 +168,14 @@ def test_bad_config_files(tmp_path):
         parse_args(["--config", "nowhere.json"])
 
 
-def test_every_field_has_help_and_a_flag():
+def test_every_option_has_help_and_a_flag():
     help_text = build_parser().format_help()
-    for name, f in TrainConfig.__dataclass_fields__.items():
-        if f.metadata.get("internal"):
-            continue
-        assert f.metadata["help"], name
-        assert f"--{name.replace('_', '-')}" in help_text, name
+    for owner, f in all_flag_fields():
+        assert f.metadata["help"], (owner.__name__, f.name)
+        assert f"--{f.name.replace('_', '-')}" in help_text, f.name
+    assert "(default: 128)" in help_text  # the default job's sequence length, not DataConfig's library default
+    own = {f.name for f in TrainConfig.__dataclass_fields__.values() if "help" in f.metadata}
+    assert own.isdisjoint({f.name for _, c in COMPONENTS for f in c.__dataclass_fields__.values()} - {"seed"})
 
 
 def test_exit_now_flushes_and_keeps_the_exit_code():
@@ -152,7 +184,7 @@ def test_exit_now_flushes_and_keeps_the_exit_code():
     import subprocess
     import sys
 
-    code = ("import logging, sys; from rosa_ds.cli import exit_now; logging.basicConfig(stream=sys.stderr); "
+    code = ("import logging, sys; from rosa_ds.utils.dist import exit_now; logging.basicConfig(stream=sys.stderr); "
             "print('out', end=''); logging.getLogger('x').warning('logged'); exit_now(3)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3

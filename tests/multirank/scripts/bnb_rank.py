@@ -42,14 +42,17 @@ def parse():
 
 def main() -> None:
     import rosa_ds
-    from rosa_ds import RosaConfig, zero
+    from rosa_ds import RosaConfig
+    from rosa_ds.ds import engine as ds_engine
+    from rosa_ds.ds.optim import factor_state, flat_groups
+    from rosa_ds.ds.params import full_fp32
     from rosa_ds.inject import iter_rosa_layers
     from rosa_ds.schedule import ScheduleConfig
-    from rosa_ds.testing import ds_test_config, no_dropout_gpt2
+    from tests.helpers.models import ds_test_config, no_dropout_gpt2
 
     a = parse()
-    if a.no_reset:  # the engine calls zero.reset_factor_state through the module: make it a no-op
-        zero.reset_factor_state = lambda optimizer, params: 0
+    if a.no_reset:  # make the engine's state reset a no-op (the failure this test must detect)
+        ds_engine.reset_factor_state = lambda optimizer, params: 0
     torch.manual_seed(1234)
     cfg = ds_test_config(a.stage, "fp32", 2, lr=a.lr)
     kw = cfg.pop("optimizer")["params"]
@@ -66,21 +69,21 @@ def main() -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     def state_summary() -> dict:
-        states = zero.factor_state(engine.optimizer, engine.factor_params)
+        states = factor_state(engine.optimizer, engine.factor_params)
         dtypes = sorted({str(v.dtype) for s in states for v in s.values() if torch.is_tensor(v) and v.numel() > 1})
         steps = [int(torch.as_tensor(s["step"]).item()) for s in states if "step" in s]
         return {"empty": all(len(s) == 0 for s in states), "groups": len(states), "dtypes": dtypes, "steps": steps,
-                "partition_numel": [int(f.numel()) for _, f, _ in zero._flat_groups(engine.optimizer)]}
+                "partition_numel": [int(f.numel()) for _, f, _ in flat_groups(engine.optimizer)]}
 
     def snapshot() -> list:
         """Per layer (master, full fp32 A, full fp32 B) before a resample (collective)."""
-        return [(l.base_master.clone(), zero.full_fp32(l.rosa_A), zero.full_fp32(l.rosa_B))
+        return [(l.base_master.clone(), full_fp32(l.rosa_A), full_fp32(l.rosa_B))
                 for _, l in iter_rosa_layers(engine.module)] if a.quantize_base else []
 
     def check_resample(before: list, index: int) -> dict:
         """The distributed resample vs the pure method on the same state: master' = (master + A B)
         - A'B' with (A', B') = new_factors(master + A B), to fp32 rounding (the fp64 accumulation
-        order is zero.py's business); the buffers are exactly quantize(master') of this rank's own
+        order is the seam's business); the buffers are exactly quantize(master') of this rank's own
         master; and (digest) every rank holds the same master and buffers, bit for bit."""
         from rosa_ds.factorize import new_factors
         from rosa_ds.quant import quantize
@@ -126,8 +129,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from rosa_ds.cli import exit_now
-    from rosa_ds.zero import shutdown_distributed
+    from rosa_ds.ds.dist import shutdown_distributed
+    from rosa_ds.utils.dist import exit_now
 
     shutdown_distributed()
     exit_now(0)

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from rosa_ds.dsconfig import RunValues, batch_sizes, build_ds_config, offload_optimizer, zero_stage
-from rosa_ds.testing import tiny_model
+from rosa_ds.ds.config import RunValues, batch_sizes, build_ds_config, offload_optimizer, zero_stage
+from tests.helpers.models import tiny_model
 
 MICRO, LR, WD, TOTAL, WARMUP, STEPS, SEQ = 2, 1e-2, 0.01, 6, 2, 5, 16
 
@@ -82,9 +82,8 @@ def main() -> None:
     ap.add_argument("--templates", nargs="+", required=True)
     ap.add_argument("--result", required=True)
     args = ap.parse_args()
-    import deepspeed
 
-    from rosa_ds.zero import init_distributed
+    from rosa_ds.ds.dist import init_distributed
 
     init_distributed()  # gloo on CPU, without JIT-building the shm op
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -96,8 +95,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from rosa_ds.cli import exit_now
-    from rosa_ds.zero import shutdown_distributed
+    from rosa_ds.ds.dist import shutdown_distributed
+    from rosa_ds.utils.dist import exit_now
 
     shutdown_distributed()
     exit_now(0)

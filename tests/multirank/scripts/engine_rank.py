@@ -2,18 +2,19 @@
 import argparse
 import hashlib
 import json
-import sys
 
 import torch
 
 import rosa_ds
 from rosa_ds import RosaConfig
+from rosa_ds.ds.dist import shutdown_distributed
+from rosa_ds.ds.optim import factor_state
+from rosa_ds.ds.params import full_fp32, full_fp32_many, gathered
 from rosa_ds.factorize import SVD_CALLS
 from rosa_ds.inject import iter_rosa_layers
 from rosa_ds.schedule import ScheduleConfig
-from rosa_ds.cli import exit_now
-from rosa_ds.zero import shutdown_distributed
-from rosa_ds.testing import ds_test_config, lm_batch, no_dropout_gpt2
+from rosa_ds.utils.dist import exit_now
+from tests.helpers.models import ds_test_config, lm_batch, no_dropout_gpt2
 
 p = argparse.ArgumentParser()
 p.add_argument("--stage", type=int, default=2)
@@ -52,21 +53,20 @@ def digest(t: torch.Tensor) -> str:
 
 def after_resample_checks() -> dict:
     """Checksums of full W_f, A, B (module and fp32 master) and the factors' optimizer state."""
-    from rosa_ds import zero
-
     sums, module_eq_master = [], True
-    for name, layer in iter_rosa_layers(engine.module):
-        a32, b32 = zero.full_fp32(layer.rosa_A), zero.full_fp32(layer.rosa_B)
-        with zero.gathered([layer.base_layer.weight, layer.rosa_A, layer.rosa_B]):
+    for _, layer in iter_rosa_layers(engine.module):
+        a32, b32 = full_fp32(layer.rosa_A), full_fp32(layer.rosa_B)
+        with gathered([layer.base_layer.weight, layer.rosa_A, layer.rosa_B]):
             sums.append([digest(layer.base_layer.weight), digest(layer.rosa_A), digest(layer.rosa_B), digest(a32)])
             if a.dtype == "fp32":
-                module_eq_master &= bool(torch.equal(layer.rosa_A.float(), a32) and torch.equal(layer.rosa_B.float(), b32))
+                module_eq_master &= bool(torch.equal(layer.rosa_A.float(), a32)
+                                         and torch.equal(layer.rosa_B.float(), b32))
             else:  # the module holds the master rounded once to bf16
                 module_eq_master &= bool(torch.equal(layer.rosa_A, a32.to(layer.rosa_A.dtype)))
-    states = zero.factor_state(engine.optimizer, engine.factor_params)
+    states = factor_state(engine.optimizer, engine.factor_params)
     # the resample's one-collective gather of every factor's fp32 master = one DeepSpeed call per factor
     params = [p for _, layer in iter_rosa_layers(engine.module) for p in (layer.rosa_A, layer.rosa_B)]
-    batched_exact = all(torch.equal(x, zero.full_fp32(p)) for x, p in zip(zero.full_fp32_many(params), params))
+    batched_exact = all(torch.equal(x, full_fp32(p)) for x, p in zip(full_fp32_many(params), params))
     return {"checksums": sums, "module_eq_master": module_eq_master, "batched_gather_exact": batched_exact,
             "state_empty": all(len(s) == 0 for s in states), "n_state_groups": len(states)}
 
@@ -95,8 +95,9 @@ for step in range(start_step, total):
             checks["step"] = done
             resamples.append(checks)
     if resamples and done == resamples[-1]["step"] + 1:
-        states = rosa_ds.zero.factor_state(engine.optimizer, engine.factor_params)
-        resamples[-1]["step_after_next_update"] = [int(torch.as_tensor(s["step"]).item()) for s in states if "step" in s]
+        states = factor_state(engine.optimizer, engine.factor_params)
+        resamples[-1]["step_after_next_update"] = [int(torch.as_tensor(s["step"]).item())
+                                                   for s in states if "step" in s]
     if a.save_at and done == a.save_at:
         engine.save_checkpoint(a.ckpt, client_state={"step": done})
     if a.stop_at and done == a.stop_at:

@@ -12,13 +12,14 @@ import argparse
 import json
 import os
 
+import deepspeed
 import torch
 import transformers as tf
 
-import deepspeed
 from rosa_ds import RosaConfig, apply_rosa
-from rosa_ds.memory import MemoryPlan, compare, counts_from_module, measure, predict
-from rosa_ds.memory.census import counts_from_engine
+from rosa_ds.ds.census import counts_from_engine, measure
+from rosa_ds.layer import is_adapter_param
+from rosa_ds.memory import MemoryPlan, compare, counts_from_module, predict
 
 RANK_R = 3  # odd sizes everywhere, so padding and partition boundaries are exercised
 BUCKETS = {"reduce_bucket_size": 1000, "allgather_bucket_size": 1000, "stage3_prefetch_bucket_size": 500,
@@ -51,8 +52,8 @@ def build(method: str, quantize: str | None = None):
     applied = counts_from_module(model)
     assert (applied.frozen, applied.groups, applied.buffers, applied.quantized, applied.masters) == (
         counts.frozen, counts.groups, counts.buffers, counts.quantized, counts.masters), "simulated ROSA counts differ"
-    factors = [p for n, p in model.named_parameters() if "rosa_" in n]
-    kept = [p for n, p in model.named_parameters() if p.requires_grad and "rosa_" not in n]
+    factors = [p for n, p in model.named_parameters() if is_adapter_param(n)]
+    kept = [p for n, p in model.named_parameters() if p.requires_grad and not is_adapter_param(n)]
     return model, [{"params": factors}] + ([{"params": kept}] if kept else []), counts
 
 
@@ -77,7 +78,7 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
         import bitsandbytes as bnb
 
         client = bnb.optim.AdamW8bit(groups, lr=1e-3)
-    from rosa_ds.zero import init_distributed
+    from rosa_ds.ds.dist import init_distributed
 
     init_distributed()  # gloo on CPU, without JIT-building the shm op
     engine, *_ = deepspeed.initialize(model=model, model_parameters=None if client else groups, optimizer=client,
@@ -97,7 +98,7 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
     rows_after = compare(predict(counts, plan, "after_step"), measure(engine))
     persist = [p for p in engine.module.parameters() if getattr(p, "ds_persist", False)]
     if persist:  # a checkpoint save / resample partitions persistent params; the report must re-gather them
-        from rosa_ds.memory.runtime import regather_persistent
+        from rosa_ds.ds.census import regather_persistent
 
         with deepspeed.zero.GatheredParameters(persist):
             pass
@@ -114,9 +115,10 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
     if report_dir:  # the trainer's hook, on a duck-typed trainer, after the step
         from types import SimpleNamespace
 
-        from rosa_ds.memory.runtime import write_run_report
+        from rosa_ds.recipe.memory_report import write_run_report
 
-        cfg = SimpleNamespace(method=method, rank=RANK_R, micro_batch=2, seq_len=12, optim=optimizer)
+        cfg = SimpleNamespace(method=method, rosa=SimpleNamespace(rank=RANK_R), micro_batch=2,
+                              data=SimpleNamespace(seq_len=12), optim=optimizer)
         trainer = SimpleNamespace(engine=SimpleNamespace(ds=engine), cfg=cfg, rank=rank, world=world,
                                   out=report_dir, ds_config=ds_config(stage, dtype, optimizer, offload))
         report = write_run_report(trainer)
@@ -140,8 +142,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from rosa_ds.cli import exit_now
-    from rosa_ds.zero import shutdown_distributed
+    from rosa_ds.ds.dist import shutdown_distributed
+    from rosa_ds.utils.dist import exit_now
 
     shutdown_distributed()
     exit_now(0)

@@ -34,7 +34,7 @@ class TokenizedSplit(torch.utils.data.Dataset):
         self.input_ids, self.offsets, self.labels, self.per_token = input_ids, offsets, labels, per_token
 
     @classmethod
-    def from_lists(cls, ids: list[list[int]], labels: list) -> "TokenizedSplit":
+    def from_lists(cls, ids: list[list[int]], labels: list) -> TokenizedSplit:
         lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
         offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(lengths, 0)
@@ -62,7 +62,7 @@ class TokenizedSplit(torch.utils.data.Dataset):
                 "per_token": self.per_token}
 
     @classmethod
-    def from_state(cls, st: dict) -> "TokenizedSplit":
+    def from_state(cls, st: dict) -> TokenizedSplit:
         return cls(st["input_ids"], st["offsets"], st["labels"], bool(st["per_token"]))
 
 
@@ -148,7 +148,8 @@ def eval_prompts(tokenizer, examples: list[Example], mode: str, seq_len: int, tr
             room = seq_len - len(prefix) - len(_ids(tokenizer, [reference])[0]) - len(_eos(tokenizer))
         else:
             words = ex.values["text"].split()
-            prompt, reference = " ".join(words[:TEXT_PROMPT_WORDS]), " ".join(words[TEXT_PROMPT_WORDS:3 * TEXT_PROMPT_WORDS])
+            prompt = " ".join(words[:TEXT_PROMPT_WORDS])
+            reference = " ".join(words[TEXT_PROMPT_WORDS:3 * TEXT_PROMPT_WORDS])
             room = seq_len // 2
         ids = fit_prompt(_ids(tokenizer, [prompt])[0], max(1, room), truncation)
         out.append(EvalPrompt(prompt, reference, prefix + list(ids)))

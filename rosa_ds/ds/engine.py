@@ -13,80 +13,33 @@ param groups, so only they carry gradients, fp32 masters and optimizer state at 
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from . import checkpoint, zero
-from .config import RosaConfig
-from .inject import apply_rosa, iter_rosa_layers, mark_trainable
-from .log import log_rank0
-from .schedule import ScheduleConfig
-
-
-@dataclass
-class RosaState:
-    """What the engine adds to DeepSpeed's own state; saved with every checkpoint."""
-
-    resamples: int = 0
-    last_resample_step: Optional[int] = None
-    epoch: int = 0
-    events: list = field(default_factory=list)
-
-
-def load_ds_config(config: Union[str, Path, dict]) -> dict:
-    if isinstance(config, dict):
-        return dict(config)
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist; pass a JSON file such as ds_configs/zero2.json")
-    return json.loads(path.read_text())
-
-
-def _auto_keys(cfg, prefix: str = ""):
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            yield from _auto_keys(value, f"{prefix}{key}.")
-        elif value == "auto":
-            yield prefix + key
-
-
-def validate_ds_config(cfg: dict, client_optimizer: bool) -> None:
-    """Refuse combinations ROSA cannot run, before DeepSpeed starts (one clear message each)."""
-    autos = sorted(_auto_keys(cfg))
-    if autos:
-        raise ValueError(f"the DeepSpeed config still has \"auto\" values ({', '.join(autos)}); fill them with "
-                         "rosa_ds.dsconfig.build_ds_config(template, RunValues(...), world_size) or set them")
-    zero = cfg.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0))
-    if stage not in (1, 2, 3):
-        raise ValueError(f"ZeRO stage {stage} is not supported by rosa_ds: ROSA needs DeepSpeed's flat fp32 "
-                         "partitions to write new factors into; use stage 1 (ds_configs/zero1.json), which on "
-                         "one GPU costs the same memory as stage 0")
-    if cfg.get("bf16", {}).get("enabled") is True and cfg.get("fp16", {}).get("enabled") is True:
-        raise ValueError("the DeepSpeed config enables both bf16 and fp16; enable one of them")
-    if cfg.get("fp16", {}).get("enabled") is True and not torch.cuda.is_available():
-        raise ValueError("fp16 is not supported by DeepSpeed's CPU accelerator; use fp32 (the CPU default) "
-                         "or bf16, or run on a GPU")
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if offload not in (None, "none") and client_optimizer and not cfg.get("zero_force_ds_cpu_optimizer") is False:
-        raise ValueError("optimizer CPU offload runs DeepSpeed's CPU Adam; a client optimizer (e.g. --optim adamw8bit) "
-                         "cannot be offloaded: drop offload_optimizer from the config or use the DeepSpeed optimizer")
-    if offload == "nvme":
-        raise ValueError("NVMe optimizer offload is not supported by rosa_ds (resampling clears optimizer state in "
-                         "memory); use offload_optimizer.device = cpu")
+from ..config import RosaConfig
+from ..inject import apply_rosa, iter_rosa_layers, mark_trainable
+from ..layer import is_adapter_param
+from ..schedule import ScheduleConfig
+from ..utils.log import log_rank0
+from . import checkpoint, export
+from .checkpoint import RosaState
+from .config import check_ds_config, load_template
+from .dist import init_distributed
+from .optim import reset_factor_state
+from .resample import distributed_resample
 
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Factors in one group, other trainable parameters (modules_to_save) in another: a resample
     resets the factors' flat group only, and the head keeps its Adam state."""
-    factors = [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1].startswith("rosa_")]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.rsplit(".", 1)[-1].startswith("rosa_")]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    factors = [p for n, p in trainable if is_adapter_param(n)]
+    others = [p for n, p in trainable if not is_adapter_param(n)]
     groups = [{"params": factors, "name": "rosa_factors"}] if factors else []
     if others:
         groups.append({"params": others, "name": "trainable"})
@@ -100,13 +53,19 @@ class RosaEngine:
 
     def __init__(self, ds_engine, rosa_config: Optional[RosaConfig], schedule: ScheduleConfig) -> None:
         self.ds = ds_engine
-        self.rosa_config = rosa_config
-        self.schedule = schedule
-        self.state = RosaState()
+        self.state = RosaState(rosa_config=rosa_config, schedule=schedule)
         # DeepSpeed's is_gradient_accumulation_boundary() describes the NEXT micro step once step()
         # has run; this records whether the last step() completed an optimizer step.
         self.at_boundary = True
-        self.factor_params = [p for n, p in ds_engine.module.named_parameters() if n.rsplit(".", 1)[-1].startswith("rosa_")]
+        self.factor_params = [p for n, p in ds_engine.module.named_parameters() if is_adapter_param(n)]
+
+    @property
+    def rosa_config(self) -> Optional[RosaConfig]:
+        return self.state.rosa_config
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        return self.state.schedule
 
     # --- DeepSpeed passthrough ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -126,8 +85,8 @@ class RosaEngine:
         """Optimizer step (at accumulation boundaries), with the optional re-warmup factor; then a
         step-scheduled resample if due. Returns the resample event, if one happened."""
         boundary = self.ds.is_gradient_accumulation_boundary()
-        since = None if self.state.last_resample_step is None else self.global_step - self.state.last_resample_step
-        factor = self.schedule.lr_factor(since) if boundary else 1.0
+        last = self.state.last_resample_step
+        factor = self.schedule.lr_factor(None if last is None else self.global_step - last) if boundary else 1.0
         groups = self.ds.optimizer.param_groups
         saved = [g["lr"] for g in groups]
         if factor != 1.0:
@@ -162,13 +121,10 @@ class RosaEngine:
                                "gradients; call it after engine.step() at an accumulation boundary")
         start = time.perf_counter()
         index = self.state.resamples + 1
-        counts = zero.distributed_resample(self.ds.module, self.rosa_config, index, owner_svd=owner_svd)
-        groups = zero.reset_factor_state(self.ds.optimizer, self.factor_params)
-        self.state.resamples = index
-        self.state.last_resample_step = self.global_step
-        event = {"event": "resample", "index": index, "step": self.global_step, "epoch": self.state.epoch,
-                 "seconds": round(time.perf_counter() - start, 4), "optimizer_groups_reset": groups, **counts}
-        self.state.events.append(event)
+        counts = distributed_resample(self.ds.module, self.rosa_config, index, owner_svd=owner_svd)
+        groups = reset_factor_state(self.ds.optimizer, self.factor_params)
+        event = self.state.record_resample(index, self.global_step, time.perf_counter() - start,
+                                           {"optimizer_groups_reset": groups, **counts})
         log_rank0(f"resample {index} at step {self.global_step}: {counts['layers']} layers in {event['seconds']:.2f}s")
         return event
 
@@ -176,19 +132,20 @@ class RosaEngine:
     def save_checkpoint(self, save_dir: Union[str, Path], tag: Optional[str] = None,
                         client_state: Optional[dict] = None) -> Path:
         """Atomic DeepSpeed checkpoint plus ROSA state (W_f, resample count, seeds, RNG)."""
-        return checkpoint.save(self, Path(save_dir), tag or f"step_{self.global_step:08d}", client_state or {})
+        return checkpoint.save(self.ds, self.state, Path(save_dir), tag or f"step_{self.global_step:08d}",
+                               client_state or {})
 
     def load_checkpoint(self, load_dir: Union[str, Path], tag: Optional[str] = None) -> dict:
         """Resume exactly; returns the client state saved with it (e.g. the data position)."""
-        return checkpoint.load(self, Path(load_dir), tag)
+        return checkpoint.load(self.ds, self.state, Path(load_dir), tag)
 
     def merged_state_dict(self) -> Optional[dict]:
         """The plain model's full state dict (W = W_f + A B merged in fp32, cast once) on rank 0."""
-        return checkpoint.merged_state_dict(self)
+        return export.merged_state_dict(self.ds.module)
 
     def save_merged(self, out_dir: Union[str, Path], tokenizer=None) -> Optional[Path]:
         """Write the final plain model (safetensors) loadable by ``AutoModel*.from_pretrained``."""
-        return checkpoint.save_merged(self, Path(out_dir), tokenizer)
+        return export.save_merged(self.ds.module, Path(out_dir), tokenizer)
 
 
 def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, config: Union[str, Path, dict, None] = None,
@@ -205,21 +162,24 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
             the param groups), e.g. ``lambda p: torch.optim.AdamW(p, lr=1e-3)``.
         lr_scheduler: a scheduler or a factory ``optimizer -> scheduler``.
     """
-    zero.init_distributed()
+    import deepspeed
+
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError("pass the client optimizer as a factory (params -> optimizer), e.g. "
+                         "lambda params: torch.optim.AdamW(params, lr=...), so it is built on rosa_ds's param groups")
+    init_distributed()
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None)
-    ds_config = load_ds_config(config)
-    validate_ds_config(ds_config, client_optimizer=optimizer is not None)
+    ds_config, source = load_template(config)
+    check_ds_config(ds_config, source, client_optimizer=optimizer is not None)
     has_rosa = any(True for _ in iter_rosa_layers(model))
     if rosa_config is not None and not has_rosa:
         apply_rosa(model, rosa_config, factorize=False)  # W_f = W, A = B = 0: same function
-        zero.distributed_resample(model, rosa_config, 0)  # one SVD per layer in the world
+        distributed_resample(model, rosa_config, 0)  # one SVD per layer in the world
     elif rosa_config is not None:
         mark_trainable(model, rosa_config)
     elif has_rosa:
         rosa_config = model.rosa_config
-    if isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError("pass the client optimizer as a factory (params -> optimizer), e.g. "
-                        "lambda params: torch.optim.AdamW(params, lr=...), so it is built on rosa_ds's param groups")
-    ds_engine = zero.ds_initialize(model, param_groups(model), ds_config, optimizer, lr_scheduler)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config,
+                                              optimizer=optimizer, lr_scheduler=lr_scheduler)
     return RosaEngine(ds_engine, rosa_config, schedule or ScheduleConfig())

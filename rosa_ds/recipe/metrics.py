@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
+
+from ..utils.io import atomic_file
 
 
 class MetricsWriter:
@@ -77,11 +79,8 @@ def write_predictions(path: Path, rows: Sequence[tuple[int, list[float]]], gold_
     ``rows`` are (eval index, logits) from all ranks in any order; the file is replaced atomically,
     so it always holds one complete evaluation. Logits are fp32 values written as Python floats
     (shortest round-trip repr), so a reloaded model can be compared against them exactly."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(Path(path)) as tmp, open(tmp, "w") as f:
         for i, logits in sorted(rows, key=lambda r: r[0]):
             pred = max(range(len(logits)), key=logits.__getitem__)
             f.write(json.dumps({"index": i, "label": label_names[gold_ids[i]], "pred": label_names[pred],
                                 "logits": logits}) + "\n")
-    os.replace(tmp, path)

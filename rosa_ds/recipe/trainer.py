@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,24 +18,25 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import dsconfig
+from ..ds import config as dsconfig
+from ..ds.dist import shutdown_distributed
+from ..ds.engine import initialize
+from ..ds.export import save_model
+from ..inject import trainable_report
+from ..utils.dist import rank_and_world
+from ..utils.log import log_rank0
 from .baselines import apply_lora, classification_head, lora_merged_state_dict
-from .data import BatchOrder, DataConfig, PadCollator, check_data, tokenize_data
-from .log import log_rank0
+from .config import TrainConfig, save_resolved
+from .data import BatchOrder, PadCollator, check_data, tokenize_data
+from .memory_report import write_run_report
 from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, write_predictions
 from .models import check_model_spec, load_config, load_model_and_tokenizer, model_max_length
-from .schedule import ScheduleConfig
-from .train_config import TrainConfig, save_resolved
-
-def world() -> tuple[int, int]:
-    """(global rank, world size) from the launcher's environment (never LOCAL_RANK)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.rank, self.world = world()
+        self.rank, self.world = rank_and_world()
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.last_eval: Optional[dict] = None  # classification: the latest eval scores, shown in the bar
@@ -44,52 +44,45 @@ class Trainer:
     # --- 1. cheap checks: every bad input fails here, in one line ------------------------
     def check(self) -> None:
         cfg = self.cfg
-        self.source = check_model_spec(cfg.model, cfg.task)
-        self.data_cfg = DataConfig(
-            task=cfg.task, dataset=cfg.dataset, prompt_field=cfg.prompt_field, target_field=cfg.target_field,
-            text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
-            seq_len=cfg.seq_len, max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
-            seed=cfg.seed)
-        self.raw = check_data(self.data_cfg)  # before the model config: reading it from a GGUF takes seconds
+        self.source = check_model_spec(cfg.model, cfg.data.task)
+        self.raw = check_data(cfg.data)  # before the model config: reading it from a GGUF takes seconds
         max_len = model_max_length(load_config(self.source))
-        if max_len is not None and cfg.seq_len > max_len:
-            raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context ({max_len} tokens); "
+        if max_len is not None and cfg.data.seq_len > max_len:
+            raise ValueError(f"--seq-len {cfg.data.seq_len} is longer than the model's context ({max_len} tokens); "
                              f"use --seq-len {max_len} or less")
         self.order = BatchOrder(len(self.raw.train), cfg.micro_batch, self.world, self.rank, cfg.grad_accum, cfg.seed)
         spe = self.order.steps_per_epoch
         self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
         self.ds_config = dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
         if cfg.tensorboard:
-            self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"), "job_name": "rosa_ds"}
+            self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"),
+                                             "job_name": "rosa_ds"}
 
     # --- 2. heavy setup --------------------------------------------------------------------
     def setup(self) -> None:
-        import rosa_ds
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         labels = self.raw.label_names
-        model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.task, len(labels) if labels else None, labels)
+        task = cfg.data.task
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model, task, len(labels) if labels else None, labels)
         self.data = tokenize_data(self.raw, self.tokenizer)
-        keep = list(cfg.modules_to_save or (classification_head(model) if cfg.task == "classification" else []))
+        keep = tuple(cfg.rosa.modules_to_save or (classification_head(model) if task == "classification" else ()))
         rosa_config, optimizer = None, None
         if cfg.method == "rosa":
-            rosa_config = dataclasses.replace(cfg.rosa_config(), modules_to_save=tuple(keep))
+            rosa_config = dataclasses.replace(cfg.rosa, modules_to_save=keep)
         elif cfg.method == "lora":
-            model = apply_lora(model, cfg.rank, cfg.target_modules, keep)
+            model = apply_lora(model, cfg.rosa.rank, cfg.rosa.target_modules, keep)
         if cfg.optim == "adamw8bit":
             self.ds_config, kwargs = dsconfig.client_optimizer_config(self.ds_config)
             optimizer = _bnb_factory(kwargs)
-        schedule = ScheduleConfig(cfg.resample_every, cfg.rewarmup_steps)
-        self.engine = rosa_ds.initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer,
-                                         schedule=schedule)
+        self.engine = initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer, schedule=cfg.schedule)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.collate = PadCollator(self.tokenizer.pad_token_id)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.out / "config.json", self.ds_config)
-            report = rosa_ds.trainable_report(self.engine.module)
+            report = trainable_report(self.engine.module)
             log_rank0(f"{cfg.method}: trainable {report.trainable:,} of {report.total:,} parameters"
                       + (f", rho {report.rho:.1f}" if cfg.method == "rosa" else ""))
         self.start_epoch, self.skip = 0, 0
@@ -177,9 +170,9 @@ class Trainer:
             out = eng(**batch)  # every rank runs the same number of forwards (ZeRO-3 gathers)
             if not mine[start:start + self.cfg.micro_batch]:
                 continue
-            n = len(idx) if self.cfg.task == "classification" else int((batch["labels"][:, 1:] != -100).sum())
+            n = len(idx) if self.cfg.data.task == "classification" else int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
-            if self.cfg.task == "classification":
+            if self.cfg.data.task == "classification":
                 preds += out.logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
                 rows += zip(idx, out.logits.float().tolist())
@@ -188,7 +181,7 @@ class Trainer:
         loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
         rec = {"event": "eval", "step": eng.global_step, "epoch": epoch, "eval_loss": loss,
                "eval_perplexity": math.exp(min(loss, 50))}
-        if self.cfg.task == "classification":
+        if self.cfg.data.task == "classification":
             rec.update(classification_metrics(self._gather(preds), self._gather(golds), len(self.data.label_names)))
             rows = self._gather(rows)
             if self.rank == 0:
@@ -211,7 +204,7 @@ class Trainer:
 
     def generate_samples(self) -> list[dict]:
         """Greedy continuations of the fixed eval prompts (all ranks run generate: ZeRO-3)."""
-        prompts = self.data.eval_prompts[: self.cfg.num_samples]
+        prompts = self.data.eval_prompts[: self.cfg.data.num_samples]
         samples, module = [], self.engine.module
         for p in prompts:
             ids = torch.tensor([p.prompt_ids], device=self.engine.device)
@@ -237,31 +230,17 @@ class Trainer:
         state = self.engine.merged_state_dict()
         if self.cfg.method == "lora" and state is not None:
             state = lora_merged_state_dict(state, self.engine.module)
-        if self.rank == 0:
-            base = self.engine.module.get_base_model() if self.cfg.method == "lora" else self.engine.module
-            _save_plain(base, state, final, self.tokenizer)
-            log_rank0(f"final merged model: {final}")
-        if self.world > 1:
-            dist.barrier()
+        base = self.engine.module.get_base_model() if self.cfg.method == "lora" else self.engine.module
+        save_model(base, state, final, self.tokenizer)
+        log_rank0(f"final merged model: {final}")
 
     def run(self) -> None:
         self.check()
         self.setup()
         self.train()
-        _memory_report(self)  # before export: the census reads the live engine
+        write_run_report(self)  # before export: the census reads the live engine
         self.export()
-        from . import zero
-
-        zero.shutdown_distributed()
-
-
-def _save_plain(model, state: dict, out: Path, tokenizer) -> None:
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+        shutdown_distributed()
 
 
 def _bnb_factory(kwargs: dict):
@@ -272,11 +251,3 @@ def _bnb_factory(kwargs: dict):
 
     return make
 
-
-def _memory_report(trainer: Trainer) -> None:
-    """Predicted and measured per-rank memory into the output directory (rank 0 writes)."""
-    try:
-        from .memory.runtime import write_run_report
-    except ImportError:  # accountant not available in this build
-        return
-    write_run_report(trainer)

@@ -1,10 +1,10 @@
-"""On-disk cache helpers shared by data tokenization and model conversion.
+"""Atomic files and directories, advisory locks, and the on-disk cache root.
 
-Several ranks are often launched at the same moment on one machine, each finding the cache empty.
-``exclusive`` serialises them with an advisory ``flock`` on a lock file: the first rank builds,
-the others block, then find the finished entry and only load it. Every entry is written to a
-temporary name in the same directory and moved into place with ``os.replace`` (atomic on POSIX),
-so a reader never sees a half-written file even if the builder is killed mid-write.
+Several ranks are often launched at the same moment on one machine. ``exclusive`` serialises
+them with an advisory ``flock`` on a lock file: the first builds, the others block, then find the
+finished entry. Everything is written under a temporary name in the target's own directory and
+moved into place with ``os.replace`` (atomic on POSIX), so a reader never sees a half-written
+file or directory, even when the writer is killed mid-write.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 try:  # POSIX only; elsewhere the atomic rename alone still keeps entries whole.
     import fcntl
@@ -60,25 +61,47 @@ _UMASK = _read_umask()
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``target``; on success move it to ``target``."""
+def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``target``; on success it becomes ``target``.
+
+    ``replace=False`` (caches): if ``target`` appeared meanwhile, another process finished first
+    and its entry is kept. ``replace=True`` (exports, checkpoints): an existing ``target`` is
+    moved aside, the new one renamed into place, then the old one deleted, so at every moment
+    one complete directory exists under the name or its ``.old`` sibling. On an exception the
+    temporary directory is removed and ``target`` is untouched."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private (0700); the entry is an ordinary dir
     try:
         yield tmp
-        if target.exists():  # another process finished first (no lock held): keep theirs
-            shutil.rmtree(tmp)
+        if replace or not target.exists():
+            replace_dir(tmp, target)
         else:
-            os.replace(tmp, target)
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def replace_dir(src: Path, target: Path) -> None:
+    """Rename the finished directory ``src`` to ``target`` (same filesystem). An existing
+    ``target`` is moved aside to ``<target>.old`` first and deleted last, so at every moment one
+    complete directory exists under the name or its ``.old`` sibling."""
+    if not target.exists():
+        os.replace(src, target)
+        return
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(src, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary file path next to ``target``; on success ``os.replace`` it onto ``target``."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp", dir=target.parent)
     os.close(fd)
@@ -90,3 +113,12 @@ def atomic_file(target: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably (fsync before the rename)."""
+    with atomic_file(Path(path)) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import RosaConfig
-from .inject import find_targets
+from ..config import RosaConfig
+from ..inject import find_targets
 
 PEFT_PREFIX = "base_model.model."
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import MemoryBreakdown
+from ..memory.plan import MemoryBreakdown
 
 # Optimizer attributes by category (DeepSpeed 0.19.8 names: stage_1_and_2.py, stage3.py, bf16_optimizer.py).
 WEIGHT_ATTRS = ("bit16_groups_flat", "fp16_partitioned_groups_flat", "bf16_groups_flat")
@@ -137,7 +137,7 @@ def counts_from_engine(ds_engine):
     """ModelCounts exactly as DeepSpeed grouped the trainable parameters (its own group lists,
     in its order), frozen parameters and buffers of the live module; ROSA layers give rho."""
     from ..layer import RosaLinear
-    from .counts import ModelCounts, _buffer_bytes, add_quantized, arch_from_config
+    from ..memory.counts import ModelCounts, _buffer_bytes, add_quantized, arch_from_config
 
     opt, module = ds_engine.optimizer, ds_engine.module
     numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
@@ -161,3 +161,19 @@ def counts_from_engine(ds_engine):
     if getattr(module, "config", None) is not None:
         out.arch = arch_from_config(module.config)
     return out
+
+
+def regather_persistent(module) -> int:
+    """Gather again the ZeRO-3 persistent parameters (numel <= stage3_param_persistence_threshold)
+    that a ``GatheredParameters`` exit left partitioned; returns their elements. Collective.
+
+    Persistent parameters stay whole between forwards, but every ``GatheredParameters`` exit
+    (ROSA resample, checkpoint save of W_f, merged export) partitions them again until the next
+    forward fetches them. A census right after a save would miss them (measured < predicted by
+    their size) although every training step holds them; this restores the training resident
+    set exactly as the next forward would. Duck-typed: ``ds_persist``/``ds_status`` attributes."""
+    persist = [p for p in module.parameters() if getattr(p, "ds_persist", False)]
+    missing = [p for p in persist if getattr(getattr(p, "ds_status", None), "name", "") == "NOT_AVAILABLE"]
+    if persist:  # every rank passes the same list (module order); DeepSpeed skips available ones
+        persist[0].all_gather(param_list=persist)
+    return sum(int(p.ds_numel) for p in missing)

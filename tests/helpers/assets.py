@@ -29,7 +29,7 @@ def _training_text() -> list[str]:
     texts = [" ".join(WORDS)] * 20 + [" ".join(v.split()) for v in TOPICS.values()] * 20
     texts += ["Copy: Output: Article: Headline: The the of and to in a is was for on said"] * 20
     try:
-        from .data.sources import bbc_dir
+        from rosa_ds.recipe.data.sources import bbc_dir
 
         texts += [p.read_text(encoding="utf-8", errors="replace") for p in sorted(bbc_dir().glob("*/*.txt"))[:60]]
     except Exception:  # corpus not installed: the synthetic text alone still trains a usable BPE
@@ -85,36 +85,27 @@ def tiny_tokenizer(kind: str = "llama"):
     raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def _tiny_model(kind: str, tok, num_labels: int, hidden: int):
-    import transformers as tf
+def _tiny_model(kind: str, tok, num_labels: int, hidden: int, seed: int):
+    """A tiny ``kind`` model whose vocabulary and special tokens are ``tok``'s."""
+    from .models import tiny_model
 
-    vocab = len(tok)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     if kind == "llama":
-        cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                             vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-        return tf.LlamaForCausalLM(cfg)
+        return tiny_model("llama", seed, hidden, 2 * hidden, MAX_POSITIONS, len(tok), pad_token_id=tok.pad_token_id,
+                          tie_word_embeddings=False, **ids)
     if kind == "gpt2":
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=MAX_POSITIONS, vocab_size=vocab,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        return tf.GPT2LMHeadModel(cfg)
-    cfg = tf.BertConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=MAX_POSITIONS, vocab_size=vocab, pad_token_id=tok.pad_token_id,
-                        num_labels=num_labels)
-    return tf.BertForSequenceClassification(cfg)
+        return tiny_model("gpt2", seed, hidden, positions=MAX_POSITIONS, vocab=len(tok), **ids)
+    return tiny_model("bert-cls", seed, hidden, 2 * hidden, MAX_POSITIONS, len(tok), pad_token_id=tok.pad_token_id,
+                      num_labels=num_labels)
 
 
 def save_tiny_model_dir(path, kind: str = "llama", num_labels: int = 3, hidden: int = 32, seed: int = 0) -> Path:
     """Write a tiny ``kind`` model (2 layers, ``hidden`` wide) and its tokenizer to ``path``."""
-    import torch
-
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
     path = Path(path)
     tok = tiny_tokenizer(kind)
-    torch.manual_seed(seed)
-    model = _tiny_model(kind, tok, num_labels, hidden)
+    model = _tiny_model(kind, tok, num_labels, hidden, seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -17,10 +17,17 @@ from typing import Optional
 
 import torch
 
-from .cache import atomic_file, cache_root, exclusive, stable_hash
+from ...utils.io import atomic_file, cache_root, exclusive, stable_hash
 from .config import DataConfig
-from .encode import (EvalPrompt, TokenizedSplit, encode_classification, encode_prompt_target, encode_text,
-                     eval_prompts, special_prefix)
+from .encode import (
+    EvalPrompt,
+    TokenizedSplit,
+    encode_classification,
+    encode_prompt_target,
+    encode_text,
+    eval_prompts,
+    special_prefix,
+)
 from .prepare import Example, RawData, check_data
 
 log = logging.getLogger(__name__)
@@ -101,7 +108,7 @@ def build(raw: RawData, tokenizer) -> TokenizedData:
         stats.update(eval_samples=len(ev), eval_tokens=int(ev.lengths().sum()), eval_truncated=ev_cut)
     if train.per_token:
         stats["train_loss_tokens"] = int((train.labels != -100).sum())
-    prompts = eval_prompts(tokenizer, raw.eval[:cfg.num_eval_prompts], raw.fields.mode, cfg.seq_len,
+    prompts = eval_prompts(tokenizer, raw.eval[:cfg.num_samples], raw.fields.mode, cfg.seq_len,
                            cfg.prompt_truncation)
     return TokenizedData(train, ev, raw.label_names, prompts, raw.fields.mode, stats)
 

@@ -1,0 +1,15 @@
+"""The DeepSpeed seam: the only package of rosa_ds that imports deepspeed.
+
+    dist        process group, the accelerator device, checked collectives
+    params      ZeRO parameter primitives: gather, fp32 masters (read, batched read, write)
+    optim       the factors' flat optimizer groups: find, reset, inspect
+    owners      which rank factorizes which layer (pure arithmetic, no DeepSpeed)
+    resample    the distributed resample (ZeRO-1/2 replicated and ZeRO-3 partitioned paths)
+    engine      RosaEngine and ``initialize``
+    checkpoint  atomic checkpoints with ROSA state, exact resume
+    export      the merged plain model
+    config      DeepSpeed JSON templates, "auto" filling and the one validator (pure dict logic)
+    census      measured bytes of a live engine's tensors (duck-typed)
+
+Submodules are imported on demand, so ``import rosa_ds.ds.config`` does not load DeepSpeed.
+"""

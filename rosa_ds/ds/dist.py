@@ -1,0 +1,109 @@
+"""Process group and device: the accelerator device every tensor of the seam lives on.
+
+One device discipline: every tensor the seam creates for a collective, or computes with
+DeepSpeed's parameters, is made on ``device()``: the accelerator's current device, which
+``init_distributed`` selects from LOCAL_RANK before the first collective (cuda:LOCAL_RANK on a
+GPU node; the CPU accelerator's "cpu" otherwise). NCCL rejects CPU tensors and every rank's
+collectives would run on cuda:0 without the selection; gloo on the CPU accepts anything, so the
+collective wrappers below check the device themselves, which makes a CPU test fail where a GPU
+run would crash.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from ..utils.dist import free_port, local_rank, rank_and_world
+
+__all__ = ["device", "init_distributed", "shutdown_distributed", "barrier", "all_reduce", "broadcast",
+           "rank_and_world", "is_distributed", "accelerator_name"]
+
+
+def accelerator_name() -> str:
+    """``cuda``, ``cpu``, ... : DeepSpeed's accelerator (what ``device()`` is a device of)."""
+    return get_accelerator().device_name()
+
+
+def device() -> torch.device:
+    """The accelerator device of this rank (after ``init_distributed``: cuda:LOCAL_RANK on GPUs)."""
+    return torch.device(get_accelerator().current_device_name())
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _select_device() -> None:
+    """Bind this process to its accelerator from LOCAL_RANK, before any collective or CUDA
+    allocation (DeepSpeed's launcher sets LOCAL_RANK; a single process is local rank 0)."""
+    if accelerator_name() != "cpu":
+        get_accelerator().set_device(local_rank())
+
+
+def init_distributed(timeout_minutes: Optional[float] = None) -> None:
+    """Start the process group (NCCL on CUDA, gloo on the CPU accelerator) if the launcher did not,
+    after selecting this rank's device.
+
+    On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op at this point: a
+    C++ build on every fresh machine, and a build killed halfway leaves a lock that hangs every
+    later start. It only speeds up CPU all-reduce, so it is skipped unless ROSA_DS_CPU_SHM=1.
+    """
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # a plain `python train.py`: a one-process group (DeepSpeed would try MPI discovery)
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
+    _select_device()
+    if dist.is_available() and dist.is_initialized():
+        return
+    if accelerator_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    kwargs = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **kwargs)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly once every rank is done (call last).
+
+    Exiting with a live gloo group lets its C++ threads be destroyed during interpreter
+    teardown, which intermittently aborts a finished rank ("terminate called without an active
+    exception", exit -6) and turns a completed job into a failed launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def check_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it lives on ``device()``; a clear error otherwise (what NCCL would reject)."""
+    dev = device()
+    if t.device.type != dev.type or (dev.index is not None and t.device.index not in (None, dev.index)):
+        raise RuntimeError(f"rosa_ds bug: a {tuple(t.shape)} tensor on {t.device} was handed to a collective "
+                           f"on {dev}; every tensor of a collective must live on the accelerator device")
+    return t
+
+
+def all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over ranks (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(check_device(t), group=group)
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int) -> torch.Tensor:
+    """In-place broadcast from global rank ``src`` (no-op in a one-rank world). ``t`` must be
+    contiguous: gloo garbles strided tensors (``torch.linalg.svd`` returns strided U/Vh)."""
+    if is_distributed():
+        if not t.is_contiguous():
+            raise RuntimeError("rosa_ds bug: broadcast of a non-contiguous tensor; call .contiguous() first")
+        dist.broadcast(check_device(t), src=src)
+    return t

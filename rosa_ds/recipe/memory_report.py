@@ -1,0 +1,48 @@
+"""The trainer's hook: predicted and measured per-rank memory written into the run's output
+directory (memory_report.json / .md, rank 0; every rank's census goes into the JSON)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..ds.census import counts_from_engine, measure, regather_persistent
+from ..memory.counts import ModelCounts
+from ..memory.plan import MemoryPlan
+from ..memory.predict import model_reduction, predict
+from ..memory.report import write_memory_report
+
+
+def plan_for_run(trainer) -> MemoryPlan:
+    """MemoryPlan from a Trainer's resolved DeepSpeed config and settings."""
+    import torch
+
+    cfg = trainer.cfg
+    return MemoryPlan.from_ds_config(
+        trainer.ds_config, method=cfg.method, rank=cfg.rosa.rank, world_size=int(trainer.world),
+        dp_rank=int(trainer.rank), micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len, optimizer=cfg.optim,
+        accelerator="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def write_run_report(trainer, point: str = "after_step") -> dict:
+    """Census the trainer's engine now (after training: ``after_step``), predict for the same
+    plan, write the comparison into ``trainer.out`` (rank 0). Returns the report dict."""
+    import torch.distributed as dist
+
+    ds = trainer.engine.ds
+    regathered = regather_persistent(ds.module)
+    counts = counts_from_engine(ds)
+    plan = plan_for_run(trainer)
+    predicted, measured = predict(counts, plan, point), measure(ds)
+    gathered = [measured.to_dict()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, measured.to_dict())
+    if int(trainer.rank) != 0:
+        return {}
+    extra = {"census_point": point, "measured_all_ranks": gathered, "rho": counts.rho,
+             "n_trainable": counts.n_trainable, "n_frozen": counts.n_frozen,
+             "zero3_persistent_regathered": regathered}
+    if plan.method != "full":
+        full = ModelCounts(groups=[[counts.n_frozen + counts.n_trainable - plan.rank * sum(
+            m + n for m, n in counts.adapted)]])
+        extra["closed_form_reduction_vs_full"] = model_reduction(full, counts, replace(plan, method="full"))
+    return write_memory_report(trainer.out, predicted, measured, plan, extra)
