@@ -14,7 +14,7 @@ NPROC   ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast test-multirank lint bench bench-micro memory-report clean
+.PHONY: setup train test test-fast test-multirank lint gpu-check bench bench-micro memory-report clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 # ruff (pinned in requirements.txt), configured in ruff.toml; CI runs it before the tests.
 lint: setup
 	$(BIN)/ruff check .
+
+# The CUDA path on one GPU (bench/results/gpu_check.md); on a machine without CUDA: says so, exits 0.
+gpu-check: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/gpu_check.py
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

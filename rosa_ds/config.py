@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+
 from .factorize import SOLVERS, STRATEGIES
 from .quant import QUANT_TYPES
 from .utils.options import OptionError, check_options, opt
@@ -53,6 +55,12 @@ class RosaConfig:
             k x k Gram matrix, its small-singular-value tail refined in fp64; ~2x faster on CPU)
             or ``svd`` (``torch.linalg.svd``). Either way W_f + A B = W exactly
             (see ``rosa_ds.factorize``).
+        frozen_master: keep an fp32 master of a bf16 / fp16 W_f in host RAM, which every merge
+            reads and writes, so that W_f is rounded once from it instead of re-rounded at every
+            resample (under DeepSpeed only the layer's owner rank keeps it: 4 bytes per adapted
+            weight / N ranks). ``None``: on when W_f is stored in bf16 / fp16 (decided by
+            ``apply_rosa`` from the weights' dtype, by ``rosa_ds.initialize`` from the DeepSpeed
+            config's precision). A quantized base always keeps its master.
     """
 
     rank: int = opt(8, "ROSA/LoRA rank R: trainable singular triplets per adapted matrix", minimum=1)
@@ -70,6 +78,9 @@ class RosaConfig:
         QUANT_TYPES)
     solver: str = opt("gram", "ROSA: singular directions from the Gram matrix's eigenvectors (fast) or torch's svd",
                       SOLVERS)
+    frozen_master: Optional[bool] = opt(
+        None, "ROSA: keep an fp32 master of a bf16/fp16 W_f (host RAM, on its owner rank) so merges never re-round "
+              "it; default: on when training in bf16/fp16")
 
     def __post_init__(self) -> None:
         if isinstance(self.modules_to_save, str):
@@ -91,6 +102,12 @@ class RosaConfig:
         if self.quantize_base == "nf4" and not is_installed("bitsandbytes"):
             raise OptionError("RosaConfig", "quantize_base", "nf4 needs bitsandbytes; fix: pip install "
                                                              "bitsandbytes or use int8")
+
+    def wants_master(self, dtype: torch.dtype) -> bool:
+        """Whether a W_f stored in ``dtype`` gets an fp32 master (see ``frozen_master``)."""
+        if self.frozen_master is not None:
+            return self.frozen_master
+        return dtype in (torch.bfloat16, torch.float16)
 
     def matches_target(self, name: str) -> bool:
         """True if the module called ``name`` (dotted path) is a ROSA target by name."""
@@ -120,4 +137,5 @@ class RosaConfig:
             "init": self.init,
             "quantize_base": self.quantize_base,
             "solver": self.solver,
+            "frozen_master": self.frozen_master,
         }

@@ -35,7 +35,9 @@ error can change the function the layer computes.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -52,6 +54,51 @@ SOLVERS = ("gram", "svd")
 STRATEGIES = ("random", "smallest", "largest")
 # Gram eigenvalues below GRAM_TAIL * largest (S_i < 3.2% of S_0) are refined in fp64 (see above).
 GRAM_TAIL = 1e-3
+# fp64 work is done in row blocks of at most this many elements (32 MiB of fp64), so the extra memory
+# of a merge or split is a few fp32 copies of one layer, never an fp64 copy of it.
+BLOCK_ELEMENTS = 1 << 22
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 matmuls in full IEEE precision inside the block, whatever the caller's global setting.
+
+    With TF32 on (CUDA, ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, 10 mantissa bits)
+    or bf16 (oneDNN on CPU), the Gram matrix carries a relative error of ~1e-3 instead of ~1e-7,
+    and the tail threshold ``GRAM_TAIL`` (which assumes fp32 rounding) no longer separates the
+    accurate eigenvectors from the ones to refine. The backend-specific settings are used (not
+    ``torch.set_float32_matmul_precision``, which raises once a user mixed the legacy and new APIs).
+    """
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
+
+
+def row_blocks(rows: int, cols: int) -> Iterator[slice]:
+    """Row slices of an (rows, cols) matrix holding at most ``BLOCK_ELEMENTS`` elements each."""
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def add_product(base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``base + left @ right`` accumulated in fp64 and rounded once to ``out_dtype``, in row blocks.
+
+    base: (m, n); left: (m, k); right: (k, n). Extra memory: one fp64 block, not an m x n fp64 copy.
+    Every element is the same fp64 expression whatever the block size, so the result does not
+    depend on it (up to BLAS summation order over k, far below fp32 rounding)."""
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    right64 = right.double()
+    for rows in row_blocks(*base.shape):
+        out[rows] = torch.addmm(base[rows].double(), left[rows].double(), right64).to(out_dtype)
+    return out
 
 
 class Factors(NamedTuple):
@@ -117,7 +164,10 @@ def singular_directions(x: torch.Tensor, solver: str) -> tuple[torch.Tensor, tor
         # Rayleigh-Ritz on the tail subspace with X, in fp64: the subspace itself is accurate (it is
         # separated from the rest by a gap ~GRAM_TAIL |G| >> eps |G|), only the vectors inside it are not.
         v_tail = v[:, -tail:].double()
-        _, s_tail, qh = torch.linalg.svd(x.double() @ v_tail, full_matrices=False)
+        y = torch.empty(x.shape[0], tail, dtype=torch.float64, device=x.device)
+        for rows in row_blocks(x.shape[0], x.shape[1]):  # X V_tail in fp64 without an fp64 copy of X
+            y[rows] = x[rows].double() @ v_tail
+        _, s_tail, qh = torch.linalg.svd(y, full_matrices=False)
         v, s = v.clone(), s.clone()
         v[:, -tail:] = (v_tail @ qh.t()).to(v.dtype)
         s[-tail:] = s_tail.to(s.dtype)
@@ -128,8 +178,15 @@ def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.G
               frozen: bool = True) -> Factors:
     """Split ``weight`` (m x n) into (W_f, A, B); see the module docstring for the maths.
 
-    ``frozen=False`` skips W_f (returned as None) for callers that compute it themselves.
+    ``frozen=False`` skips W_f (returned as None) for callers that compute it themselves. Runs with
+    IEEE fp32 matmuls (``ieee_fp32``) whatever the global TF32 / bf16 setting.
     """
+    with ieee_fp32():
+        return _factorize(weight, rank, strategy, generator, solver, frozen)
+
+
+def _factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator, solver: str,
+               frozen: bool) -> Factors:
     w = weight.detach().to(device="cpu" if weight.device.type == "meta" else weight.device)
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
     # Tall orientation: the Gram matrix is then k x k, and LAPACK's divide-and-conquer SVD is
@@ -161,8 +218,7 @@ def frozen_part(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     (BLAS build, thread count) cannot change the fp32 result except at an exact rounding tie,
     so every rank holds the same bits as the rank that ran the SVD.
     """
-    out = weight.double() - a.double() @ b.double()
-    return out.to(weight.dtype).contiguous()
+    return add_product(weight, a, b.neg(), weight.dtype)
 
 
 def frozen_update(w_frozen: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tensor, a_new: torch.Tensor,
@@ -173,9 +229,14 @@ def frozen_update(w_frozen: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tens
     every rank computes the same bits from its own replica (see ``frozen_part``).
     """
     # one GEMM with inner size 2R: [A, -A'] [B; B'] = A B - A' B'
-    left = torch.cat([a_old.double(), a_new.double().neg()], dim=1)
-    right = torch.cat([b_old.double(), b_new.double()], dim=0)
-    return torch.addmm(w_frozen.double(), left, right).float().contiguous()
+    left = torch.cat([a_old.float(), a_new.float().neg()], dim=1)
+    right = torch.cat([b_old.float(), b_new.float()], dim=0)
+    return add_product(w_frozen, left, right, torch.float32)
+
+
+def merge_weight(w_frozen: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W = W_f + A B (m x n), accumulated in fp64 and rounded once to fp32: the SVD's input."""
+    return add_product(w_frozen, a, b, torch.float32)
 
 
 def lora_init(weight: torch.Tensor, rank: int, generator: torch.Generator) -> Factors:

@@ -89,7 +89,10 @@ def apply_rosa(model: nn.Module, config: RosaConfig, factorize: bool = True) -> 
     for index, (name, module) in enumerate(targets):
         layer = RosaLinear(module, config.rank, index, quantize=config.quantize_base)
         if factorize:
-            layer.write(new_factors(layer.frozen_weight(), config, resample_index=0, layer_index=index))
+            factors = new_factors(layer.frozen_weight(), config, resample_index=0, layer_index=index)
+            layer.write(factors)
+            if not layer.quantized and config.wants_master(module.weight.dtype):
+                layer.set_master(factors.w_frozen)  # exact fp32 W_f; the module holds it rounded once
         _set_submodule(model, name, layer)
     mark_trainable(model, config)
     model.rosa_config = config  # kept for resample / reports; not part of the state dict
@@ -140,21 +143,23 @@ def unwrap_name(name: str) -> str | None:
     return name.replace(".base_layer.", ".")
 
 
-def merged_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module,
+                      masters: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Plain-model state dict from a (full, gathered) ROSA state dict: W = W_f + A B per layer,
-    merged in fp32 and cast once to W_f's dtype; keys as in the original model.
+    merged in fp32 and cast once to W_f's storage dtype; keys as in the original model.
 
-    For a quantized base W_f is the layer's fp32 master (``model``'s, on this process), never the
-    dequantized weight: the export carries no quantization error, W = master + A B exactly."""
+    Where an fp32 master of W_f exists (a quantized base, or a bf16 / fp16 W_f with
+    ``frozen_master``: ``model``'s own on this process, or given in ``masters`` by layer name, (m, n)),
+    W = master + A B: no quantization or rounding error of W_f enters the export."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in iter_rosa_layers(model):
         a, b = state_dict[f"{name}.rosa_A"], state_dict[f"{name}.rosa_B"]
-        if layer.quantized:  # master is (m, n): orient it as the original module stores W
-            wf = layer.base_master.t() if layer.transposed else layer.base_master
-            dtype = layer.base_layer.weight_dtype
+        master = (masters or {}).get(name, layer.base_master)
+        dtype = layer.base_layer.weight_dtype if layer.quantized else state_dict[f"{name}.base_layer.weight"].dtype
+        if master is not None:  # (m, n): orient it as the original module stores W
+            wf = master.t() if layer.transposed else master
         else:
             wf = state_dict[f"{name}.base_layer.weight"]
-            dtype = wf.dtype
         for label, t in (("W_f", wf), ("rosa_A", a), ("rosa_B", b)):
             if not torch.isfinite(t).all():
                 raise FloatingPointError(f"ROSA layer {name}: {label} has non-finite values; refusing to merge")

@@ -22,6 +22,10 @@ so the stored weight always carries the error of ONE quantization of the current
 ||deq(Q(W_f)) - W_f|| <= eps ||W_f||, however many resamples came before; nothing learned in A B
 is rounded away (re-quantizing deq(Q(W_f)) + A B instead would drop every update smaller than
 half a quantization step, and add a fresh rounding error at every resample).
+
+The same master serves a W_f stored in bf16 / fp16 (``set_master``; the DeepSpeed seam keeps it
+on the rank that factorizes the layer): merges read and write the fp32 master, and the module's
+W_f is the master rounded once, so bf16 rounding never accumulates over resamples.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factorize import Factors
+from .factorize import Factors, merge_weight
 from .quant import QuantizedBase, check_kind
 
 ADAPTER_PREFIX = "rosa_"  # name-prefix contract: every adapter parameter's own name starts with it
@@ -88,7 +92,7 @@ class RosaLinear(nn.Module):
         self.rosa_B = nn.Parameter(torch.zeros(rank, self.in_features, dtype=w.dtype, device=w.device))
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.base_master: torch.Tensor | None = None  # fp32 (m, n) on the host, quantized base only
+        self.base_master: torch.Tensor | None = None  # fp32 (m, n) on the host: quantized or mastered W_f
         if quantize is not None:
             check_kind(quantize)
             # the master is a plain attribute (not registered): DeepSpeed must never see it
@@ -97,15 +101,38 @@ class RosaLinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantizedBase)
+
+    @property
+    def has_master(self) -> bool:
+        """True if this process holds an fp32 master of W_f (quantized base, or ``set_master``)."""
         return self.base_master is not None
+
+    @torch.no_grad()
+    def set_master(self, w_frozen: torch.Tensor) -> None:
+        """Keep ``w_frozen`` (m, n) as the fp32 master of W_f in host RAM, and the module's W_f as
+        it rounded once. From now on merges read the master (``frozen_weight``) and writes update
+        it first (``write_frozen``)."""
+        self.base_master = w_frozen.detach().to("cpu", torch.float32, copy=True).contiguous()
+        self.write_frozen(self.base_master)
+
+    def restore_master(self, master: torch.Tensor) -> None:
+        """Take ``master`` (m, n) as the fp32 master without writing the module (a checkpoint
+        restores the module's W_f itself)."""
+        self.base_master = master.detach().to("cpu", torch.float32, copy=True).contiguous()
+
+    def drop_master(self) -> None:
+        """Forget the master of a bf16 / fp16 W_f (a quantized base keeps its own)."""
+        if not self.quantized:
+            self.base_master = None
 
     def frozen_params(self) -> list[nn.Parameter]:
         """Parameters that hold W_f (what ZeRO-3 must gather to read it): none for a quantized base."""
         return [] if self.quantized else [self.base_layer.weight]
 
     def frozen_tensors(self) -> list[torch.Tensor]:
-        """The tensors W_f lives in on this rank (finiteness checks): the weight, or the master."""
-        return [self.base_master] if self.quantized else [self.base_layer.weight]
+        """The tensors W_f lives in on this rank (finiteness checks): the master, or the weight."""
+        return [self.base_master] if self.has_master else [self.base_layer.weight]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two thin GEMMs (n -> R -> m) instead of materialising A B (m x n): the point of ROSA.
@@ -113,9 +140,10 @@ class RosaLinear(nn.Module):
 
     # --- values in the logical (m, n) orientation -------------------------------------------
     def frozen_weight(self) -> torch.Tensor:
-        """W_f as (m, n): a view for Linear, a transposed view for Conv1D; for a quantized base
-        the fp32 master on the factors' device (not the dequantized weight the forward uses)."""
-        if self.quantized:
+        """W_f as (m, n): a view for Linear, a transposed view for Conv1D; where this process holds
+        an fp32 master, the master on the factors' device (not the rounded or dequantized weight
+        the forward uses)."""
+        if self.has_master:
             return self.base_master.to(self.rosa_A.device)
         w = self.base_layer.weight
         return w.t() if self.transposed else w
@@ -125,8 +153,9 @@ class RosaLinear(nn.Module):
         return self.rosa_A.detach().float() @ self.rosa_B.detach().float()
 
     def merged_weight(self) -> torch.Tensor:
-        """W = W_f + A B, computed in fp32, (m, n). Merge in fp32 and cast once."""
-        return self.frozen_weight().detach().float() + self.delta_weight()
+        """W = W_f + A B as fp32 (m, n), accumulated in fp64 and rounded once (the distributed
+        resample merges with the same function)."""
+        return merge_weight(self.frozen_weight().detach(), self.rosa_A.detach(), self.rosa_B.detach())
 
     def check_finite(self, name: str = "") -> None:
         """Refuse to merge NaN/Inf: a merge would bake them into the frozen weight for good."""
@@ -145,16 +174,25 @@ class RosaLinear(nn.Module):
         flat buffer, and rebinding would silently detach it from what the optimizer updates.
         """
         self.write_frozen(factors.w_frozen)
-        self.rosa_A.copy_(factors.a)
-        self.rosa_B.copy_(factors.b)
+        self.write_factors(factors.a, factors.b)
+
+    @torch.no_grad()
+    def write_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy A (m x R) and B (R x n) into the existing parameters, casting once."""
+        self.rosa_A.copy_(a)
+        self.rosa_B.copy_(b)
 
     @torch.no_grad()
     def write_frozen(self, w_frozen: torch.Tensor) -> None:
-        """Set W_f (m, n): into the base weight, or into the master and then its quantization."""
-        if self.quantized:
-            self.base_master.copy_(w_frozen.detach().float())
-            self.base_layer.set_weight(self.base_master)
-            return
+        """Set W_f (m, n): into the base weight, or into the master and then from it into its
+        quantization or its rounded copy."""
+        if self.has_master:
+            if w_frozen is not self.base_master:
+                self.base_master.copy_(w_frozen.detach().float())
+            w_frozen = self.base_master
+            if self.quantized:
+                self.base_layer.set_weight(self.base_master)
+                return
         self.base_layer.weight.copy_(w_frozen.t() if self.transposed else w_frozen)
 
     @torch.no_grad()

@@ -71,7 +71,11 @@ def quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, m: int, n: int, kind: str,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (m, n) weight in ``dtype`` (fp32, bf16 or fp16) from ``quantize``'s output."""
+    """The (m, n) weight in ``dtype`` (fp32, bf16 or fp16) from ``quantize``'s output.
+
+    The scales are read as fp32 whatever their storage: bitsandbytes' CUDA kernel reads ``absmax``
+    as fp32 bytes, so a bf16 scale (e.g. after ``model.to(torch.bfloat16)``) would be garbage."""
+    scale = scale.float()
     if check_kind(kind) == "nf4":
         import bitsandbytes.functional as bnbf
 
@@ -119,6 +123,16 @@ class QuantizedBase(nn.Module):
         q, scale = quantize(weight_mn.to(self.qdata.device), self.kind)
         self.qdata.copy_(q.reshape(self.qdata.shape))
         self.qscale.copy_(scale)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``module.to(dtype)`` would cast floating buffers: the scales follow device moves only and
+        stay fp32, unrounded (see ``dequantize``)."""
+        scale = self._buffers.pop("qscale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["qscale"] = scale.to(device=fn(scale.new_empty(0)).device)
+        return self
 
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """deq(W_f) as (m, n) in ``dtype``."""

@@ -3,7 +3,6 @@
     dist        process group, the accelerator device, checked collectives
     params      ZeRO parameter primitives: gather, fp32 masters (read, batched read, write)
     optim       the factors' flat optimizer groups: find, reset, inspect
-    owners      which rank factorizes which layer (pure arithmetic, no DeepSpeed)
     resample    the distributed resample (ZeRO-1/2 replicated and ZeRO-3 partitioned paths)
     engine      RosaEngine and ``initialize``
     checkpoint  atomic checkpoints with ROSA state, exact resume

@@ -87,7 +87,7 @@ def _module(c: _Census, module: torch.nn.Module) -> None:
         if isinstance(m, QuantizedBase):
             for b in m.buffers():
                 c.tensor(b, "quantized_weights")
-        elif isinstance(m, RosaLinear) and m.quantized:
+        elif isinstance(m, RosaLinear) and m.has_master:
             c.tensor(m.base_master, "base_masters", host=True)
     for b in module.buffers():
         c.tensor(b, "buffers")

@@ -10,13 +10,19 @@ Layout of ``save_dir``:
         rosa_masters.safetensors  quantized base only: the fp32 host master of W_f per layer
                                   (not in DeepSpeed's files; the quantized buffers are re-made
                                   from it on load, bit-identical: quantization is deterministic)
+        rosa_frozen_masters_rank<r>.safetensors   bf16/fp16 W_f with frozen_master: the fp32
+                                  masters rank r keeps (of the layers it owns)
         rosa_rng_rank<r>.pt   each rank's RNG states (dropout draws continue exactly)
         COMPLETE              written last, lists every file and its size
 
 Everything is first written into ``<tag>.partial/``; only after all ranks finished does rank 0
 write COMPLETE and rename the directory (an atomic ``os.replace`` on one filesystem), then
 ``latest``. A crash at any point leaves either the previous complete checkpoint or a
-``.partial`` directory that loading refuses.
+``.partial`` directory that loading refuses. Then every rank checks that it sees the published
+checkpoint with its own files in it, and all ranks agree: on nodes that do not share the
+checkpoint directory (node-local disks) the save fails on every rank, naming the hosts, instead
+of leaving shards in ``.partial`` that a later resume trips over. Loading is agreed the same
+way, so a checkpoint some ranks cannot read is an error on all of them, not a hang.
 
 This module owns what it saves: ``RosaState`` (the engine's ROSA bookkeeping) and the DeepSpeed
 engine's own state; it needs nothing else from the ``RosaEngine``.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -36,7 +43,7 @@ from ..inject import iter_rosa_layers
 from ..schedule import ScheduleConfig
 from ..utils.io import atomic_write_text, replace_dir
 from ..utils.log import log_rank0
-from .dist import barrier, rank_and_world
+from .dist import all_gather_object, barrier, rank_and_world
 from .params import gathered
 
 FORMAT = 1
@@ -53,12 +60,15 @@ class RosaState:
     rosa_config: Optional[RosaConfig] = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     resamples: int = 0
-    last_resample_step: Optional[int] = None
+    last_resample_step: Optional[int] = None  # DeepSpeed's global step of the last resample
     epoch: int = 0
     events: list = field(default_factory=list)
+    applied_steps: int = 0  # optimizer steps applied (fp16 overflow-skipped ones not counted)
+    last_resample_applied: Optional[int] = None  # applied_steps at the last resample
 
     def record_resample(self, index: int, step: int, seconds: float, counts: dict) -> dict:
         self.resamples, self.last_resample_step = index, step
+        self.last_resample_applied = self.applied_steps
         event = {"event": "resample", "index": index, "step": step, "epoch": self.epoch,
                  "seconds": round(seconds, 4), **counts}
         self.events.append(event)
@@ -67,9 +77,14 @@ class RosaState:
     def progress(self) -> dict:
         """The fields that change during training (restored on resume)."""
         return {"resamples": self.resamples, "last_resample_step": self.last_resample_step, "epoch": self.epoch,
-                "events": self.events}
+                "events": self.events, "applied_steps": self.applied_steps,
+                "last_resample_applied": self.last_resample_applied}
 
-    def restore(self, progress: dict) -> None:
+    def restore(self, progress: dict, global_step: int) -> None:
+        """Set the saved fields (a checkpoint written before applied steps were counted: every
+        step counts as applied, as it was then)."""
+        progress = {"applied_steps": global_step, "last_resample_applied": progress.get("last_resample_step"),
+                    **progress}
         for key, value in progress.items():
             setattr(self, key, value)
 
@@ -95,9 +110,11 @@ def _z3_frozen(module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _masters(module) -> dict[str, torch.Tensor]:
-    """Layer name -> fp32 master of W_f (quantized bases; replicated on every rank)."""
-    return {n: l.base_master.contiguous() for n, l in iter_rosa_layers(module) if l.quantized}
+def _masters(module, quantized: bool) -> dict[str, torch.Tensor]:
+    """Layer name -> fp32 master of W_f held here: of the quantized bases (replicated on every
+    rank), or of the bf16 / fp16 W_f this rank owns."""
+    return {n: l.base_master.contiguous() for n, l in iter_rosa_layers(module)
+            if l.has_master and l.quantized == quantized}
 
 
 def _write_rank0_files(ds_engine, state: RosaState, partial: Path, frozen: dict, client_state: dict) -> None:
@@ -105,7 +122,7 @@ def _write_rank0_files(ds_engine, state: RosaState, partial: Path, frozen: dict,
 
     if frozen:
         save_file({k: v.contiguous() for k, v in frozen.items()}, str(partial / "rosa_frozen.safetensors"))
-    masters = _masters(ds_engine.module)
+    masters = _masters(ds_engine.module, quantized=True)
     if masters:
         save_file(masters, str(partial / "rosa_masters.safetensors"))
     saved = {"format": FORMAT, **describe(ds_engine, state), "global_step": int(ds_engine.global_steps),
@@ -134,13 +151,51 @@ def save(ds_engine, state: RosaState, root: Path, tag: str, client_state: dict) 
     frozen = _z3_frozen(ds_engine.module) if ds_engine.zero_optimization_stage() == 3 else {}
     if rank == 0:
         _write_rank0_files(ds_engine, state, partial, frozen, client_state)
+    own = _masters(ds_engine.module, quantized=False)
+    if own:
+        from safetensors.torch import save_file
+
+        save_file(own, str(partial / f"rosa_frozen_masters_rank{rank}.safetensors"))
     torch.save(_rng_state(), partial / f"rosa_rng_rank{rank}.pt")
     barrier()
     if rank == 0:
         _publish(root, partial, final, tag)
     barrier()
+    _agree(lambda: _check_visible(final, rank), f"checkpoint {final} was not saved on every node")
     log_rank0(f"checkpoint saved: {final}")
     return final
+
+
+def _check_visible(ckpt: Path, rank: int) -> None:
+    """This rank sees the published checkpoint, and its own file is listed in COMPLETE, whole."""
+    own = f"rosa_rng_rank{rank}.pt"
+    if not (ckpt / "COMPLETE").is_file():
+        raise CheckpointError(f"{ckpt}/COMPLETE is not visible here")
+    size = json.loads((ckpt / "COMPLETE").read_text())["files"].get(own)
+    if size is None or not (ckpt / own).is_file() or (ckpt / own).stat().st_size != size:
+        raise CheckpointError(f"this rank's files are not in {ckpt} as rank 0 published it")
+
+
+SHARED_FS = "the checkpoint directory must be one filesystem that every node sees (a shared file system)"
+
+
+def _agree(check, what: str) -> None:
+    """Run ``check`` on every rank; if it failed anywhere, raise on every rank (collective: an
+    error on some ranks only would leave the others waiting in a collective). The same failure
+    everywhere is raised as is; failures on some ranks name each rank's host and reason."""
+    try:
+        check()
+        mine = None
+    except (OSError, ValueError) as exc:
+        mine = str(exc)
+    found = all_gather_object((socket.gethostname(), mine))
+    failures = [(r, host, msg) for r, (host, msg) in enumerate(found) if msg]
+    if not failures:
+        return
+    if len(failures) == len(found) and len({msg for *_, msg in failures}) == 1:
+        raise CheckpointError(failures[0][2])
+    shown = "; ".join(f"rank {r} on {host}: {msg}" for r, host, msg in failures[:4])
+    raise CheckpointError(f"{what}: {shown}{' ...' if len(failures) > 4 else ''}; {SHARED_FS}")
 
 
 @torch.no_grad()
@@ -152,6 +207,18 @@ def _restore_masters(module, path: Path) -> None:
         for name, layer in iter_rosa_layers(module):
             if layer.quantized:
                 layer.write_frozen(f.get_tensor(name))
+
+
+def _restore_own_masters(module, path: Path) -> None:
+    """This rank's fp32 masters of a bf16 / fp16 W_f (the module's W_f comes from DeepSpeed's files
+    or rosa_frozen.safetensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for name, layer in iter_rosa_layers(module):
+            if name in names:
+                layer.restore_master(f.get_tensor(name))
 
 
 def _rng_state() -> dict:
@@ -218,11 +285,18 @@ def _check_files(ckpt: Path) -> None:
 def load(ds_engine, state: RosaState, root: Path, tag: Optional[str]) -> dict:
     """Restore DeepSpeed's and ROSA's state from a checkpoint; returns its client state."""
     rank, _ = rank_and_world()
-    root, tag = resolve(root, tag)
+    found = {}
+
+    def check() -> None:
+        found["root"], found["tag"] = resolve(root, tag)
+        ckpt = found["root"] / found["tag"]
+        found["saved"] = json.loads((ckpt / "rosa_state.json").read_text())
+        check_compatible(found["saved"], describe(ds_engine, state), ckpt)
+        _check_files(ckpt)
+
+    _agree(check, f"cannot resume from {root}")
+    root, tag, saved = found["root"], found["tag"], found["saved"]
     ckpt = root / tag
-    saved = json.loads((ckpt / "rosa_state.json").read_text())
-    check_compatible(saved, describe(ds_engine, state), ckpt)
-    _check_files(ckpt)
     path, _ = ds_engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
@@ -230,8 +304,10 @@ def load(ds_engine, state: RosaState, root: Path, tag: Optional[str]) -> dict:
         _restore_z3_frozen(ds_engine.module, ckpt / "rosa_frozen.safetensors")
     if (ckpt / "rosa_masters.safetensors").is_file():
         _restore_masters(ds_engine.module, ckpt / "rosa_masters.safetensors")
+    if (ckpt / f"rosa_frozen_masters_rank{rank}.safetensors").is_file():
+        _restore_own_masters(ds_engine.module, ckpt / f"rosa_frozen_masters_rank{rank}.safetensors")
     _set_rng_state(torch.load(ckpt / f"rosa_rng_rank{rank}.pt", weights_only=False))
-    state.restore(saved["state"])
+    state.restore(saved["state"], int(saved["global_step"]))
     log_rank0(f"resumed from {ckpt} at step {int(ds_engine.global_steps)} after {state.resamples} resamples")
     return saved.get("client_state", {})
 

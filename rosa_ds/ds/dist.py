@@ -46,6 +46,17 @@ def _select_device() -> None:
         get_accelerator().set_device(local_rank())
 
 
+def _threads_per_rank() -> None:
+    """CPU threads per rank = this node's cores / its ranks, unless OMP_NUM_THREADS says otherwise:
+    torch defaults every process to all cores, so 8 ranks of a node would run 8x oversubscribed
+    (the initial SVDs and the resample's CPU work slow down several-fold)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(ranks, 1)))
+
+
 def init_distributed(timeout_minutes: Optional[float] = None) -> None:
     """Start the process group (NCCL on CUDA, gloo on the CPU accelerator) if the launcher did not,
     after selecting this rank's device.
@@ -59,6 +70,7 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     _select_device()
+    _threads_per_rank()
     if dist.is_available() and dist.is_initialized():
         return
     if accelerator_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":
@@ -76,6 +88,29 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def synchronize() -> None:
+    """Wait for the accelerator's queued work (a no-op on the CPU): read clocks only after it."""
+    get_accelerator().synchronize()
+
+
+class PeakMemory:
+    """The accelerator's peak allocated bytes over a phase: created at the phase's start (resets
+    the peak), ``read`` at its end. Only on a GPU: the CPU accelerator's counters are process RSS."""
+
+    def __init__(self) -> None:
+        self.active = accelerator_name() != "cpu"
+        if self.active:
+            get_accelerator().reset_peak_memory_stats()
+            self.start = int(get_accelerator().memory_allocated())
+
+    def read(self, phase: str) -> dict:
+        """{"<phase>_peak_bytes": peak, "<phase>_extra_bytes": peak - allocated at the start}."""
+        if not self.active:
+            return {}
+        peak = int(get_accelerator().max_memory_allocated())
+        return {f"{phase}_peak_bytes": peak, f"{phase}_extra_bytes": peak - self.start}
 
 
 def barrier() -> None:
@@ -96,6 +131,26 @@ def all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
     """In-place sum over ranks (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(check_device(t), group=group)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def send(t: torch.Tensor, dst: int) -> None:
+    """Point-to-point send of a contiguous tensor on ``device()`` to global rank ``dst``."""
+    dist.send(check_device(t.contiguous()), dst=dst)
+
+
+def recv(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Receive into ``t`` (on ``device()``) from global rank ``src``."""
+    dist.recv(check_device(t), src=src)
     return t
 
 

@@ -13,6 +13,7 @@ param groups, so only they carry gradients, fp32 masters and optimizer state at 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,14 +25,15 @@ from torch import nn
 from ..config import RosaConfig
 from ..inject import apply_rosa, iter_rosa_layers, mark_trainable
 from ..layer import is_adapter_param
+from ..owners import assign_owners
 from ..schedule import ScheduleConfig
 from ..utils.log import log_rank0
 from . import checkpoint, export
 from .checkpoint import RosaState
-from .config import check_ds_config, load_template
-from .dist import init_distributed
+from .config import check_ds_config, load_template, precision
+from .dist import PeakMemory, device, init_distributed, rank_and_world, synchronize
 from .optim import reset_factor_state
-from .resample import distributed_resample
+from .resample import distributed_resample, uses_frozen_masters
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -83,10 +85,15 @@ class RosaEngine:
 
     def step(self) -> Optional[dict]:
         """Optimizer step (at accumulation boundaries), with the optional re-warmup factor; then a
-        step-scheduled resample if due. Returns the resample event, if one happened."""
+        step-scheduled resample if due. Returns the resample event, if one happened.
+
+        Schedules count *applied* optimizer steps: with fp16 loss scaling DeepSpeed skips a step
+        whose gradients overflowed but still counts it in ``global_steps``; ``was_step_applied``
+        tells them apart, so neither the re-warmup window nor "every N steps" counts skipped ones."""
         boundary = self.ds.is_gradient_accumulation_boundary()
-        last = self.state.last_resample_step
-        factor = self.schedule.lr_factor(None if last is None else self.global_step - last) if boundary else 1.0
+        state = self.state
+        since = None if state.last_resample_applied is None else state.applied_steps - state.last_resample_applied
+        factor = self.schedule.lr_factor(since) if boundary else 1.0
         groups = self.ds.optimizer.param_groups
         saved = [g["lr"] for g in groups]
         if factor != 1.0:
@@ -94,11 +101,13 @@ class RosaEngine:
                 g["lr"] = g["lr"] * factor
         self.ds.step()
         self.at_boundary = boundary
+        applied = boundary and self.ds.was_step_applied()
+        state.applied_steps += int(applied)
         if factor != 1.0:  # undo the scaling unless a scheduler has set a new lr meanwhile
             for g, lr, scaled in zip(groups, saved, [s * factor for s in saved]):
                 if g["lr"] == scaled:
                     g["lr"] = lr
-        if boundary and self.rosa_config is not None and self.schedule.due_after_step(self.global_step):
+        if applied and self.rosa_config is not None and self.schedule.due_after_step(state.applied_steps):
             return self.resample()
         return None
 
@@ -119,12 +128,16 @@ class RosaEngine:
         if not self.at_boundary:
             raise RuntimeError("resample() between micro-steps of one optimizer step would drop the partial "
                                "gradients; call it after engine.step() at an accumulation boundary")
+        synchronize()  # accelerator work queued by the training step is not the resample's
+        peak = PeakMemory()
         start = time.perf_counter()
         index = self.state.resamples + 1
         counts = distributed_resample(self.ds.module, self.rosa_config, index, owner_svd=owner_svd)
         groups = reset_factor_state(self.ds.optimizer, self.factor_params)
-        event = self.state.record_resample(index, self.global_step, time.perf_counter() - start,
-                                           {"optimizer_groups_reset": groups, **counts})
+        synchronize()
+        seconds = time.perf_counter() - start
+        event = self.state.record_resample(index, self.global_step, seconds,
+                                           {"optimizer_groups_reset": groups, **counts, **peak.read("resample")})
         log_rank0(f"resample {index} at step {self.global_step}: {counts['layers']} layers in {event['seconds']:.2f}s")
         return event
 
@@ -146,6 +159,39 @@ class RosaEngine:
     def save_merged(self, out_dir: Union[str, Path], tokenizer=None) -> Optional[Path]:
         """Write the final plain model (safetensors) loadable by ``AutoModel*.from_pretrained``."""
         return export.save_merged(self.ds.module, Path(out_dir), tokenizer)
+
+
+def resolve_frozen_master(config: RosaConfig, ds_config: dict) -> RosaConfig:
+    """``frozen_master=None`` -> on exactly when the DeepSpeed config trains in bf16 or fp16."""
+    if config.frozen_master is not None:
+        return config
+    return dataclasses.replace(config, frozen_master=precision(ds_config) in ("bf16", "fp16"))
+
+
+def place_masters(model: nn.Module, mastered: bool) -> None:
+    """fp32 masters of W_f on the layers' owners only (a model ROSA was applied to in one process
+    may hold them on every rank, or none): owners keep or create theirs, other ranks drop theirs."""
+    rank, world = rank_and_world()
+    layers = [l for _, l in iter_rosa_layers(model)]
+    owners = assign_owners(layers, world)
+    for layer in layers:
+        if layer.quantized:
+            continue
+        if mastered and owners[layer.layer_index] == rank:
+            if not layer.has_master:
+                layer.set_master(layer.frozen_weight().detach())
+        else:
+            layer.drop_master()
+
+
+def _to_accelerator(model: nn.Module) -> None:
+    """Move a model that is not yet on this rank's accelerator there, before the first
+    factorization: the seam computes with the model's tensors and the ones it makes on
+    ``device()``, which must be one device (a CPU-loaded model on a GPU rank would mix them).
+    ZeRO-3 partitions (``ds_tensor``) are placed by DeepSpeed already and left alone."""
+    dev = device()
+    if any(p.device != dev and not hasattr(p, "ds_id") for p in model.parameters()):
+        model.to(dev)
 
 
 def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, config: Union[str, Path, dict, None] = None,
@@ -173,13 +219,19 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
     ds_config, source = load_template(config)
     check_ds_config(ds_config, source, client_optimizer=optimizer is not None)
     has_rosa = any(True for _ in iter_rosa_layers(model))
+    _to_accelerator(model)
+    given = rosa_config
+    if has_rosa and rosa_config is None:
+        rosa_config = model.rosa_config
+    if rosa_config is not None:
+        rosa_config = resolve_frozen_master(rosa_config, ds_config)
     if rosa_config is not None and not has_rosa:
         apply_rosa(model, rosa_config, factorize=False)  # W_f = W, A = B = 0: same function
-        distributed_resample(model, rosa_config, 0)  # one SVD per layer in the world
-    elif rosa_config is not None:
-        mark_trainable(model, rosa_config)
+        distributed_resample(model, rosa_config, 0)  # one SVD per layer in the world; owners' W_f masters
     elif has_rosa:
-        rosa_config = model.rosa_config
+        if given is not None:
+            mark_trainable(model, rosa_config)
+        place_masters(model, uses_frozen_masters(rosa_config))
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config,
                                               optimizer=optimizer, lr_scheduler=lr_scheduler)
     return RosaEngine(ds_engine, rosa_config, schedule or ScheduleConfig())

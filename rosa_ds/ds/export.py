@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..inject import iter_rosa_layers
 from ..inject import merged_state_dict as merge_plain
 from ..layer import is_adapter_param
 from ..utils.io import atomic_dir
-from .dist import barrier, rank_and_world
+from .dist import all_gather_object, barrier, device, rank_and_world, recv, send
 from .params import full_fp32, gathered
 
 
@@ -36,13 +38,34 @@ def full_state_dict(model) -> Optional[dict]:
     return full
 
 
+def masters_on_rank0(model) -> dict[str, torch.Tensor]:
+    """The fp32 masters of bf16 / fp16 W_f, which only their owners hold, on rank 0 (collective:
+    one point-to-point transfer per layer owned elsewhere; {} on other ranks)."""
+    rank, _ = rank_and_world()
+    named = list(iter_rosa_layers(model))
+    held = all_gather_object([l.layer_index for _, l in named if l.has_master and not l.quantized])
+    out = {}
+    for owner, indices in enumerate(held):
+        for name, layer in (nl for nl in named if nl[1].layer_index in set(indices)):
+            if rank == owner == 0:
+                out[name] = layer.base_master
+            elif rank == owner:
+                send(layer.base_master.to(device()), dst=0)
+            elif rank == 0:
+                buf = torch.empty(layer.out_features, layer.in_features, dtype=torch.float32, device=device())
+                out[name] = recv(buf, src=owner).cpu()
+    return out
+
+
 def merged_state_dict(model) -> Optional[dict]:
-    """Full plain-model state dict on rank 0 (None elsewhere); factors from the fp32 masters, a
-    quantized W_f from its host master (exact: W = master + A B, no quantization error)."""
+    """Full plain-model state dict on rank 0 (None elsewhere); factors from the fp32 masters of
+    A and B, and W_f from its fp32 master where one is kept (quantized base, or ``frozen_master``):
+    W = master + A B, merged in fp32 and rounded once to the stored dtype."""
     full = full_state_dict(model)
-    if full is None or not any(True for _ in iter_rosa_layers(model)):
+    if not any(True for _ in iter_rosa_layers(model)):
         return full
-    return merge_plain(full, model)
+    masters = masters_on_rank0(model)
+    return None if full is None else merge_plain(full, model, masters)
 
 
 def save_model(model, state: Optional[dict], out_dir: Path, tokenizer=None) -> Optional[Path]:

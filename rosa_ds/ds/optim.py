@@ -25,6 +25,10 @@ def flat_groups(optimizer) -> list[tuple[list[torch.nn.Parameter], torch.Tensor,
         base = optimizer.optimizer
         return [(list(optimizer.bit16_groups[i]), flat, base.param_groups[i])
                 for i, flat in enumerate(optimizer.single_partition_of_fp32_groups)]
+    if hasattr(optimizer, "fp32_groups_flat_partition"):  # BF16_Optimizer: ZeRO-1 + bf16 + fp32 grad accumulation
+        base = optimizer.optimizer
+        return [(list(optimizer.bf16_groups[i]), flat, base.param_groups[i])
+                for i, flat in enumerate(optimizer.fp32_groups_flat_partition)]
     raise UnsupportedOptimizer(f"ROSA cannot reset the state of optimizer wrapper {type(optimizer).__name__}; "
                                "use ZeRO stage 1, 2 or 3")
 

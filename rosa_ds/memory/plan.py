@@ -23,7 +23,8 @@ TRANSIENT = ("transient_buckets", "gathered_params", "activations")
 CATEGORY_HELP = {
     "frozen_weights": "weights without gradient (W_f, embeddings, norms under ROSA/LoRA)",
     "quantized_weights": "--quantize-base: packed nf4/int8 W_f and its fp32 scales (buffers, replicated)",
-    "base_masters": "--quantize-base: fp32 master of W_f per adapted layer, host RAM, every rank",
+    "base_masters": "fp32 masters of W_f, host RAM: every layer's with --quantize-base (every rank); with bf16/fp16 "
+                    "and frozen_master, those of the layers this rank owns",
     "trainable_weights": "compute-precision copy of the trainable weights (ZeRO-1/2: whole flat buffer)",
     "gradients": "gradient partitions / buffers resident between backward and step",
     "master_weights": "fp32 master partitions held by the ZeRO / bf16 optimizer",
@@ -82,6 +83,8 @@ class MemoryPlan:
         accelerator: ``cuda`` or ``cpu``; fp32 ZeRO-3 on CUDA reuses the weight partition as the
             master, on DeepSpeed's CPU accelerator it clones it (measured, docs/memory.md).
         dp_rank: which rank to account for (ZeRO-2 gradient partitions differ slightly by rank).
+        frozen_master: ROSA keeps fp32 masters of a bf16 / fp16 W_f on each layer's owner rank
+            (``RosaConfig.frozen_master``); ``None``: on for bf16 / fp16, as the engine decides.
     """
 
     method: str = "rosa"
@@ -102,6 +105,7 @@ class MemoryPlan:
     param_persistence_threshold: int = 100_000
     accelerator: str = "cuda"
     dp_rank: int = 0
+    frozen_master: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -152,6 +156,12 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def keeps_frozen_masters(self) -> bool:
+        """True if ROSA keeps owner-held fp32 masters of W_f under this plan."""
+        if self.method != "rosa":
+            return False
+        return self.frozen_master if self.frozen_master is not None else self.dtype in ("bf16", "fp16")
 
 
 @dataclass

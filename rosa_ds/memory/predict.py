@@ -23,7 +23,9 @@ k = optimizer-state bytes per element (8 for Adam: exp_avg + exp_avg_sq in fp32)
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+from ..owners import assign_owners
 from .counts import ArchInfo, ModelCounts
 from .plan import MemoryBreakdown, MemoryPlan
 
@@ -166,11 +168,22 @@ def predict(counts: ModelCounts, plan: MemoryPlan, point: str = "after_backward"
         out.device["other"] = {0: 0, 1: 4, 2: 4, 3: 5 if plan.offload_optimizer else 9}[plan.zero_stage]
     out.add("buffers", sum(counts.buffers))  # replicated, kept in their own dtype
     # --quantize-base: packed W_f + scales are module buffers (every rank, every stage: ZeRO-3
-    # partitions parameters only), and each rank keeps the fp32 master of every W_f in host RAM
+    # partitions parameters only), and each rank keeps the fp32 master of every W_f in host RAM;
+    # a bf16 / fp16 W_f's fp32 masters live on the layers' owners only
     out.add("quantized_weights", sum(counts.quantized))
-    out.add("base_masters", 4 * sum(counts.masters), host=True)
+    masters = sum(counts.masters)
+    if plan.keeps_frozen_masters() and not counts.quantized:
+        masters += owned_elements(counts.adapted, plan.world_size, plan.dp_rank)
+    out.add("base_masters", 4 * masters, host=True)
     out.add("activations", activation_bytes(counts.arch, plan))
     return out
+
+
+def owned_elements(adapted: list, world_size: int, rank: int) -> int:
+    """m n summed over the adapted matrices ``rank`` owns (``rosa_ds.owners``: the engine's rule)."""
+    shapes = [SimpleNamespace(layer_index=i, out_features=m, in_features=n) for i, (m, n) in enumerate(adapted)]
+    owners = assign_owners(shapes, world_size)
+    return sum(s.out_features * s.in_features for s in shapes if owners[s.layer_index] == rank)
 
 
 def coefficients(plan: MemoryPlan, where: str = "all") -> tuple[float, float]:

@@ -3,6 +3,7 @@ directory (memory_report.json / .md, rank 0; every rank's census goes into the J
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 from ..ds.census import counts_from_engine, measure, regather_persistent
 from ..memory.counts import ModelCounts
@@ -19,7 +20,28 @@ def plan_for_run(trainer) -> MemoryPlan:
     return MemoryPlan.from_ds_config(
         trainer.ds_config, method=cfg.method, rank=cfg.rosa.rank, world_size=int(trainer.world),
         dp_rank=int(trainer.rank), micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len, optimizer=cfg.optim,
-        accelerator="cuda" if torch.cuda.is_available() else "cpu")
+        accelerator="cuda" if torch.cuda.is_available() else "cpu", frozen_master=frozen_master(trainer))
+
+
+def frozen_master(trainer) -> Optional[bool]:
+    """Whether the engine keeps fp32 masters of W_f, as it resolved ``RosaConfig.frozen_master``."""
+    config = getattr(trainer.engine, "rosa_config", None)
+    return None if config is None else bool(config.frozen_master)
+
+
+def phase_peaks(trainer) -> dict:
+    """Accelerator peak bytes (GPU only) of the training steps and of the resamples, each measured
+    from a reset at the phase's start (``rosa_ds.ds.dist.PeakMemory``), so neither includes the
+    other, nor evaluation, generation or checkpoint saves: the step peak is what the per-step
+    prediction is compared with."""
+    out = {}
+    if getattr(trainer, "step_peak", 0):
+        out["train_step_peak_bytes"] = int(trainer.step_peak)
+    events = getattr(getattr(trainer.engine, "state", None), "events", [])
+    resample = [e["resample_peak_bytes"] for e in events if "resample_peak_bytes" in e]
+    if resample:
+        out["resample_peak_bytes"] = max(resample)
+    return out
 
 
 def write_run_report(trainer, point: str = "after_step") -> dict:
@@ -40,7 +62,7 @@ def write_run_report(trainer, point: str = "after_step") -> dict:
         return {}
     extra = {"census_point": point, "measured_all_ranks": gathered, "rho": counts.rho,
              "n_trainable": counts.n_trainable, "n_frozen": counts.n_frozen,
-             "zero3_persistent_regathered": regathered}
+             "zero3_persistent_regathered": regathered, **phase_peaks(trainer)}
     if plan.method != "full":
         full = ModelCounts(groups=[[counts.n_frozen + counts.n_trainable - plan.rank * sum(
             m + n for m, n in counts.adapted)]])

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..ds import config as dsconfig
-from ..ds.dist import shutdown_distributed
+from ..ds.dist import PeakMemory, all_reduce, shutdown_distributed
 from ..ds.engine import initialize
 from ..ds.export import save_model
 from ..inject import trainable_report
@@ -40,6 +40,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.last_eval: Optional[dict] = None  # classification: the latest eval scores, shown in the bar
+        self.step_peak = 0  # accelerator peak bytes over training steps (GPU only; see PeakMemory)
 
     # --- 1. cheap checks: every bad input fails here, in one line ------------------------
     def check(self) -> None:
@@ -76,7 +77,7 @@ class Trainer:
             self.ds_config, kwargs = dsconfig.client_optimizer_config(self.ds_config)
             optimizer = _bnb_factory(kwargs)
         self.engine = initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer, schedule=cfg.schedule)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world = rank_and_world()
         self.collate = PadCollator(self.tokenizer.pad_token_id)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0)
         if self.rank == 0:
@@ -111,12 +112,9 @@ class Trainer:
             for batch in self.loader(epoch, skip):
                 if eng.global_step >= self.total_steps:
                     break
-                eng.train()
-                loss = eng(**batch).loss
-                eng.backward(loss)
-                event = eng.step()
-                losses.append(loss.detach().float())
-                tokens += int(batch["attention_mask"].sum())
+                loss, event = self.micro_step(batch)
+                losses.append(loss)
+                tokens += int(batch["attention_mask"].sum())  # on the host batch: no device sync
                 if not eng.at_boundary:  # a micro step inside an accumulation
                     continue
                 done_in_epoch += 1
@@ -143,12 +141,24 @@ class Trainer:
                 break
         bar.close()
 
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, Optional[dict]]:
+        """Forward, backward and (at accumulation boundaries) optimizer step on one host batch,
+        moved to the engine's device. Returns (detached fp32 loss on the device, resample event)."""
+        eng = self.engine
+        eng.train()
+        peak = PeakMemory()  # the training step's own peak: eval, resample and saves are not in it
+        loss = eng(**to_device(batch, eng.device)).loss
+        eng.backward(loss)
+        event = eng.step()
+        self.step_peak = max(self.step_peak, peak.read("train_step").get("train_step_peak_bytes", 0))
+        return loss.detach().float(), event
+
     def log_step(self, epoch: int, losses: list, tokens: int, seconds: float) -> dict:
-        stats = torch.tensor([float(sum(losses) / len(losses)), float(tokens)], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(stats)
-        rec = {"step": self.engine.global_step, "epoch": epoch, "loss": stats[0].item() / self.world,
-               "lr": self.engine.optimizer.param_groups[0]["lr"], "tokens_per_s": stats[1].item() / max(seconds, 1e-9),
+        stats = torch.stack([torch.stack(losses).mean().double(),
+                             torch.tensor(float(tokens), dtype=torch.float64, device=self.engine.device)])
+        loss, tokens_all = all_reduce(stats).tolist()
+        rec = {"step": self.engine.global_step, "epoch": epoch, "loss": loss / self.world,
+               "lr": self.engine.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_all / max(seconds, 1e-9),
                "step_seconds": round(seconds, 4)}
         self.metrics.write(rec)
         return rec
@@ -161,24 +171,23 @@ class Trainer:
         eng, split = self.engine, self.data.eval
         eng.eval()
         mine = list(range(self.rank, len(split), self.world))  # strided shards: every sample once
-        loss_sum = torch.zeros(2, dtype=torch.float64)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=eng.device)  # (sum of losses, count)
         preds, golds, rows = [], [], []
         largest_shard = math.ceil(len(split) / self.world)  # same loop length on every rank
         for start in range(0, largest_shard, self.cfg.micro_batch):
             idx = mine[start:start + self.cfg.micro_batch] or [0]  # a throwaway batch keeps ZeRO-3 in step
             batch = self.collate([split[i] for i in idx])
-            out = eng(**batch)  # every rank runs the same number of forwards (ZeRO-3 gathers)
+            out = eng(**to_device(batch, eng.device))  # every rank runs the same number of forwards (ZeRO-3)
             if not mine[start:start + self.cfg.micro_batch]:
                 continue
             n = len(idx) if self.cfg.data.task == "classification" else int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
+            loss_sum += torch.stack([out.loss.double() * n, loss_sum.new_tensor(n)])
             if self.cfg.data.task == "classification":
                 preds += out.logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
                 rows += zip(idx, out.logits.float().tolist())
-        if self.world > 1:
-            dist.all_reduce(loss_sum)
-        loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
+        total, count = all_reduce(loss_sum).tolist()
+        loss = total / max(count, 1)
         rec = {"event": "eval", "step": eng.global_step, "epoch": epoch, "eval_loss": loss,
                "eval_perplexity": math.exp(min(loss, 50))}
         if self.cfg.data.task == "classification":
@@ -251,3 +260,7 @@ def _bnb_factory(kwargs: dict):
 
     return make
 
+
+def to_device(batch: dict, device) -> dict:
+    """A host batch's tensors on the engine's device (non-blocking from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

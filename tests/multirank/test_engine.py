@@ -47,6 +47,7 @@ def assert_resample_invariants(results):
         assert all(e["batched_gather_exact"] for e in events)
         assert all(e["state_empty"] and e["n_state_groups"] >= 1 for e in events)  # moments and step gone
         assert all(e["step_after_next_update"] == [1] * len(e["step_after_next_update"]) for e in events)
+        assert all(e["frozen_masters_ok"] for e in events)  # masters on owners only, module = master rounded
         svds = [e["svds_here"] for e in events]
         assert sum(svds) == n_layers and min(svds) > 0, f"each layer's SVD once in the world, balanced: {svds}"
 
@@ -85,18 +86,43 @@ def test_offload_and_client_optimizer_match_reference(tmp_path, stage, flag):
     assert_resample_invariants(results)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_bf16_tracks_fp32_reference(tmp_path, stage):
+@pytest.mark.parametrize("stage, extra", [(2, []), (3, []), (1, ["--grad-accum-fp32"])])
+def test_bf16_tracks_fp32_reference_and_resumes_exactly(tmp_path, stage, extra):
     """bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2% per value); weights, activations
     and gradients are rounded each step while masters and moments stay fp32, so losses over 9
-    steps stay within 1% of the fp32 reference, and the merged weights (W_f in bf16) within 1%."""
-    results, merged = run(tmp_path, stage, "bf16")
+    steps stay within 1% of the fp32 reference, and the merged weights within 1%. The fp32 masters
+    of W_f (on by default in bf16) live on each layer's owner only, the module's W_f is the master
+    rounded once, and a checkpoint restores them: the resumed run equals the uninterrupted one bit
+    for bit. ZeRO-1 with fp32 gradient accumulation runs DeepSpeed's BF16_Optimizer."""
+    ckpt = tmp_path / "ckpt"
+    results, merged = run(tmp_path, stage, "bf16", extra=[*extra, "--save-at", "4", "--ckpt", str(ckpt)])
     ref_losses, ref_state = reference()
     losses = mean_losses(results)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)) <= 1e-2, (losses, ref_losses)
     worst = max(rel(merged[k].float(), ref_state[k]) for k in merged if merged[k].is_floating_point())
     assert worst <= 1e-2, worst
     assert_resample_invariants(results)
+    for e0, e1 in zip(results[0]["resamples"], results[1]["resamples"]):
+        assert e0["frozen_masters_here"] + e1["frozen_masters_here"] == results[0]["n_layers"]
+        assert min(e0["frozen_masters_here"], e1["frozen_masters_here"]) > 0
+    if stage == 1:
+        return
+    resumed, merged_resumed = run(tmp_path / "..", stage, "bf16", extra=[*extra, "--resume", str(ckpt)])
+    for r_full, r_res in zip(results, resumed):
+        assert r_res["losses"] == {s: v for s, v in r_full["losses"].items() if int(s) >= 4}
+    assert all(torch.equal(merged[k], merged_resumed[k]) for k in merged)
+
+
+def test_checkpoint_not_shared_by_all_nodes_fails_at_save_on_every_rank(tmp_path):
+    """Node-local checkpoint directories (simulated: one per rank): rank 0 publishes a checkpoint
+    that rank 1 cannot see. The save fails on every rank, naming the rank and host that cannot see
+    it, instead of leaving rank 1's shards in a .partial directory for a later resume to hang on."""
+    with pytest.raises(RuntimeError) as info:
+        run(tmp_path, 2, extra=["--save-at", "3", "--ckpt", str(tmp_path / "ckpt"), "--node-local-ckpt"])
+    text = str(info.value)
+    assert "was not saved on every node: rank 1 on" in text and "COMPLETE is not visible here" in text
+    assert "one filesystem that every node sees" in text
+    assert "rank 0 on" not in text.split("was not saved on every node")[1].split("\n")[0]
 
 
 def test_resume_with_different_rank_or_world_is_refused_before_deepspeed(tmp_path):

@@ -63,10 +63,12 @@ def _counts(case: dict) -> ModelCounts:
 @pytest.mark.parametrize("stage,dtype", [(s, d) for s in (1, 2, 3) for d in ("fp32", "bf16")])
 def test_rosa_reduction_matches_closed_form(results, stage, dtype):
     full, rosa = results[(0, f"{stage}:{dtype}:full")], results[(0, f"{stage}:{dtype}:rosa")]
+    # device bytes: in bf16 ROSA also keeps fp32 masters of W_f in host RAM (each on its owner rank),
+    # outside the accelerator memory the closed form (and the paper's 4 rho / (1 + rho)) describes
     measured = reduction_vs_full(MemoryBreakdown.from_dict(full["measured"]),
-                                 MemoryBreakdown.from_dict(rosa["measured"]))
+                                 MemoryBreakdown.from_dict(rosa["measured"]), where="device")
     plan = MemoryPlan(method="rosa", zero_stage=stage, world_size=2, dtype=dtype, accelerator="cpu")
-    formula = model_reduction(_counts(full), _counts(rosa), plan)
+    formula = model_reduction(_counts(full), _counts(rosa), plan, where="device")
     # Padding, ZeRO-3 persistent norms and step scalars are a few hundred bytes on a ~10 KB model.
     assert measured == pytest.approx(formula, rel=0.03), (measured, formula)
     assert measured > 1.5  # ROSA really saves memory at every stage

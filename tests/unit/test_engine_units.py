@@ -101,8 +101,8 @@ def test_owner_assignment_is_balanced_and_rounds_hold_one_layer_per_rank():
     """Pure arithmetic: runs without DeepSpeed."""
     from torch import nn
 
-    from rosa_ds.ds.owners import assign_owners, rounds
     from rosa_ds.layer import RosaLinear
+    from rosa_ds.owners import assign_owners, rounds
 
     layers = [RosaLinear(nn.Linear(n, m), 2, i) for i, (m, n) in enumerate([(64, 64), (64, 64), (32, 32), (32, 32),
                                                                            (16, 16)])]

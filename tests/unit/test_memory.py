@@ -30,7 +30,9 @@ ROSA_768 = ModelCounts(frozen=[M * N], groups=[[M * R, R * N]], adapted=[(M, N)]
 
 
 def plan(**kw):
-    return MemoryPlan(**{"method": "rosa", "rank": R, "zero_stage": 0, "world_size": 1, "dtype": "fp32", **kw})
+    """The paper's accounting: no fp32 masters of W_f (their own test below)."""
+    return MemoryPlan(**{"method": "rosa", "rank": R, "zero_stage": 0, "world_size": 1, "dtype": "fp32",
+                         "frozen_master": False, **kw})
 
 
 # (stage, N, dtype, full state bytes, ROSA state bytes), computed by hand for one 768x768 matrix,
@@ -55,6 +57,18 @@ def test_hand_computed(stage, world, dtype, full_bytes, rosa_bytes):
     kw = dict(zero_stage=stage, world_size=world, dtype=dtype, param_persistence_threshold=0)
     assert predict(FULL_768, plan(method="full", **kw)).state_bytes() == full_bytes
     assert predict(ROSA_768, plan(**kw)).state_bytes() == rosa_bytes
+
+
+def test_frozen_masters_are_host_bytes_of_the_owned_layers_only():
+    """bf16 ROSA keeps fp32 masters of W_f on each layer's owner (host RAM): 4 m n for the layers a
+    rank owns (greedy cost balance, rosa_ds.owners), nothing for the others, nothing in fp32."""
+    counts = ModelCounts(frozen=[M * N, 256 * N], groups=[[M * R, R * N, 256 * R, R * N]],
+                         adapted=[(M, N), (256, N)], rank=R)
+    by_rank = [predict(counts, plan(zero_stage=3, world_size=2, dtype="bf16", dp_rank=r, frozen_master=None))
+               for r in (0, 1)]
+    assert [b.host["base_masters"] for b in by_rank] == [4 * M * N, 4 * 256 * N]  # the big layer on rank 0
+    for kw in (dict(dtype="fp32", frozen_master=None), dict(dtype="bf16", frozen_master=False)):
+        assert predict(counts, plan(zero_stage=3, world_size=2, **kw)).host["base_masters"] == 0
 
 
 def test_issue_example_and_paper_formula():

@@ -30,34 +30,59 @@ p.add_argument("--ckpt", default="")
 p.add_argument("--merged-out", default="")
 p.add_argument("--offload", action="store_true")
 p.add_argument("--client-adamw", action="store_true", help="torch AdamW as a client optimizer factory")
+p.add_argument("--grad-accum-fp32", action="store_true",
+               help="data_types.grad_accum_dtype fp32 (ZeRO-1 + bf16: DeepSpeed's BF16_Optimizer)")
+p.add_argument("--frozen-master", choices=["auto", "on", "off"], default="auto")
+p.add_argument("--node-local-ckpt", action="store_true", help="each rank saves under its own directory")
 p.add_argument("--result", required=True)
 a = p.parse_args()
 
 torch.manual_seed(1234)
 model = no_dropout_gpt2()
 cfg = ds_test_config(a.stage, a.dtype, a.micro_batch, offload=a.offload)
+if a.grad_accum_fp32:
+    cfg["data_types"] = {"grad_accum_dtype": "fp32"}
 optimizer = None
 if a.client_adamw:
     kw = cfg.pop("optimizer")["params"]
     kw.pop("torch_adam", None)
     cfg["zero_allow_untested_optimizer"] = True
     optimizer = lambda params: torch.optim.AdamW(params, **kw)  # noqa: E731
-engine = rosa_ds.initialize(model, RosaConfig(rank=a.rank, seed=7), config=cfg, optimizer=optimizer,
-                            schedule=ScheduleConfig("epoch"))
+frozen_master = {"auto": None, "on": True, "off": False}[a.frozen_master]
+engine = rosa_ds.initialize(model, RosaConfig(rank=a.rank, seed=7, frozen_master=frozen_master), config=cfg,
+                            optimizer=optimizer, schedule=ScheduleConfig("epoch"))
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+if a.node_local_ckpt:  # a node-local disk per rank: rank 0's published checkpoint is not visible to rank 1
+    a.ckpt = f"{a.ckpt}/rank{rank}"
 
 
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def frozen_master_ok(layer, owner: int) -> bool:
+    """The owner alone holds an fp32 master of W_f, and the module's W_f is it rounded once (call
+    inside ``gathered``); with masters off nobody holds one."""
+    if not engine.rosa_config.frozen_master:
+        return not layer.has_master
+    if owner != rank:
+        return not layer.has_master
+    w = layer.base_layer.weight
+    master = layer.base_master.t() if layer.transposed else layer.base_master
+    return layer.has_master and torch.equal(w, master.to(w.dtype))
+
+
 def after_resample_checks() -> dict:
     """Checksums of full W_f, A, B (module and fp32 master) and the factors' optimizer state."""
-    sums, module_eq_master = [], True
+    from rosa_ds.owners import assign_owners
+
+    sums, module_eq_master, masters_ok = [], True, True
+    owners = assign_owners([l for _, l in iter_rosa_layers(engine.module)], world)
     for _, layer in iter_rosa_layers(engine.module):
         a32, b32 = full_fp32(layer.rosa_A), full_fp32(layer.rosa_B)
         with gathered([layer.base_layer.weight, layer.rosa_A, layer.rosa_B]):
             sums.append([digest(layer.base_layer.weight), digest(layer.rosa_A), digest(layer.rosa_B), digest(a32)])
+            masters_ok &= frozen_master_ok(layer, owners[layer.layer_index])
             if a.dtype == "fp32":
                 module_eq_master &= bool(torch.equal(layer.rosa_A.float(), a32)
                                          and torch.equal(layer.rosa_B.float(), b32))
@@ -68,7 +93,9 @@ def after_resample_checks() -> dict:
     params = [p for _, layer in iter_rosa_layers(engine.module) for p in (layer.rosa_A, layer.rosa_B)]
     batched_exact = all(torch.equal(x, full_fp32(p)) for x, p in zip(full_fp32_many(params), params))
     return {"checksums": sums, "module_eq_master": module_eq_master, "batched_gather_exact": batched_exact,
-            "state_empty": all(len(s) == 0 for s in states), "n_state_groups": len(states)}
+            "state_empty": all(len(s) == 0 for s in states), "n_state_groups": len(states),
+            "frozen_masters_ok": masters_ok,
+            "frozen_masters_here": sum(l.has_master for _, l in iter_rosa_layers(engine.module))}
 
 
 start_step = 0

@@ -73,6 +73,10 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
     stage, optimizer, offload = int(stage), (rest[0] if rest else "adamw"), "offload" in rest
     quantize = next((r for r in rest if r in ("nf4", "int8")), None)
     model, groups, counts = build(method, quantize)
+    if method == "rosa" and dtype == "bf16" and quantize is None:  # as rosa_ds.initialize does in bf16
+        from rosa_ds.ds.engine import place_masters
+
+        place_masters(model, mastered=True)  # fp32 masters of W_f on each layer's owner rank
     client = None
     if optimizer == "adamw8bit":
         import bitsandbytes as bnb
