@@ -5,7 +5,9 @@ Single-process, pure PyTorch. The distributed versions (ZeRO) live in ``zero.py`
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -77,17 +79,21 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def apply_rosa(model: nn.Module, config: RosaConfig, factorize: bool = True) -> nn.Module:
+def apply_rosa(model: nn.Module, config: RosaConfig, factorize: bool = True,
+               gather: Callable[[nn.Module], ContextManager] = lambda module: contextlib.nullcontext()) -> nn.Module:
     """Replace target modules with ``RosaLinear`` (factorized at resample index 0) in place.
 
     Afterwards only ``rosa_A``/``rosa_B`` and the ``modules_to_save`` are trainable.
     The function output is unchanged up to fp32 rounding (W_f + A B = W).
     With ``factorize=False`` the layers start as W_f = W, A = B = 0 (same function) and the
     caller factorizes; the distributed engine does so with one SVD per layer in the world.
+    ``gather(module)``: a context in which the module's full weight is readable (the DeepSpeed
+    seam passes a ZeRO-3 gather for a quantized base, which quantizes the whole weight).
     """
     targets = find_targets(model, config)
     for index, (name, module) in enumerate(targets):
-        layer = RosaLinear(module, config.rank, index, quantize=config.quantize_base)
+        with gather(module):
+            layer = RosaLinear(module, config.rank, index, quantize=config.quantize_base)
         if factorize:
             factors = new_factors(layer.frozen_weight(), config, resample_index=0, layer_index=index)
             layer.write(factors)
@@ -151,25 +157,31 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module,
     Where an fp32 master of W_f exists (a quantized base, or a bf16 / fp16 W_f with
     ``frozen_master``: ``model``'s own on this process, or given in ``masters`` by layer name, (m, n)),
     W = master + A B: no quantization or rounding error of W_f enters the export."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in iter_rosa_layers(model):
-        a, b = state_dict[f"{name}.rosa_A"], state_dict[f"{name}.rosa_B"]
-        master = (masters or {}).get(name, layer.base_master)
-        dtype = layer.base_layer.weight_dtype if layer.quantized else state_dict[f"{name}.base_layer.weight"].dtype
-        if master is not None:  # (m, n): orient it as the original module stores W
-            wf = master.t() if layer.transposed else master
-        else:
-            wf = state_dict[f"{name}.base_layer.weight"]
-        for label, t in (("W_f", wf), ("rosa_A", a), ("rosa_B", b)):
-            if not torch.isfinite(t).all():
-                raise FloatingPointError(f"ROSA layer {name}: {label} has non-finite values; refusing to merge")
-        delta = a.float() @ b.float()
-        out[f"{name}.weight"] = (wf.float() + (delta.t() if layer.transposed else delta)).to(dtype)
+    out = {f"{name}.weight": merged_layer_weight(name, layer, state_dict, (masters or {}).get(name, layer.base_master))
+           for name, layer in iter_rosa_layers(model)}
     for key, value in state_dict.items():
         plain = unwrap_name(key)
         if plain is not None and plain not in out:
             out[plain] = value
     return out
+
+
+def merged_layer_weight(name: str, layer: RosaLinear, state_dict: dict[str, torch.Tensor],
+                        master: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain weight of ROSA layer ``name``: W = W_f + A B from ``state_dict`` (full tensors of
+    ``{name}.rosa_A``, ``{name}.rosa_B`` and, without a ``master`` (m, n), ``{name}.base_layer.weight``),
+    merged in fp32, oriented as the original module stores W and rounded once to its dtype."""
+    a, b = state_dict[f"{name}.rosa_A"], state_dict[f"{name}.rosa_B"]
+    dtype = layer.base_layer.weight_dtype if layer.quantized else state_dict[f"{name}.base_layer.weight"].dtype
+    if master is not None:
+        wf = master.t() if layer.transposed else master
+    else:
+        wf = state_dict[f"{name}.base_layer.weight"]
+    for label, t in (("W_f", wf), ("rosa_A", a), ("rosa_B", b)):
+        if t.device.type != "meta" and not torch.isfinite(t).all():  # meta: the export's shape-only plan
+            raise FloatingPointError(f"ROSA layer {name}: {label} has non-finite values; refusing to merge")
+    delta = a.float() @ b.float()
+    return (wf.float() + (delta.t() if layer.transposed else delta)).to(dtype)
 
 
 @torch.no_grad()

@@ -63,7 +63,8 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
     """Logical (out, in) = (m, n) shape of a supported module's weight."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    return module.nf, module.weight.shape[0]  # Conv1D: weight is (in, out), nf = out
+    # Conv1D: weight is (in, out), nf = out; a ZeRO-3 partitioned weight keeps its shape in ds_shape
+    return module.nf, getattr(module.weight, "ds_shape", module.weight.shape)[0]
 
 
 class RosaLinear(nn.Module):

@@ -102,8 +102,9 @@ class QuantizedBase(nn.Module):
         self.out_features, self.in_features, self.kind = m, n, check_kind(kind)
         self.source, self.weight_dtype = source, weight_dtype
         (vs, vd), (ss, sd) = packed_shapes(m, n, kind)
-        self.register_buffer("qdata", torch.zeros(vs, dtype=vd, device=device))
-        self.register_buffer("qscale", torch.ones(ss, dtype=sd, device=device))
+        # not persistent: checkpoints and the export carry the fp32 master, these are re-made from it
+        self.register_buffer("qdata", torch.zeros(vs, dtype=vd, device=device), persistent=False)
+        self.register_buffer("qscale", torch.ones(ss, dtype=sd, device=device), persistent=False)
         self.bias = bias
         if bias is not None:
             bias.requires_grad_(False)

@@ -3,17 +3,16 @@
 Layout of ``save_dir``:
 
     latest                    the tag of the newest complete checkpoint (replaced atomically)
-    <tag>/                    DeepSpeed's own files (module, ZeRO partitions, optimizer, scheduler)
-        rosa_state.json       ROSA config, resample count and history, schedule, world layout
-        rosa_frozen.safetensors   W_f of every layer (ZeRO-3 only: DeepSpeed does not restore
-                                  frozen partitions there; under ZeRO-1/2 its module file has W_f)
-        rosa_masters.safetensors  quantized base only: the fp32 host master of W_f per layer
-                                  (not in DeepSpeed's files; the quantized buffers are re-made
-                                  from it on load, bit-identical: quantization is deterministic)
-        rosa_frozen_masters_rank<r>.safetensors   bf16/fp16 W_f with frozen_master: the fp32
-                                  masters rank r keeps (of the layers it owns)
+    <tag>/                    DeepSpeed's own files without the frozen parameters
+                              (``exclude_frozen_parameters``): the factors, their fp32 masters and
+                              optimizer state, the scheduler
+        rosa_state.json       ROSA config, resample count and history, schedule, world layout, and
+                              the name of the cycle's frozen record
         rosa_rng_rank<r>.pt   each rank's RNG states (dropout draws continue exactly)
         COMPLETE              written last, lists every file and its size
+    frozen/<run>-<cycle>/     what is frozen between two resamples, once per cycle and shared by
+                              the cycle's checkpoints (``frozen_record``): per-rank ZeRO-3
+                              partitions of W_f, or its replicated copy, and the fp32 masters
 
 Everything is first written into ``<tag>.partial/``; only after all ranks finished does rank 0
 write COMPLETE and rename the directory (an atomic ``os.replace`` on one filesystem), then
@@ -22,7 +21,8 @@ write COMPLETE and rename the directory (an atomic ``os.replace`` on one filesys
 checkpoint with its own files in it, and all ranks agree: on nodes that do not share the
 checkpoint directory (node-local disks) the save fails on every rank, naming the hosts, instead
 of leaving shards in ``.partial`` that a later resume trips over. Loading is agreed the same
-way, so a checkpoint some ranks cannot read is an error on all of them, not a hang.
+way, so a checkpoint some ranks cannot read is an error on all of them, not a hang. Nothing is
+gathered to one rank: each writes and reads what it holds.
 
 This module owns what it saves: ``RosaState`` (the engine's ROSA bookkeeping) and the DeepSpeed
 engine's own state; it needs nothing else from the ``RosaEngine``.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -43,14 +43,13 @@ from ..inject import iter_rosa_layers
 from ..schedule import ScheduleConfig
 from ..utils.io import atomic_write_text, replace_dir
 from ..utils.log import log_rank0
+from . import frozen_record
+from .agree import CheckpointError, agree, everywhere
 from .dist import all_gather_object, barrier, rank_and_world
-from .params import gathered
 
-FORMAT = 1
+__all__ = ["CheckpointError", "RosaState", "save", "load", "prune", "resolve", "check_compatible"]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed here; the message says why and what to do."""
+FORMAT = 2  # 2: frozen state in per-cycle records, DeepSpeed files without frozen parameters
 
 
 @dataclass
@@ -65,6 +64,11 @@ class RosaState:
     events: list = field(default_factory=list)
     applied_steps: int = 0  # optimizer steps applied (fp16 overflow-skipped ones not counted)
     last_resample_applied: Optional[int] = None  # applied_steps at the last resample
+    run_id: str = ""  # names this run's frozen records; the same on every rank (``new_run_id``)
+
+    def frozen_key(self) -> str:
+        """The frozen record of the current resample cycle."""
+        return f"{self.run_id}-{self.resamples:04d}"
 
     def record_resample(self, index: int, step: int, seconds: float, counts: dict) -> dict:
         self.resamples, self.last_resample_step = index, step
@@ -78,7 +82,7 @@ class RosaState:
         """The fields that change during training (restored on resume)."""
         return {"resamples": self.resamples, "last_resample_step": self.last_resample_step, "epoch": self.epoch,
                 "events": self.events, "applied_steps": self.applied_steps,
-                "last_resample_applied": self.last_resample_applied}
+                "last_resample_applied": self.last_resample_applied, "run_id": self.run_id}
 
     def restore(self, progress: dict, global_step: int) -> None:
         """Set the saved fields (a checkpoint written before applied steps were counted: every
@@ -89,6 +93,28 @@ class RosaState:
             setattr(self, key, value)
 
 
+def new_run_id() -> str:
+    """A random id, rank 0's on every rank (collective)."""
+    return all_gather_object(uuid.uuid4().hex[:12])[0]
+
+
+def _without_frozen_aliases(ds_engine):
+    """``module_state_dict`` that also leaves out the other names of tied frozen weights: DeepSpeed's
+    ``exclude_frozen_parameters`` drops each frozen parameter under its first name only, so a tied
+    ``lm_head.weight`` (113 MB for SmolLM2) would still be saved in every checkpoint."""
+    original = ds_engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        sd = original(*args, **kwargs)
+        if kwargs.get("exclude_frozen_parameters"):
+            for name, p in ds_engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    return module_state_dict
+
+
 def describe(ds_engine, state: RosaState) -> dict:
     """The facts a resume must match: ROSA layers and rank, world size, ZeRO stage."""
     _, world = rank_and_world()
@@ -97,37 +123,36 @@ def describe(ds_engine, state: RosaState) -> dict:
             "rosa_config": state.rosa_config.to_dict() if state.rosa_config else None, "layers": layers}
 
 
-def _z3_frozen(module) -> dict[str, torch.Tensor]:
+def save(ds_engine, state: RosaState, root: Path, tag: str, client_state: dict) -> Path:
+    """Write checkpoint ``tag`` under ``root`` (collective; see the module docstring)."""
     rank, _ = rank_and_world()
-    out = {}
-    for name, layer in iter_rosa_layers(module):
-        if layer.quantized:  # W_f is the host master (rosa_masters.safetensors)
-            continue
-        w = layer.base_layer.weight
-        with gathered([w]):  # collective, one layer at a time
-            if rank == 0:
-                out[name] = w.detach().cpu().clone()
-    return out
-
-
-def _masters(module, quantized: bool) -> dict[str, torch.Tensor]:
-    """Layer name -> fp32 master of W_f held here: of the quantized bases (replicated on every
-    rank), or of the bf16 / fp16 W_f this rank owns."""
-    return {n: l.base_master.contiguous() for n, l in iter_rosa_layers(module)
-            if l.has_master and l.quantized == quantized}
-
-
-def _write_rank0_files(ds_engine, state: RosaState, partial: Path, frozen: dict, client_state: dict) -> None:
-    from safetensors.torch import save_file
-
-    if frozen:
-        save_file({k: v.contiguous() for k, v in frozen.items()}, str(partial / "rosa_frozen.safetensors"))
-    masters = _masters(ds_engine.module, quantized=True)
-    if masters:
-        save_file(masters, str(partial / "rosa_masters.safetensors"))
-    saved = {"format": FORMAT, **describe(ds_engine, state), "global_step": int(ds_engine.global_steps),
-             "schedule": asdict(state.schedule), "state": state.progress(), "client_state": client_state}
-    atomic_write_text(partial / "rosa_state.json", json.dumps(saved, indent=1))
+    final, partial = root / tag, root / f"{tag}.partial"
+    key = state.frozen_key()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
+    if not everywhere(frozen_record.is_complete(frozen_record.record_dir(root, key))):
+        frozen_record.write(ds_engine.module, root, key)
+    if not getattr(ds_engine, "_rosa_frozen_aliases_excluded", False):
+        ds_engine.module_state_dict = _without_frozen_aliases(ds_engine)
+        ds_engine._rosa_frozen_aliases_excluded = True
+    ds_engine.save_checkpoint(str(root), tag=partial.name, client_state={"rosa_client": client_state},
+                              save_latest=False, exclude_frozen_parameters=True)
+    if rank == 0:
+        saved = {"format": FORMAT, **describe(ds_engine, state), "global_step": int(ds_engine.global_steps),
+                 "schedule": asdict(state.schedule), "state": state.progress(), "frozen": key,
+                 "client_state": client_state}
+        atomic_write_text(partial / "rosa_state.json", json.dumps(saved, indent=1))
+    torch.save(_rng_state(), partial / f"rosa_rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        _publish(root, partial, final, tag)
+    barrier()
+    agree(lambda: _check_visible(final, rank, frozen_record.record_dir(root, key)),
+          f"checkpoint {final} was not saved on every node")
+    log_rank0(f"checkpoint saved: {final}")
+    return final
 
 
 def _publish(root: Path, partial: Path, final: Path, tag: str) -> None:
@@ -138,87 +163,30 @@ def _publish(root: Path, partial: Path, final: Path, tag: str) -> None:
     atomic_write_text(root / "latest", tag)
 
 
-def save(ds_engine, state: RosaState, root: Path, tag: str, client_state: dict) -> Path:
-    """Write checkpoint ``tag`` under ``root`` (collective; see the module docstring)."""
-    rank, _ = rank_and_world()
-    final, partial = root / tag, root / f"{tag}.partial"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-    barrier()
-    ds_engine.save_checkpoint(str(root), tag=partial.name, client_state={"rosa_client": client_state},
-                              save_latest=False)
-    frozen = _z3_frozen(ds_engine.module) if ds_engine.zero_optimization_stage() == 3 else {}
-    if rank == 0:
-        _write_rank0_files(ds_engine, state, partial, frozen, client_state)
-    own = _masters(ds_engine.module, quantized=False)
-    if own:
-        from safetensors.torch import save_file
-
-        save_file(own, str(partial / f"rosa_frozen_masters_rank{rank}.safetensors"))
-    torch.save(_rng_state(), partial / f"rosa_rng_rank{rank}.pt")
-    barrier()
-    if rank == 0:
-        _publish(root, partial, final, tag)
-    barrier()
-    _agree(lambda: _check_visible(final, rank), f"checkpoint {final} was not saved on every node")
-    log_rank0(f"checkpoint saved: {final}")
-    return final
-
-
-def _check_visible(ckpt: Path, rank: int) -> None:
-    """This rank sees the published checkpoint, and its own file is listed in COMPLETE, whole."""
+def _check_visible(ckpt: Path, rank: int, record: Path) -> None:
+    """This rank sees the published checkpoint and its frozen record, with its own file in COMPLETE."""
     own = f"rosa_rng_rank{rank}.pt"
     if not (ckpt / "COMPLETE").is_file():
         raise CheckpointError(f"{ckpt}/COMPLETE is not visible here")
     size = json.loads((ckpt / "COMPLETE").read_text())["files"].get(own)
     if size is None or not (ckpt / own).is_file() or (ckpt / own).stat().st_size != size:
         raise CheckpointError(f"this rank's files are not in {ckpt} as rank 0 published it")
+    if not frozen_record.is_complete(record):
+        raise CheckpointError(f"the frozen record {record} is not complete here")
 
 
-SHARED_FS = "the checkpoint directory must be one filesystem that every node sees (a shared file system)"
-
-
-def _agree(check, what: str) -> None:
-    """Run ``check`` on every rank; if it failed anywhere, raise on every rank (collective: an
-    error on some ranks only would leave the others waiting in a collective). The same failure
-    everywhere is raised as is; failures on some ranks name each rank's host and reason."""
-    try:
-        check()
-        mine = None
-    except (OSError, ValueError) as exc:
-        mine = str(exc)
-    found = all_gather_object((socket.gethostname(), mine))
-    failures = [(r, host, msg) for r, (host, msg) in enumerate(found) if msg]
-    if not failures:
-        return
-    if len(failures) == len(found) and len({msg for *_, msg in failures}) == 1:
-        raise CheckpointError(failures[0][2])
-    shown = "; ".join(f"rank {r} on {host}: {msg}" for r, host, msg in failures[:4])
-    raise CheckpointError(f"{what}: {shown}{' ...' if len(failures) > 4 else ''}; {SHARED_FS}")
-
-
-@torch.no_grad()
-def _restore_masters(module, path: Path) -> None:
-    """Every rank reads the masters and re-quantizes its buffers from them (no collective)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        for name, layer in iter_rosa_layers(module):
-            if layer.quantized:
-                layer.write_frozen(f.get_tensor(name))
-
-
-def _restore_own_masters(module, path: Path) -> None:
-    """This rank's fp32 masters of a bf16 / fp16 W_f (the module's W_f comes from DeepSpeed's files
-    or rosa_frozen.safetensors)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        for name, layer in iter_rosa_layers(module):
-            if name in names:
-                layer.restore_master(f.get_tensor(name))
+def prune(root: Path, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints and the frozen records they name (rank 0)."""
+    done = sorted(p for p in Path(root).glob("step_*") if (p / "COMPLETE").exists())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    named = set()
+    for ckpt in done[-keep:]:
+        try:
+            named.add(json.loads((ckpt / "rosa_state.json").read_text()).get("frozen"))
+        except (OSError, ValueError):
+            continue
+    frozen_record.prune(root, named)
 
 
 def _rng_state() -> dict:
@@ -255,6 +223,8 @@ def resolve(root: Path, tag: Optional[str]) -> tuple[Path, str]:
 def check_compatible(saved: dict, now: dict, ckpt: Path) -> None:
     """All differences between the checkpoint and this run, in one error."""
     problems = []
+    if saved.get("format") != FORMAT:
+        problems.append(f"checkpoint format {saved.get('format')}, this rosa_ds reads format {FORMAT}")
     for key, label in (("world_size", "world size (ranks)"), ("zero_stage", "ZeRO stage")):
         if saved.get(key) != now[key]:
             problems.append(f"{label}: checkpoint {saved.get(key)}, this run {now[key]}")
@@ -273,13 +243,16 @@ def check_compatible(saved: dict, now: dict, ckpt: Path) -> None:
                               + ". Resume with the same settings and number of ranks, or start a new run")
 
 
-def _check_files(ckpt: Path) -> None:
+def _check_files(ckpt: Path, record: Path) -> None:
     manifest = json.loads((ckpt / "COMPLETE").read_text())
     missing = [f for f, size in manifest["files"].items()
                if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} is damaged: {len(missing)} files missing or truncated "
                               f"({', '.join(missing[:3])}); resume from another checkpoint")
+    if not frozen_record.is_complete(record):
+        raise CheckpointError(f"checkpoint {ckpt} names the frozen record {record}, which is missing or damaged; "
+                              "resume from another checkpoint")
 
 
 def load(ds_engine, state: RosaState, root: Path, tag: Optional[str]) -> dict:
@@ -292,36 +265,18 @@ def load(ds_engine, state: RosaState, root: Path, tag: Optional[str]) -> dict:
         ckpt = found["root"] / found["tag"]
         found["saved"] = json.loads((ckpt / "rosa_state.json").read_text())
         check_compatible(found["saved"], describe(ds_engine, state), ckpt)
-        _check_files(ckpt)
+        _check_files(ckpt, frozen_record.record_dir(found["root"], found["saved"]["frozen"]))
 
-    _agree(check, f"cannot resume from {root}")
+    agree(check, f"cannot resume from {root}")
     root, tag, saved = found["root"], found["tag"], found["saved"]
     ckpt = root / tag
-    path, _ = ds_engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    # the frozen parameters are not in DeepSpeed's files: the record restores them (strict=False)
+    path, _ = ds_engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                        load_module_strict=False)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-    if saved["zero_stage"] == 3:
-        _restore_z3_frozen(ds_engine.module, ckpt / "rosa_frozen.safetensors")
-    if (ckpt / "rosa_masters.safetensors").is_file():
-        _restore_masters(ds_engine.module, ckpt / "rosa_masters.safetensors")
-    if (ckpt / f"rosa_frozen_masters_rank{rank}.safetensors").is_file():
-        _restore_own_masters(ds_engine.module, ckpt / f"rosa_frozen_masters_rank{rank}.safetensors")
+    frozen_record.restore(ds_engine.module, frozen_record.record_dir(root, saved["frozen"]))
     _set_rng_state(torch.load(ckpt / f"rosa_rng_rank{rank}.pt", weights_only=False))
     state.restore(saved["state"], int(saved["global_step"]))
     log_rank0(f"resumed from {ckpt} at step {int(ds_engine.global_steps)} after {state.resamples} resamples")
     return saved.get("client_state", {})
-
-
-@torch.no_grad()
-def _restore_z3_frozen(module, path: Path) -> None:
-    from safetensors import safe_open
-
-    rank, _ = rank_and_world()
-    with safe_open(str(path), framework="pt") as f:
-        for name, layer in iter_rosa_layers(module):
-            if layer.quantized:
-                continue
-            w = layer.base_layer.weight
-            with gathered([w], modifier_rank=0):
-                if rank == 0:
-                    w.copy_(f.get_tensor(name))

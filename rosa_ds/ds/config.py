@@ -344,6 +344,9 @@ def _offload_problems(cfg: dict, stage: Any, source: str, client_optimizer: bool
     if offload_optimizer(cfg) and _is_int(stage) and stage < 1:
         out.append(f"zero_optimization.offload_optimizer needs ZeRO stage >= 1 but stage is {stage} in {source}; "
                    "fix: set stage 1, 2 or 3, or remove offload_optimizer")
+    if _offload_device(cfg, "offload_param") == "nvme":
+        out.append(f"zero_optimization.offload_param.device=nvme in {source} is not supported by rosa_ds (its "
+                   "checkpoints and resamples read the partitions in memory); fix: use cpu")
     if offload_param(cfg) and stage != 3:
         out.append(f"zero_optimization.offload_param needs ZeRO stage 3 but stage is {stage} in {source}; "
                    "fix: set stage 3 or remove offload_param")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from ..utils.dist import free_port, local_rank, rank_and_world
+from ..utils.dist import bounded_host_allocator, free_port, local_rank, rank_and_world
 
 __all__ = ["device", "init_distributed", "shutdown_distributed", "barrier", "all_reduce", "broadcast",
            "rank_and_world", "is_distributed", "accelerator_name"]
@@ -71,6 +71,7 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> None:
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     _select_device()
     _threads_per_rank()
+    bounded_host_allocator()
     if dist.is_available() and dist.is_initialized():
         return
     if accelerator_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":

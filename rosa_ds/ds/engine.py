@@ -33,6 +33,7 @@ from .checkpoint import RosaState
 from .config import check_ds_config, load_template, precision
 from .dist import PeakMemory, device, init_distributed, rank_and_world, synchronize
 from .optim import reset_factor_state
+from .params import gathered, is_zero3
 from .resample import distributed_resample, uses_frozen_masters
 
 
@@ -55,7 +56,7 @@ class RosaEngine:
 
     def __init__(self, ds_engine, rosa_config: Optional[RosaConfig], schedule: ScheduleConfig) -> None:
         self.ds = ds_engine
-        self.state = RosaState(rosa_config=rosa_config, schedule=schedule)
+        self.state = RosaState(rosa_config=rosa_config, schedule=schedule, run_id=checkpoint.new_run_id())
         # DeepSpeed's is_gradient_accumulation_boundary() describes the NEXT micro step once step()
         # has run; this records whether the last step() completed an optimizer step.
         self.at_boundary = True
@@ -118,6 +119,13 @@ class RosaEngine:
             return self.resample()
         return None
 
+    def settle(self) -> None:
+        """Under ZeRO-3, release every gathered or in-flight parameter (a forward in eval mode
+        leaves prefetched ones in flight, which a GatheredParameters block cannot partition);
+        persistent ones stay. Call before reading parameters outside a forward (collective)."""
+        if self.ds.zero_optimization_stage() == 3:
+            self.ds.empty_partition_cache()
+
     # --- ROSA ----------------------------------------------------------------------------
     def resample(self, owner_svd: bool = True) -> dict:
         """Merge A B into W, draw new subspaces (one SVD per layer in the world), write module
@@ -128,6 +136,7 @@ class RosaEngine:
         if not self.at_boundary:
             raise RuntimeError("resample() between micro-steps of one optimizer step would drop the partial "
                                "gradients; call it after engine.step() at an accumulation boundary")
+        self.settle()
         synchronize()  # accelerator work queued by the training step is not the resample's
         peak = PeakMemory()
         start = time.perf_counter()
@@ -145,8 +154,15 @@ class RosaEngine:
     def save_checkpoint(self, save_dir: Union[str, Path], tag: Optional[str] = None,
                         client_state: Optional[dict] = None) -> Path:
         """Atomic DeepSpeed checkpoint plus ROSA state (W_f, resample count, seeds, RNG)."""
+        self.settle()
         return checkpoint.save(self.ds, self.state, Path(save_dir), tag or f"step_{self.global_step:08d}",
                                client_state or {})
+
+    def prune_checkpoints(self, save_dir: Union[str, Path], keep: int) -> None:
+        """Keep the ``keep`` newest complete checkpoints and the frozen records they use (call on
+        every rank; rank 0 deletes)."""
+        if rank_and_world()[0] == 0:
+            checkpoint.prune(Path(save_dir), keep)
 
     def load_checkpoint(self, load_dir: Union[str, Path], tag: Optional[str] = None) -> dict:
         """Resume exactly; returns the client state saved with it (e.g. the data position)."""
@@ -154,10 +170,12 @@ class RosaEngine:
 
     def merged_state_dict(self) -> Optional[dict]:
         """The plain model's full state dict (W = W_f + A B merged in fp32, cast once) on rank 0."""
+        self.settle()
         return export.merged_state_dict(self.ds.module)
 
     def save_merged(self, out_dir: Union[str, Path], tokenizer=None) -> Optional[Path]:
         """Write the final plain model (safetensors) loadable by ``AutoModel*.from_pretrained``."""
+        self.settle()
         return export.save_merged(self.ds.module, Path(out_dir), tokenizer)
 
 
@@ -182,6 +200,21 @@ def place_masters(model: nn.Module, mastered: bool) -> None:
                 layer.set_master(layer.frozen_weight().detach())
         else:
             layer.drop_master()
+
+
+def _apply_unfactorized(model: nn.Module, config: RosaConfig, ds_config: dict) -> None:
+    """ROSA layers with W_f = W, A = B = 0. On a model loaded partitioned (ZeRO-3, ``rosa_ds.ds.load``)
+    the new factors are created partitioned too (``zero.Init``), so the first factorization runs
+    on the partitioned path, one round of layers at a time, and a quantized base gathers each
+    weight once to quantize it."""
+    if not any(is_zero3(p) for p in model.parameters()):
+        apply_rosa(model, config, factorize=False)
+        return
+    import deepspeed
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        apply_rosa(model, config, factorize=False, gather=lambda module: gathered(list(module.parameters())))
 
 
 def _to_accelerator(model: nn.Module) -> None:
@@ -226,7 +259,7 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
     if rosa_config is not None:
         rosa_config = resolve_frozen_master(rosa_config, ds_config)
     if rosa_config is not None and not has_rosa:
-        apply_rosa(model, rosa_config, factorize=False)  # W_f = W, A = B = 0: same function
+        _apply_unfactorized(model, rosa_config, ds_config)  # W_f = W, A = B = 0: same function
         distributed_resample(model, rosa_config, 0)  # one SVD per layer in the world; owners' W_f masters
     elif has_rosa:
         if given is not None:

@@ -37,10 +37,16 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
+def has_fp32_master(param: torch.Tensor) -> bool:
+    """True once DeepSpeed's optimizer holds an fp32 master of ``param`` (after initialize)."""
+    owner = "_z3_optimizer" if is_zero3(param) else "_hp_mapping"
+    return param.requires_grad and hasattr(param, owner)
+
+
 def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
     """The full fp32 value of a parameter on every rank: the fp32 master where DeepSpeed keeps
     one (collective: all-reduce under ZeRO-1/2, all-gather under ZeRO-3), else the module value."""
-    value = safe_get_full_fp32_param(param) if param.requires_grad else None
+    value = safe_get_full_fp32_param(param) if has_fp32_master(param) else None
     if value is not None:
         return value.float()
     with gathered([param]):
@@ -74,6 +80,8 @@ def set_fp32_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Write ``value`` (the full fp32 tensor, identical on every rank) into this rank's slice of
     the fp32 master. ZeRO-3 partitions the flattened parameter, padded to a multiple of the
     world size, into equal slices; ``safe_set_full_*`` would crash on a ragged numel."""
+    if not has_fp32_master(param):  # before deepspeed.initialize: the module value is all there is
+        return
     if is_zero3(param):
         part = param.ds_tensor.numel()
         rank = dist.get_rank(group=param.ds_process_group)
@@ -81,5 +89,5 @@ def set_fp32_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
                            device=value.device)
         flat[: value.numel()] = value.flatten()
         safe_set_local_fp32_param(param, flat[rank * part:(rank + 1) * part])
-    elif hasattr(param, "_hp_mapping"):
+    else:
         safe_set_full_fp32_param(param, value.float())

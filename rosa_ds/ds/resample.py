@@ -58,7 +58,7 @@ def distributed_resample(model: torch.nn.Module, config: RosaConfig, resample_in
     named = list(iter_rosa_layers(model))
     layers = [l for _, l in named]
     mastered = uses_frozen_masters(config)
-    replicated = not any(is_zero3(l.rosa_A) for l in layers)
+    replicated = not any(is_zero3(p) for l in layers for p in (l.rosa_A, *l.frozen_params()))
     # the replicated path checks each merged W on its owner (half the reads); factors are checked here
     check_finite_everywhere(named, frozen=not (owner_svd and replicated))
     if not owner_svd:

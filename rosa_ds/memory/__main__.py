@@ -3,6 +3,11 @@ alone (meta device: no weights are read or allocated).
 
     python -m rosa_ds.memory --model default --method rosa --rank 16 --zero 3 --world-size 64 \
         --dtype bf16 --micro-batch 4 --seq-len 2048 --markdown plan.md --png plan.png --json plan.json
+
+With ``--budget`` it plans instead: every configuration that fits, best first (``planner``):
+
+    python -m rosa_ds.memory --model bench/configs/llama-70b.json --budget 80GiB --gpus-per-node 8 \
+        --nodes 2 --host-budget 1TiB --global-batch 256 --seq-len 4096
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .counts import counts_from_config, load_config
+from .phases import phase_peaks, phases_markdown
 from .plan import MemoryPlan, ds_dtype
 from .predict import exact_reduction, paper_reduction, predict
 from .report import bar_chart, breakdown_markdown, legend_markdown
@@ -40,6 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="DeepSpeed JSON: stage, offload and buckets from it (precision too unless 'auto')")
     ap.add_argument("--reduce-bucket-size", type=int, default=None,
                     help="ZeRO reduce_bucket_size in elements (DeepSpeed default 5e8)")
+    ap.add_argument("--budget", default=None, help="plan: memory per GPU (per rank on the CPU), e.g. 80GiB")
+    ap.add_argument("--gpus-per-node", type=int, default=1, help="plan: ranks per node")
+    ap.add_argument("--nodes", type=int, default=1, help="plan: nodes")
+    ap.add_argument("--host-budget", default=None, help="plan: host RAM per node, e.g. 1TiB")
+    ap.add_argument("--global-batch", type=int, default=None, help="plan: sequences per optimizer step "
+                                                                   "(default: one per rank)")
+    ap.add_argument("--methods", default="rosa,lora,full", help="plan: methods to consider")
+    ap.add_argument("--top", type=int, default=15, help="plan: configurations listed")
     ap.add_argument("--json", default=None, help="write the plan as JSON here")
     ap.add_argument("--markdown", default=None, help="write a Markdown report here")
     ap.add_argument("--png", default=None, help="write a stacked bar chart here")
@@ -94,12 +108,43 @@ def render(model: str, plan: MemoryPlan, breakdowns: dict, counts: dict) -> str:
             f"the paper's 4 rho / (1 + rho): {paper_reduction(rho):.2f}x. The whole-model figure in the table "
             "differs: embeddings and norms are frozen but not factorized, and padding, ZeRO-3 persistence and "
             "ZeRO-2's whole-parameter gradient slots are counted there. See docs/memory.md.", "",
+            "## ROSA's peak per phase (estimates, per rank)", "",
+            phases_markdown(phase_peaks(counts["rosa"], replace(plan, method="rosa"))), "",
             "## Categories", "", legend_markdown(), ""]
     return "\n".join(head)
 
 
+def plan_budget(args: argparse.Namespace) -> int:
+    """``--budget``: the planner's table (and JSON / Markdown files)."""
+    from ..utils.sizes import parse_size
+    from .planner import Cluster, plan_cluster, planned_json, planned_markdown
+
+    t0 = time.perf_counter()
+    try:
+        cluster = Cluster(parse_size(args.budget), args.gpus_per_node, args.nodes,
+                          parse_size(args.host_budget) if args.host_budget else None, args.accelerator)
+        planned = plan_cluster(args.model, cluster, global_batch=args.global_batch or cluster.world,
+                               seq_len=args.seq_len, dtype=args.dtype, rank=args.rank,
+                               methods=tuple(args.methods.split(",")), attention_mask=True,
+                               targets=tuple(args.targets.split(",")) if args.targets else None)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = planned_markdown(planned, args.model, args.top)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(planned_json(planned), indent=1))
+    print(f"(planned {len(planned.fits) + len(planned.misses)} setups in {time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.budget:
+        return plan_budget(args)
     t0 = time.perf_counter()
     try:
         plan = build_plan(args)  # validated before any model is built

@@ -24,12 +24,24 @@ from .plan import METHODS
 
 @dataclass
 class ArchInfo:
-    """Transformer shape for the activation estimate (zeros when unknown)."""
+    """Transformer shape for the activation prediction (zeros / empty when unknown).
+
+    ``family`` selects the term-by-term activation model (``rosa_ds.memory.activation_terms``):
+    ``llama`` (RMSNorm, rotary, gated MLP: Llama, Mistral, Qwen2), ``gpt2`` or ``bert``; any
+    other falls back to the generic estimate. ``attention``: transformers' attention
+    implementation (``sdpa`` unless the config names another)."""
 
     layers: int = 0
     hidden: int = 0
     heads: int = 0
     vocab: int = 0
+    family: str = ""
+    kv_heads: int = 0
+    intermediate: int = 0
+    attention: str = "sdpa"
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    num_labels: int = 0  # > 0: a sequence-classification head instead of the LM head
 
 
 @dataclass
@@ -170,11 +182,23 @@ def counts_from_module(model: nn.Module, method: str = "rosa", rank: int = 8, ta
     return out
 
 
-def arch_from_config(cfg) -> ArchInfo:
-    """Layers, hidden size, heads and vocabulary of a transformers config (0 when absent)."""
-    get = lambda *names: next((int(getattr(cfg, n)) for n in names if getattr(cfg, n, None)), 0)  # noqa: E731
-    return ArchInfo(layers=get("num_hidden_layers", "n_layer"), hidden=get("hidden_size", "n_embd"),
-                    heads=get("num_attention_heads", "n_head"), vocab=get("vocab_size"))
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2",
+            "bert": "bert", "roberta": "bert"}
+
+
+def arch_from_config(cfg, classification: bool = False) -> ArchInfo:
+    """The activation-relevant shape of a transformers config (0 / empty when absent)."""
+    get = lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), 0)  # noqa: E731
+    hidden = int(get("hidden_size", "n_embd"))
+    family = FAMILIES.get(getattr(cfg, "model_type", ""), "")
+    return ArchInfo(layers=int(get("num_hidden_layers", "n_layer")), hidden=hidden,
+                    heads=int(get("num_attention_heads", "n_head")), vocab=int(get("vocab_size")), family=family,
+                    kv_heads=int(get("num_key_value_heads", "num_attention_heads", "n_head")),
+                    intermediate=int(get("intermediate_size", "n_inner") or 4 * hidden),
+                    attention=getattr(cfg, "_attn_implementation", None) or "sdpa",
+                    attention_dropout=float(get("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")),
+                    hidden_dropout=float(get("hidden_dropout_prob", "resid_pdrop")),
+                    num_labels=int(getattr(cfg, "num_labels", 0)) if classification else 0)
 
 
 def default_model_dir() -> tuple[Path, str]:

@@ -34,7 +34,8 @@ CATEGORY_HELP = {
     "other": "scalars the optimizer keeps (global grad norm, overflow flags)",
     "transient_buckets": "IPG reduce buckets alive only during backward (ZeRO-1/2)",
     "gathered_params": "ZeRO-3 parameters gathered for compute (live + prefetch limits)",
-    "activations": "activation estimate (Korthikanti et al. 2022), see docs/memory.md",
+    "activations": "what autograd keeps for backward (per architecture, calibrated by the census; with "
+                   "checkpointing plus one layer's recompute), see docs/memory.md",
 }
 
 
@@ -72,7 +73,10 @@ class MemoryPlan:
         optimizer: ``adamw`` (fp32 moments) or ``adamw8bit`` (bitsandbytes blockwise 8-bit).
         micro_batch: sequences per rank per micro step (activation estimate).
         seq_len: tokens per sequence (activation estimate).
-        activation_checkpointing: keep only each layer's input (2 s b h bytes in 16 bit).
+        activation_checkpointing: each layer keeps only its input; backward recomputes one layer
+            at a time (``rosa_ds.memory.activation_terms``).
+        attention_mask: batches carry a padding mask (the trainer's padded batches; packed or
+            equal-length sequences do not), which transformers materialises per layer.
         reduce_bucket_size: ZeRO ``reduce_bucket_size`` in elements.
         allgather_bucket_size: ZeRO-1/2 ``allgather_bucket_size`` in elements.
         overlap_comm: ZeRO ``overlap_comm`` (doubles the ZeRO-1/2 IPG bucket).
@@ -97,6 +101,7 @@ class MemoryPlan:
     micro_batch: int = 1
     seq_len: int = 512
     activation_checkpointing: bool = False
+    attention_mask: bool = True
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False

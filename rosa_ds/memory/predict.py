@@ -26,7 +26,8 @@ import math
 from types import SimpleNamespace
 
 from ..owners import assign_owners
-from .counts import ArchInfo, ModelCounts
+from .activation_terms import ActivationPrediction, predict_activations
+from .counts import ModelCounts
 from .plan import MemoryBreakdown, MemoryPlan
 
 ADAM_STEP_BYTES = 4  # torch AdamW keeps `step` as a float32 scalar tensor per parameter tensor
@@ -131,22 +132,29 @@ def _stage3(c: ModelCounts, p: MemoryPlan, out: MemoryBreakdown) -> None:
     # global grad norm (fp64; fp32 with offload) + bool overflow tracker; with offload two fp32
     # scalars per trainable parameter live from backward to step
     out.add("other", (4 + 1 + 8 * sum(len(g) for g in c.groups)) if host else 8 + 1)
-    gatherable = sum(s for s in c.frozen + [x for g in c.groups for x in g] if not keep(s))
-    out.add("gathered_params", w * min(gatherable, p.max_live_parameters + p.prefetch_bucket_size))
+    sizes = [s for s in c.frozen + [x for g in c.groups for x in g] if not keep(s)]
+    # live + prefetched parameters; one larger than the live limit (an embedding, the LM head) is
+    # still fetched whole
+    live = max(p.max_live_parameters, max(sizes, default=0)) + p.prefetch_bucket_size
+    out.add("gathered_params", w * min(sum(sizes), live))
 
 
-def activation_bytes(arch: ArchInfo, p: MemoryPlan) -> int:
-    """Activation estimate per rank (Korthikanti et al. 2022, "Reducing Activation
-    Recomputation in Large Transformer Models", eq. 2, no tensor/sequence parallelism):
-    per layer s b h (34 + 5 a s / h) bytes with 16-bit activations (x2 in fp32); with
-    checkpointing only the layer input, 2 s b h. Plus logits b s V (w bytes + 4 for the fp32
-    loss upcast). An estimate: SwiGLU MLPs, FlashAttention and fused kernels change it."""
+def activation_bytes(counts: ModelCounts, p: MemoryPlan) -> int:
+    """Peak activation bytes per rank of one micro step (``rosa_ds.memory.activation_terms``:
+    term by term per architecture family, calibrated by the census; with checkpointing the
+    layers' inputs plus one layer's recompute)."""
+    return activation_prediction(counts, p).peak
+
+
+def activation_prediction(counts: ModelCounts, p: MemoryPlan) -> ActivationPrediction:
+    """The term-by-term activation prediction for ``counts`` under ``p``."""
+    arch = counts.arch
     if not arch.layers or not arch.hidden:
-        return 0
-    s, b, h, a = p.seq_len, p.micro_batch, arch.hidden, max(arch.heads, 1)
-    scale = 2 if p.dtype == "fp32" else 1
-    per_layer = 2 * s * b * h if p.activation_checkpointing else s * b * h * (34 + 5 * a * s / h)
-    return int(scale * arch.layers * per_layer + b * s * arch.vocab * (p.weight_bytes + 4))
+        return ActivationPrediction()
+    targets = len(counts.adapted) // arch.layers if p.method != "full" else 0
+    return predict_activations(arch, p.micro_batch, p.seq_len, p.weight_bytes, rank=counts.rank if targets else 0,
+                               targets=targets, full=p.method == "full", checkpointing=p.activation_checkpointing,
+                               accelerator=p.accelerator, masked=p.attention_mask)
 
 
 POINTS = ("after_backward", "after_step")
@@ -175,7 +183,7 @@ def predict(counts: ModelCounts, plan: MemoryPlan, point: str = "after_backward"
     if plan.keeps_frozen_masters() and not counts.quantized:
         masters += owned_elements(counts.adapted, plan.world_size, plan.dp_rank)
     out.add("base_masters", 4 * masters, host=True)
-    out.add("activations", activation_bytes(counts.arch, plan))
+    out.add("activations", activation_bytes(counts, plan))
     return out
 
 

@@ -121,6 +121,16 @@ def write_memory_report(out_dir: str | Path, predicted: MemoryBreakdown, measure
                    f"predicted peak estimate {fmt_bytes(predicted.peak_estimate())}", ""]
     else:
         md += ["## Predicted", "", breakdown_markdown({"predicted": predicted}, None), ""]
+    act = (extra or {}).get("activations")
+    if act:
+        recompute = f"plus {fmt_bytes(act['recompute'])} while one layer is recomputed in backward; " \
+            if act["recompute"] else ""
+        md += ["## Activations of the first micro step (autograd's saved tensors)", "",
+               f"Batch {act['micro_batch']} x {act['seq_len']} tokens{', padded' if act['masked'] else ''}"
+               f"{', activation checkpointing' if act['checkpointing'] else ''}: measured "
+               f"{fmt_bytes(act['measured'])}, predicted {fmt_bytes(act['predicted'])} "
+               f"({100 * (act['predicted'] / max(act['measured'], 1) - 1):+.1f} %); {recompute}"
+               "the plan's `activations` row is the prediction at the planned sequence length.", ""]
     md += ["## Categories", "", legend_markdown(), ""]
     (out / "memory_report.json").write_text(json.dumps(data, indent=2))
     (out / "memory_report.md").write_text("\n".join(md))

@@ -47,6 +47,7 @@ from ..utils.options import (
     opt,
 )
 from ..utils.packages import is_installed
+from ..utils.sizes import parse_size
 from .data.config import DataConfig
 
 # The components a run is made of: (attribute of TrainConfig, config class).
@@ -85,6 +86,11 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay", minimum=0)
     micro_batch: int = opt(4, "samples per rank per forward/backward", minimum=1)
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", minimum=1)
+    gradient_checkpointing: bool = opt(False, "recompute each transformer layer in backward (non-reentrant): "
+                                              "a layer keeps only its input, at about one extra forward of cost")
+    max_memory: Optional[str] = opt(None, "per-rank memory the run must fit (e.g. 40GiB): device memory on a GPU, "
+                                          "host RAM on the CPU; a run predicted not to fit stops before loading "
+                                          "weights and names a configuration that fits")
     precision: str = opt("auto", "auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16 or fp16", PRECISIONS)
     optim: str = opt("adamw", "adamw (from the DeepSpeed JSON) or adamw8bit (bitsandbytes)", OPTIMS)
     seed: int = opt(0, "seed of data order and split, initialisation and ROSA subspaces")
@@ -95,6 +101,7 @@ class TrainConfig:
     resume: Optional[str] = opt(None, "resume: bare flag = latest checkpoint in --output-dir, or a checkpoint path",
                                 nargs="?", const="latest")
     tensorboard: bool = opt(False, "write TensorBoard logs to <output-dir>/tb")
+    max_shard_size: str = opt("50GB", "largest safetensors shard of the exported model (e.g. 5GB, 500MB)")
     # -- DeepSpeed and the launcher
     deepspeed: str = opt("zero2", "DeepSpeed JSON template: a path, or zero1|zero2|zero3|zero2_offload|zero3_offload")
     config: Optional[str] = opt(None, "JSON or YAML file of settings (overridden by flags given on the command line)",
@@ -124,6 +131,12 @@ class TrainConfig:
         if self.optim == "adamw8bit" and not is_installed("bitsandbytes"):
             raise ValueError("--optim adamw8bit needs bitsandbytes; fix: pip install bitsandbytes or use --optim adamw")
         resolve_template(self.deepspeed)
+        for flag, value in (("max_shard_size", self.max_shard_size), ("max_memory", self.max_memory)):
+            try:
+                if value is not None:
+                    parse_size(value)
+            except ValueError as exc:
+                raise ValueError(f"--{flag.replace('_', '-')} {exc}") from None
 
     @classmethod
     def from_flat(cls, values: Optional[dict] = None, explicit=()) -> TrainConfig:

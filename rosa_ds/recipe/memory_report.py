@@ -8,7 +8,7 @@ from typing import Optional
 from ..ds.census import counts_from_engine, measure, regather_persistent
 from ..memory.counts import ModelCounts
 from ..memory.plan import MemoryPlan
-from ..memory.predict import model_reduction, predict
+from ..memory.predict import activation_prediction, model_reduction, predict
 from ..memory.report import write_memory_report
 
 
@@ -63,8 +63,19 @@ def write_run_report(trainer, point: str = "after_step") -> dict:
     extra = {"census_point": point, "measured_all_ranks": gathered, "rho": counts.rho,
              "n_trainable": counts.n_trainable, "n_frozen": counts.n_frozen,
              "zero3_persistent_regathered": regathered, **phase_peaks(trainer)}
+    if getattr(trainer, "activations", None) is not None:
+        extra["activations"] = activations_row(trainer.activations, counts, plan)
     if plan.method != "full":
         full = ModelCounts(groups=[[counts.n_frozen + counts.n_trainable - plan.rank * sum(
             m + n for m, n in counts.adapted)]])
         extra["closed_form_reduction_vs_full"] = model_reduction(full, counts, replace(plan, method="full"))
     return write_memory_report(trainer.out, predicted, measured, plan, extra)
+
+
+def activations_row(measured: dict, counts: ModelCounts, plan: MemoryPlan) -> dict:
+    """The first micro step's census beside the prediction for that batch's shape."""
+    shape = replace(plan, micro_batch=measured["micro_batch"], seq_len=measured["seq_len"],
+                    attention_mask=measured["masked"])
+    pred = activation_prediction(counts, shape)
+    return {**measured, "checkpointing": plan.activation_checkpointing, "predicted": pred.saved,
+            "recompute": pred.recompute, "terms": pred.terms, "family": pred.family}

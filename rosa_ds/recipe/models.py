@@ -173,6 +173,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    if not (out / "config.json").is_file():  # save_pretrained writes on global rank 0 only once a process
+        # group exists; a cache entry is per machine, so any rank may be the one converting
+        raise RuntimeError(f"converting {gguf} wrote no config.json: convert before torch.distributed "
+                           "starts (rosa_ds.recipe.models.model_dir)")
 
 
 def ensure_plain_copy(source: ModelSource) -> Path:
@@ -184,7 +188,7 @@ def ensure_plain_copy(source: ModelSource) -> Path:
         if not (target / "config.json").is_file():  # another rank may have finished while we waited
             start = time.perf_counter()
             log.info("converting %s to a plain safetensors copy in %s (once)", source.location, target)
-            with atomic_dir(target) as tmp:
+            with atomic_dir(target, replace=True) as tmp:  # an entry without config.json is incomplete
                 _convert_gguf(Path(source.location), tmp)
             log.info("converted %s in %.1f s", source.spec, time.perf_counter() - start)
     return target
@@ -228,25 +232,59 @@ def _label_kwargs(num_labels: Optional[int], label_names: Optional[Sequence[str]
             "label2id": {n: i for i, n in enumerate(names)}}
 
 
+def local_model_dir(source: ModelSource) -> Path:
+    """The directory holding the model's files (a cached hub model's snapshot directory)."""
+    if source.kind != "hub":
+        return Path(model_dir(source))
+    from huggingface_hub import try_to_load_from_cache
+
+    return Path(try_to_load_from_cache(source.location, "config.json")).parent
+
+
 def load_model_and_tokenizer(spec: str, task: str = "causal_lm", num_labels: Optional[int] = None,
-                             label_names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for ``spec``, offline. Classification models get a new head with
-    ``num_labels`` outputs, id2label/label2id from ``label_names`` and, for decoder models, the
-    pad id (they classify from the last non-pad token)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+                             label_names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.float32,
+                             partitioned: Optional[dict] = None):
+    """(model, tokenizer) for ``spec``, offline, with weights in ``dtype`` (loaded so, never fp32 and
+    then cast). Classification models get a new head with ``num_labels`` outputs, id2label/label2id
+    from ``label_names`` and, for decoder models, the pad id (they classify from the last non-pad
+    token). ``partitioned`` (a ZeRO-3 DeepSpeed config): built partitioned and each rank reads only
+    its own partition of every weight (``rosa_ds.ds.load``); the process group must exist."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = check_model_spec(spec, task)
     extra = _label_kwargs(num_labels, label_names) if task == "classification" else {}
     start = time.perf_counter()
     path = model_dir(source)
     tokenizer = load_tokenizer(source)
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     if task == "classification":
         extra["pad_token_id"] = tokenizer.pad_token_id
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, local_files_only=True, ignore_mismatched_sizes=True, **extra)
+    if partitioned is not None:
+        from ..ds.load import load_partitioned
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **extra)
+        model = load_partitioned(lambda: cls.from_config(config, dtype=dtype), local_model_dir(source), partitioned,
+                                 dtype)
+    elif task == "classification":
+        model = cls.from_pretrained(path, dtype=dtype, local_files_only=True, ignore_mismatched_sizes=True, **extra)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     log.info("loaded %s (%s) in %.1f s", source.describe(), task, time.perf_counter() - start)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each transformer layer in backward (non-reentrant ``torch.utils.checkpoint``).
+
+    Non-reentrant: with a frozen base, reentrant checkpointing gives no gradients unless the
+    layer inputs require grad (the pitfall PEFT and TRL document); non-reentrant needs no such
+    input. transformers registers a hook that makes the embeddings' output require grad; it is
+    removed, since it would only make the embeddings' norm and dropout keep activations."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing; "
+                         "fix: drop --gradient-checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    model.config.use_cache = False

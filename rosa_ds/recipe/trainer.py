@@ -9,8 +9,8 @@ DeepSpeed JSON) is checked in ``Trainer.check`` before the model's weights are l
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,18 +19,30 @@ import torch
 import torch.distributed as dist
 
 from ..ds import config as dsconfig
-from ..ds.dist import PeakMemory, all_reduce, shutdown_distributed
+from ..ds.dist import PeakMemory, all_reduce, init_distributed, shutdown_distributed
 from ..ds.engine import initialize
 from ..ds.export import save_model
 from ..inject import trainable_report
+from ..memory.activations import census
 from ..utils.dist import rank_and_world
 from ..utils.log import log_rank0
-from .baselines import apply_lora, classification_head, lora_merged_state_dict
+from ..utils.sizes import format_size, parse_size
+from .baselines import apply_lora, classification_head, is_lora_layer, lora_transform
 from .config import TrainConfig, save_resolved
 from .data import BatchOrder, PadCollator, check_data, tokenize_data
 from .memory_report import write_run_report
 from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, write_predictions
-from .models import check_model_spec, load_config, load_model_and_tokenizer, model_max_length
+from .models import (
+    check_model_spec,
+    enable_activation_checkpointing,
+    load_config,
+    load_model_and_tokenizer,
+    model_dir,
+    model_max_length,
+)
+from .preflight import check_fits
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -41,13 +53,15 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.last_eval: Optional[dict] = None  # classification: the latest eval scores, shown in the bar
         self.step_peak = 0  # accelerator peak bytes over training steps (GPU only; see PeakMemory)
+        self.activations: Optional[dict] = None  # census of the first micro step (memory report)
 
     # --- 1. cheap checks: every bad input fails here, in one line ------------------------
     def check(self) -> None:
         cfg = self.cfg
         self.source = check_model_spec(cfg.model, cfg.data.task)
         self.raw = check_data(cfg.data)  # before the model config: reading it from a GGUF takes seconds
-        max_len = model_max_length(load_config(self.source))
+        model_config = load_config(self.source)
+        max_len = model_max_length(model_config)
         if max_len is not None and cfg.data.seq_len > max_len:
             raise ValueError(f"--seq-len {cfg.data.seq_len} is longer than the model's context ({max_len} tokens); "
                              f"use --seq-len {max_len} or less")
@@ -55,6 +69,7 @@ class Trainer:
         spe = self.order.steps_per_epoch
         self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
         self.ds_config = dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
+        self.fit = check_fits(cfg, model_config, self.ds_config, self.world)  # before any weight loads
         if cfg.tensorboard:
             self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"),
                                              "job_name": "rosa_ds"}
@@ -65,7 +80,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         labels = self.raw.label_names
         task = cfg.data.task
-        model, self.tokenizer = load_model_and_tokenizer(cfg.model, task, len(labels) if labels else None, labels)
+        dtype = TORCH_DTYPES[dsconfig.precision(self.ds_config)]
+        partitioned = self.ds_config if dsconfig.zero_stage(self.ds_config) == 3 else None
+        if partitioned is not None:
+            model_dir(self.source)  # a GGUF's plain copy, converted while no process group exists
+            init_distributed()  # zero.Init partitions as it builds: the process group must exist
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model, task, len(labels) if labels else None, labels,
+                                                         dtype=dtype, partitioned=partitioned)
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         self.data = tokenize_data(self.raw, self.tokenizer)
         keep = tuple(cfg.rosa.modules_to_save or (classification_head(model) if task == "classification" else ()))
         rosa_config, optimizer = None, None
@@ -147,7 +170,15 @@ class Trainer:
         eng = self.engine
         eng.train()
         peak = PeakMemory()  # the training step's own peak: eval, resample and saves are not in it
-        loss = eng(**to_device(batch, eng.device)).loss
+        if self.activations is None:  # the first micro step runs under the activation census
+            with census(eng.module) as saved:
+                loss = eng(**to_device(batch, eng.device)).loss
+            mask = batch.get("attention_mask")
+            self.activations = {"measured": saved.total, "micro_batch": int(batch["input_ids"].shape[0]),
+                                "seq_len": int(batch["input_ids"].shape[1]),
+                                "masked": bool(mask is not None and not bool(mask.all()))}
+        else:
+            loss = eng(**to_device(batch, eng.device)).loss
         eng.backward(loss)
         event = eng.step()
         self.step_peak = max(self.step_peak, peak.read("train_step").get("train_step_peak_bytes", 0))
@@ -226,21 +257,28 @@ class Trainer:
 
     # --- 5. checkpoints and the final model ----------------------------------------------
     def save(self, epoch: int, batches_in_epoch: int, keep: int = 2) -> None:
-        """Checkpoint; keep the ``keep`` newest complete ones (each holds the full W_f, so disk adds
-        up; two survive a newest one damaged after its save)."""
-        self.engine.save_checkpoint(self.ckpt_dir, client_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch})
+        """Checkpoint; keep the ``keep`` newest complete ones (two survive a newest one damaged
+        after its save). A ``checkpoint`` event records its save time and size."""
+        start = time.perf_counter()
+        path = self.engine.save_checkpoint(self.ckpt_dir,
+                                           client_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch})
+        seconds = time.perf_counter() - start
+        self.engine.prune_checkpoints(self.ckpt_dir, keep)
         if self.rank == 0:
-            done = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.metrics.write({"event": "checkpoint", "step": self.engine.global_step, "seconds": round(seconds, 3),
+                                "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+                                "frozen_record_bytes": frozen_bytes(path)})
 
     def export(self) -> None:
-        final = self.out / "final_model"
-        state = self.engine.merged_state_dict()
-        if self.cfg.method == "lora" and state is not None:
-            state = lora_merged_state_dict(state, self.engine.module)
-        base = self.engine.module.get_base_model() if self.cfg.method == "lora" else self.engine.module
-        save_model(base, state, final, self.tokenizer)
+        """The merged plain model, streamed into sharded safetensors (``rosa_ds.ds.export``)."""
+        final, module = self.out / "final_model", self.engine.module
+        shard = parse_size(self.cfg.max_shard_size)
+        self.engine.settle()  # no parameter gathered or in flight from the last evaluation
+        if self.cfg.method == "lora":
+            save_model(module, final, self.tokenizer, shard, transform=lora_transform(module), is_unit=is_lora_layer,
+                       describe=module.get_base_model())
+        else:
+            save_model(module, final, self.tokenizer, shard)
         log_rank0(f"final merged model: {final}")
 
     def run(self) -> None:
@@ -249,7 +287,20 @@ class Trainer:
         self.train()
         write_run_report(self)  # before export: the census reads the live engine
         self.export()
+        self.record_peak_rss()
         shutdown_distributed()
+
+    def record_peak_rss(self) -> None:
+        """Every rank's peak resident memory over the whole run (a ``memory`` event), beside the
+        preflight's prediction: on the CPU the figure ``--max-memory`` bounds."""
+        peaks = self._gather([peak_rss_bytes()])
+        rec = {"event": "memory", "peak_rss_bytes": peaks}
+        if self.fit is not None:
+            rec.update(predicted_peak_bytes=self.fit.need, predicted_phase=self.fit.phase,
+                       available_bytes=self.fit.available)
+        self.metrics.write(rec)
+        log_rank0(f"peak RSS per rank: {', '.join(format_size(p) for p in peaks)}"
+                  + (f" (predicted {format_size(self.fit.need)} at {self.fit.phase})" if self.fit else ""))
 
 
 def _bnb_factory(kwargs: dict):
@@ -259,6 +310,24 @@ def _bnb_factory(kwargs: dict):
         return bnb.optim.AdamW8bit(params, **kwargs)
 
     return make
+
+
+def frozen_bytes(checkpoint: Path) -> int:
+    """Bytes of the frozen record a checkpoint names (shared by its resample cycle's checkpoints)."""
+    record = checkpoint.parent / "frozen" / json.loads((checkpoint / "rosa_state.json").read_text())["frozen"]
+    return sum(f.stat().st_size for f in record.rglob("*") if f.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM of its own address space (``ru_maxrss`` keeps
+    the high-water mark across exec, so a rank forked from a large parent would report the parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def to_device(batch: dict, device) -> dict:

@@ -29,6 +29,31 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# glibc mallopt parameters (malloc.h)
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3
+
+
+def bounded_host_allocator(threshold: int = 1 << 20, arenas: int = 2) -> bool:
+    """Keep the host allocator from hoarding freed memory (glibc only; a no-op elsewhere, or when
+    the user set MALLOC_MMAP_THRESHOLD_ / MALLOC_ARENA_MAX themselves).
+
+    glibc raises its mmap threshold every time a large block is freed (up to 32 MiB), after which
+    blocks of that size come from heaps that are never returned, one heap per thread arena. ZeRO-3
+    allocates and frees a gather buffer per parameter per pass, from several threads: measured on
+    2 CPU ranks with a 171 MB model, a rank's RSS grew from 460 MB after loading to 1,042 MB after
+    3 steps (still growing); with a fixed 1 MiB threshold and 2 arenas it stays at 605 MB. Returns
+    True if it was applied."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a one-node process group or a test launch)."""
     with socket.socket() as s:

@@ -12,15 +12,16 @@ def tiny_model(kind: str = "gpt2", seed: int = 0, hidden: int = 32, intermediate
     torch.manual_seed(seed)
     common = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=positions, vocab_size=vocab)
     if kind == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=positions,
-                                                vocab_size=vocab, **overrides))
+        kw = {"n_embd": hidden, "n_layer": 2, "n_head": 2, "n_positions": positions, "vocab_size": vocab, **overrides}
+        return tf.GPT2LMHeadModel(tf.GPT2Config(**kw))
     if kind == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
-                                                  num_key_value_heads=2, **common, **overrides))
+        kw = {**common, "hidden_size": hidden, "intermediate_size": intermediate, "num_key_value_heads": 2, **overrides}
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
     if kind in ("bert", "bert-cls"):
-        cls_kw = {"num_labels": 3} if kind == "bert-cls" else {}
-        cfg = tf.BertConfig(hidden_size=hidden, intermediate_size=intermediate, **common, **{**cls_kw, **overrides})
-        return tf.BertForSequenceClassification(cfg) if kind == "bert-cls" else tf.BertModel(cfg)
+        kw = {**common, "hidden_size": hidden, "intermediate_size": intermediate,
+              **({"num_labels": 3} if kind == "bert-cls" else {}), **overrides}
+        cls = tf.BertForSequenceClassification if kind == "bert-cls" else tf.BertModel
+        return cls(tf.BertConfig(**kw))
     raise ValueError(f"unknown tiny model kind {kind!r}; choose gpt2, llama, bert, bert-cls")
 
 

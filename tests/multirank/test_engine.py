@@ -21,6 +21,10 @@ def reference():
     return adamw_reference(model, lambda step: lm_batch(step, WORLD, MICRO), STEPS_PER_EPOCH, EPOCHS, LR)
 
 
+GRADS_AT = ["0", "3"]  # the first step, and the first after the first resample (3 steps per epoch)
+PLAIN: dict = {}  # stage -> the plain fp32 run of the reference test, reused by the checkpointing test
+
+
 def run(tmp_path, stage, dtype="fp32", extra=(), nodes=1, world=WORLD):
     merged = tmp_path / f"merged_{stage}_{dtype}.pt"
     results = launch_ranks(SCRIPT, ["--stage", str(stage), "--dtype", dtype, "--merged-out", str(merged),
@@ -36,6 +40,22 @@ def mean_losses(results):
 
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def assert_checkpoint_holds_no_full_frozen_copy(ckpt, stage):
+    """DeepSpeed's files exclude the frozen weights; the cycle's frozen record holds them once:
+    under ZeRO-3 as one partition file per rank (each about half), under ZeRO-2 one replicated copy."""
+    model = apply_rosa(no_dropout_gpt2(), RosaConfig(rank=3, seed=7))
+    frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
+    tag_files = [f for f in (ckpt / "step_00000004").rglob("*") if f.is_file()]
+    assert max(f.stat().st_size for f in tag_files) < 0.5 * frozen  # factors, optimizer state, metadata
+    record = next(p for p in (ckpt / "frozen").iterdir() if p.is_dir())
+    names = sorted(f.name for f in record.iterdir())
+    if stage == 3:
+        assert names == ["COMPLETE", "rank0-00001.safetensors", "rank1-00001.safetensors"], names
+        assert all((record / n).stat().st_size < 0.6 * frozen for n in names[1:])
+    else:
+        assert names == ["COMPLETE", "replicated-00001.safetensors"], names
 
 
 def assert_resample_invariants(results):
@@ -55,7 +75,9 @@ def assert_resample_invariants(results):
 @pytest.mark.parametrize("stage, nodes", [(1, 2), (2, 1), (3, 1)])
 def test_fp32_matches_single_process_adamw_and_resumes_exactly(tmp_path, stage, nodes):
     ckpt = tmp_path / "ckpt"
-    results, merged = run(tmp_path, stage, extra=["--save-at", "4", "--ckpt", str(ckpt)], nodes=nodes)
+    results, merged = run(tmp_path, stage, extra=["--save-at", "4", "--ckpt", str(ckpt), "--grads-at", *GRADS_AT],
+                          nodes=nodes)
+    PLAIN[stage] = results, merged
     ref_losses, ref_state = reference()
     losses = mean_losses(results)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)) <= 1e-5, (losses, ref_losses)
@@ -65,12 +87,34 @@ def test_fp32_matches_single_process_adamw_and_resumes_exactly(tmp_path, stage, 
     assert_resample_invariants(results)
     if stage == 1:
         return  # resume is required on ZeRO-2 and ZeRO-3; stage 1 shows the 2-node layout
+    assert_checkpoint_holds_no_full_frozen_copy(ckpt, stage)
     # resume in new processes from the checkpoint taken after the first resample (step 3)
     resumed, merged_resumed = run(tmp_path / "..", stage, extra=["--resume", str(ckpt)])
     for r_full, r_res in zip(results, resumed):
         tail = {s: v for s, v in r_full["losses"].items() if int(s) >= 4}
         assert r_res["losses"] == tail, "resumed losses must equal the uninterrupted run bit for bit"
     assert all(torch.equal(merged[k], merged_resumed[k]) for k in merged)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_activation_checkpointing_gives_the_same_gradients_across_a_resample(tmp_path, stage):
+    """Non-reentrant checkpointing on the frozen-base model under ZeRO-2/3: every factor's reduced
+    gradient, at the first step and at the first step after a resample, equals the run without
+    checkpointing to 1e-6 relative; so do the losses and the merged model."""
+    if stage not in PLAIN:  # run alone (e.g. with -k): make the plain run here
+        (tmp_path / "plain").mkdir()
+        PLAIN[stage] = run(tmp_path / "plain", stage, extra=["--grads-at", *GRADS_AT])
+    plain, merged_plain = PLAIN[stage]
+    results, merged = run(tmp_path, stage, extra=["--checkpointing", "--grads-at", *GRADS_AT])
+    assert_resample_invariants(results)
+    for r_plain, r_ckpt in zip(plain, results):
+        assert sorted(r_ckpt["grads"]) == GRADS_AT
+        for step in GRADS_AT:
+            for g0, g1 in zip(r_plain["grads"][step], r_ckpt["grads"][step]):
+                g0, g1 = torch.tensor(g0), torch.tensor(g1)
+                assert torch.linalg.vector_norm(g1 - g0) <= 1e-6 * torch.linalg.vector_norm(g0), step
+        assert all(abs(r_ckpt["losses"][k] - v) <= 1e-6 * abs(v) for k, v in r_plain["losses"].items())
+    assert max(rel(merged[k], merged_plain[k]) for k in merged if merged[k].is_floating_point()) <= 1e-6
 
 
 @pytest.mark.parametrize("stage, flag", [(2, "--offload"), (3, "--client-adamw")])

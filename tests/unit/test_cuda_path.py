@@ -93,6 +93,7 @@ def _trainer(monkeypatch, world=2):
         device, global_step, at_boundary = META, 1, True
         optimizer = SimpleNamespace(param_groups=[{"lr": 1e-3}])
         inputs = []
+        module = nn.Linear(1, 1)  # the first micro step runs under the activation census of the module
 
         def __call__(self, **batch):
             FakeEngine.inputs.append({k: v.device.type for k, v in batch.items()})
@@ -189,6 +190,9 @@ class FakeDeepSpeed:
 
     def was_step_applied(self):
         return self.applied
+
+    def zero_optimization_stage(self):
+        return 2
 
 
 def test_fp16_overflow_skipped_steps_do_not_count_in_schedules(monkeypatch):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rosa_ds.ds.checkpoint import CheckpointError, check_compatible, resolve
+from rosa_ds.ds.checkpoint import FORMAT, CheckpointError, check_compatible, resolve
 from rosa_ds.schedule import ScheduleConfig
 
 
@@ -38,7 +38,7 @@ def test_half_written_checkpoint_is_refused(tmp_path):
 
 
 def _desc(rank=8, world=2, stage=2, layers=(("h.0.q", 8, 8, 8),)):
-    return {"world_size": world, "zero_stage": stage, "rosa_config": {"rank": rank},
+    return {"format": FORMAT, "world_size": world, "zero_stage": stage, "rosa_config": {"rank": rank},
             "layers": [list(l) for l in layers]}
 
 

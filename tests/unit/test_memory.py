@@ -219,12 +219,15 @@ def _cli(*args):
                           timeout=300)
 
 
-# Runs the planner in a fresh interpreter that prints its OWN peak RSS at exit (RUSAGE_CHILDREN would be
-# the largest child pytest ever waited for, e.g. a 2 GB DeepSpeed rank from an earlier test).
-_SELF_RSS = ("import resource, sys, runpy; sys.argv = ['rosa_ds.memory'] + sys.argv[1:]\n"
+# Runs the planner in a fresh interpreter that prints its OWN peak RSS at exit: VmHWM of its own
+# address space. Not RUSAGE_CHILDREN (the largest child pytest ever waited for, e.g. a 2 GB
+# DeepSpeed rank) and not RUSAGE_SELF (Linux keeps the high-water mark across exec, so a child
+# forked from a large pytest process reports the parent's size).
+_SELF_RSS = ("import sys, runpy; sys.argv = ['rosa_ds.memory'] + sys.argv[1:]\n"
              "try:\n    runpy.run_module('rosa_ds.memory', run_name='__main__')\n"
              "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-             "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
+             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+             "print('MAXRSS_KIB', hwm)\nsys.exit(code)")
 
 
 def test_cli_plans_llama_7b_fast_and_small(tmp_path):

@@ -34,11 +34,17 @@ p.add_argument("--grad-accum-fp32", action="store_true",
                help="data_types.grad_accum_dtype fp32 (ZeRO-1 + bf16: DeepSpeed's BF16_Optimizer)")
 p.add_argument("--frozen-master", choices=["auto", "on", "off"], default="auto")
 p.add_argument("--node-local-ckpt", action="store_true", help="each rank saves under its own directory")
+p.add_argument("--checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+p.add_argument("--grads-at", type=int, nargs="*", default=[], help="record every factor's full gradient at these steps")
 p.add_argument("--result", required=True)
 a = p.parse_args()
 
 torch.manual_seed(1234)
 model = no_dropout_gpt2()
+if a.checkpointing:
+    from rosa_ds.recipe.models import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)
 cfg = ds_test_config(a.stage, a.dtype, a.micro_batch, offload=a.offload)
 if a.grad_accum_fp32:
     cfg["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -103,12 +109,16 @@ if a.resume:
     client = engine.load_checkpoint(a.resume)
     start_step = client["step"]
 total = a.steps_per_epoch * a.epochs
-losses, resamples, svd_before = {}, [], SVD_CALLS["count"]
+losses, resamples, svd_before, grads = {}, [], SVD_CALLS["count"], {}
 for step in range(start_step, total):
     engine.train()
     batch = lm_batch(step, world, a.micro_batch, rank)
     loss = engine(**batch).loss
     engine.backward(loss)
+    if step in a.grads_at:  # after backward, before the step: the reduced full gradient of each factor
+        from deepspeed.utils import safe_get_full_grad
+
+        grads[step] = [safe_get_full_grad(p).float().flatten().tolist() for p in engine.factor_params]
     engine.step()
     losses[step] = float(loss.detach().float())
     done = step + 1
@@ -133,7 +143,7 @@ for step in range(start_step, total):
 merged = engine.merged_state_dict()
 if rank == 0 and a.merged_out:
     torch.save(merged, a.merged_out)
-result = {"rank": rank, "world": world, "losses": losses, "resamples": resamples,
+result = {"rank": rank, "world": world, "losses": losses, "resamples": resamples, "grads": grads,
           "svds_total_here": SVD_CALLS["count"] - svd_before, "n_layers": len(list(iter_rosa_layers(engine.module))),
           "trainable_state_groups": len(engine.optimizer.optimizer.param_groups)}
 with open(a.result, "w") as f:

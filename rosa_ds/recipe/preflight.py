@@ -1,0 +1,112 @@
+"""Preflight: before any weight loads, does the run fit the memory it has? If not, one line with
+the prediction, what is available, and the planner's best configuration that fits, as flags.
+
+The prediction is the accountant's per-rank peak over the run's phases (``rosa_ds.memory.phases``)
+plus the runtime reserve (``rosa_ds.memory.planner.RUNTIME_RESERVE``), for the model built on the
+meta device from its config. Available: on CUDA the device's memory (or ``--max-memory`` if
+smaller); on the CPU ``--max-memory`` (host RAM per rank), without which nothing is checked.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..ds import config as dsconfig
+from ..memory.counts import arch_from_config, counts_from_module
+from ..memory.phases import phase_peaks
+from ..memory.plan import MemoryPlan
+from ..memory.planner import RUNTIME_RESERVE, Cluster, best_for, plan_cluster
+from ..utils.sizes import format_size, parse_size
+
+
+@dataclass
+class Verdict:
+    """Predicted per-rank need (bytes, at ``phase``) against ``available``."""
+
+    need: int
+    available: Optional[int]
+    phase: str
+    accelerator: str
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.need <= self.available
+
+
+def meta_counts(cfg, model_config, world: int):
+    """Counts of the run's model on the meta device (no weights), as the engine will train it."""
+    import transformers as tf
+
+    from .baselines import classification_head
+
+    classification = cfg.data.task == "classification"
+    with torch.device("meta"):
+        cls = tf.AutoModelForSequenceClassification if classification else tf.AutoModelForCausalLM
+        model = cls.from_config(model_config)
+    keep = tuple(cfg.rosa.modules_to_save or (classification_head(model) if classification else ()))
+    counts = counts_from_module(model, cfg.method, cfg.rosa.rank, cfg.rosa.target_modules, keep,
+                                cfg.rosa.quantize_base if cfg.method == "rosa" else None)
+    counts.arch = arch_from_config(model_config, classification=classification)
+    return counts
+
+
+def run_plan(cfg, ds_config: dict, world: int, accelerator: str) -> MemoryPlan:
+    return MemoryPlan.from_ds_config(ds_config, method=cfg.method, rank=cfg.rosa.rank, world_size=world,
+                                     micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len, optimizer=cfg.optim,
+                                     accelerator=accelerator, activation_checkpointing=cfg.gradient_checkpointing)
+
+
+def available_bytes(cfg, accelerator: str) -> Optional[int]:
+    limit = parse_size(cfg.max_memory) if cfg.max_memory else None
+    if accelerator == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        total = torch.cuda.get_device_properties(local).total_memory
+        return min(total, limit) if limit else total
+    return limit
+
+
+def verdict(counts, plan: MemoryPlan, available: Optional[int]) -> Verdict:
+    peaks = phase_peaks(counts, plan)
+    if plan.accelerator == "cpu":  # one memory: device and host bytes add up
+        phase = max(peaks, key=lambda p: peaks[p].total())
+        need = peaks[phase].total()
+    else:
+        phase = max(peaks, key=lambda p: peaks[p].device)
+        need = peaks[phase].device
+    return Verdict(need + RUNTIME_RESERVE[plan.accelerator], available, phase, plan.accelerator)
+
+
+def suggestion(cfg, model_config, plan: MemoryPlan, available: int, world: int) -> str:
+    """The planner's best configuration of the same global batch that fits, as flags."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cluster = Cluster(available, local, max(world // max(local, 1), 1), accelerator=plan.accelerator)
+    quantize = ("nf4",) if cfg.method == "rosa" and cfg.optim == "adamw" else ()
+    planned = plan_cluster(model_config, cluster, global_batch=cfg.micro_batch * cfg.grad_accum * world,
+                           seq_len=cfg.data.seq_len, dtype=plan.dtype, rank=cfg.rosa.rank,
+                           methods=(cfg.method,), quantize=quantize, targets=cfg.rosa.target_modules,
+                           attention_mask=plan.attention_mask)
+    best = best_for(planned, cfg.method)
+    if best is None:
+        return "nothing the planner knows fits; give more memory or more ranks (python -m rosa_ds.memory --budget)"
+    return f"fix: run with {best.flags()} (predicted {format_size(best.device_peak)} per rank)"
+
+
+def check_fits(cfg, model_config, ds_config: dict, world: int) -> Verdict:
+    """The run's predicted per-rank peak; one ValueError line if it does not fit what is available."""
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    available = available_bytes(cfg, accelerator)
+    counts = meta_counts(cfg, model_config, world)
+    plan = run_plan(cfg, ds_config, world, accelerator)
+    v = verdict(counts, plan, available)
+    if v.fits:
+        return v
+    stage = dsconfig.zero_stage(ds_config)
+    where = "--max-memory" if cfg.max_memory and parse_size(cfg.max_memory) == available else "the GPU's memory"
+    raise ValueError(f"the run is predicted to need {format_size(v.need)} per rank at its peak ({v.phase}; ZeRO-{stage}"
+                     f"{', offload' if plan.offload_optimizer else ''}, micro-batch {cfg.micro_batch}"
+                     f"{', checkpointing' if cfg.gradient_checkpointing else ''}) but {format_size(available)} is "
+                     f"available ({where}); {suggestion(cfg, model_config, plan, available, world)}")
+
