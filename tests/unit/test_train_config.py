@@ -189,3 +189,22 @@ def test_exit_now_flushes_and_keeps_the_exit_code():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3
     assert proc.stdout == "out" and "logged" in proc.stderr
+
+
+def test_an_error_is_one_line_from_rank_0_and_not_lost_on_another_rank(capsys, monkeypatch):
+    """The launcher kills every rank when one exits non-zero: rank 0 prints at once, another rank
+    waits the grace period first (so rank 0's line comes first when both fail) and then prints
+    with its rank, so an error only it hits is never lost."""
+    import time as time_module
+
+    from rosa_ds.recipe import cli
+
+    slept = []
+    monkeypatch.setattr(time_module, "sleep", slept.append)
+    cli.report(ValueError("--lr must be a positive number"), 0)
+    assert capsys.readouterr().err == "rosa_ds: error: --lr must be a positive number\n" and slept == []
+    cli.report(ValueError("only here"), 1)
+    assert capsys.readouterr().err == "rosa_ds: error (rank 1): only here\n" and slept == [cli.RANK0_GRACE]
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["--lr", "0"]) == 2
+    assert capsys.readouterr().err.startswith("rosa_ds: error: --lr must be a positive number")
