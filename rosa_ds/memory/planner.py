@@ -22,7 +22,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .counts import ModelCounts, counts_from_module, load_config, meta_model
+from .counts import ModelCounts, arch_from_config, counts_from_module, load_config, meta_model
 from .phases import phase_peaks
 from .plan import MemoryPlan
 
@@ -133,6 +133,19 @@ class Planned:
     dtype: str
 
 
+def rank_need(counts: ModelCounts, plan: MemoryPlan) -> tuple[str, int, int]:
+    """(peak phase, bytes a rank needs on its device at that phase including ``RUNTIME_RESERVE``,
+    its host peak over all phases). On the CPU device and host are one memory: the whole
+    footprint counts as the device's and the host peak is 0."""
+    peaks = phase_peaks(counts, plan)
+    reserve = RUNTIME_RESERVE[plan.accelerator]
+    if plan.accelerator == "cpu":
+        phase = max(peaks, key=lambda p: peaks[p].total())
+        return phase, peaks[phase].total() + reserve, 0
+    phase = max(peaks, key=lambda p: peaks[p].device)
+    return phase, peaks[phase].device + reserve, max(p.host for p in peaks.values())
+
+
 def micro_batches(global_batch: int, world: int) -> list[int]:
     """Micro-batch sizes that divide the per-rank share of the global batch (powers of two and the
     share itself)."""
@@ -188,8 +201,6 @@ def plan_cluster(model, cluster: Cluster, *, global_batch: int, seq_len: int, dt
     config) on ``cluster`` for ``global_batch`` sequences of ``seq_len`` tokens per step."""
     speeds = speeds or (CPU_SPEEDS if cluster.accelerator == "cpu" else Speeds())
     cfg = load_config(model) if isinstance(model, str) else model
-    from .counts import arch_from_config
-
     meta, arch = meta_model(cfg), arch_from_config(cfg)
     counts: dict = {}
     for method, q in {("full", None), ("lora", None), ("rosa", None)} | {("rosa", x) for x in quantize}:
@@ -197,7 +208,6 @@ def plan_cluster(model, cluster: Cluster, *, global_batch: int, seq_len: int, dt
             counts[method, q] = counts_from_module(meta, method, rank, targets, quantize_base=q)
             counts[method, q].arch = arch
     world, fits, misses = cluster.world, [], {}
-    reserve = RUNTIME_RESERVE[cluster.accelerator]
     for method, stage, offload, optimizer, q in _setups(methods, stages, cluster.accelerator, quantize):
         for micro, ckpt in itertools.product(micro_batches(global_batch, world), (False, True)):
             accum = global_batch // (world * micro)
@@ -206,13 +216,7 @@ def plan_cluster(model, cluster: Cluster, *, global_batch: int, seq_len: int, dt
                               activation_checkpointing=ckpt, accelerator=cluster.accelerator,
                               attention_mask=attention_mask, **TEMPLATE_BUFFERS)
             c = counts[method, q]
-            peaks = phase_peaks(c, plan)
-            if cluster.accelerator == "cpu":  # one memory: the rank's whole footprint counts
-                phase = max(peaks, key=lambda p: peaks[p].total())
-                device, host = peaks[phase].total() + reserve, 0
-            else:
-                phase = max(peaks, key=lambda p: peaks[p].device)
-                device, host = peaks[phase].device + reserve, max(p.host for p in peaks.values())
+            phase, device, host = rank_need(c, plan)
             cost = step_seconds(c, plan, accum, cluster, speeds)
             cand = Candidate(method, stage, offload, micro, accum, ckpt, optimizer, q, rank, device, host, phase,
                              sum(cost.values()), cost)

@@ -2,8 +2,8 @@
 the prediction, what is available, and the planner's best configuration that fits, as flags.
 
 The prediction is the accountant's per-rank peak over the run's phases (``rosa_ds.memory.phases``)
-plus the runtime reserve (``rosa_ds.memory.planner.RUNTIME_RESERVE``), for the model built on the
-meta device from its config. Available: on CUDA the device's memory (or ``--max-memory`` if
+plus the runtime reserve (``rosa_ds.memory.planner.rank_need``, the rule the planner ranks by), for
+the model built on the meta device from its config. Available: on CUDA the device's memory (or ``--max-memory`` if
 smaller); on the CPU ``--max-memory`` (host RAM per rank), without which nothing is checked.
 """
 from __future__ import annotations
@@ -16,27 +16,25 @@ import torch
 
 from ..ds import config as dsconfig
 from ..memory.counts import arch_from_config, counts_from_module
-from ..memory.phases import phase_peaks
 from ..memory.plan import MemoryPlan
-from ..memory.planner import RUNTIME_RESERVE, Cluster, best_for, plan_cluster
+from ..memory.planner import Cluster, best_for, plan_cluster, rank_need
 from ..utils.sizes import format_size, parse_size
 
 
 @dataclass
 class Verdict:
-    """Predicted per-rank need (bytes, at ``phase``) against ``available``."""
+    """Predicted per-rank need (bytes, at ``phase``) against ``available`` (None: not checked)."""
 
     need: int
     available: Optional[int]
     phase: str
-    accelerator: str
 
     @property
     def fits(self) -> bool:
         return self.available is None or self.need <= self.available
 
 
-def meta_counts(cfg, model_config, world: int):
+def meta_counts(cfg, model_config):
     """Counts of the run's model on the meta device (no weights), as the engine will train it."""
     import transformers as tf
 
@@ -69,14 +67,8 @@ def available_bytes(cfg, accelerator: str) -> Optional[int]:
 
 
 def verdict(counts, plan: MemoryPlan, available: Optional[int]) -> Verdict:
-    peaks = phase_peaks(counts, plan)
-    if plan.accelerator == "cpu":  # one memory: device and host bytes add up
-        phase = max(peaks, key=lambda p: peaks[p].total())
-        need = peaks[phase].total()
-    else:
-        phase = max(peaks, key=lambda p: peaks[p].device)
-        need = peaks[phase].device
-    return Verdict(need + RUNTIME_RESERVE[plan.accelerator], available, phase, plan.accelerator)
+    phase, need, _ = rank_need(counts, plan)  # the planner's own rule, so its suggestions agree
+    return Verdict(need, available, phase)
 
 
 def suggestion(cfg, model_config, plan: MemoryPlan, available: int, world: int) -> str:
@@ -98,7 +90,7 @@ def check_fits(cfg, model_config, ds_config: dict, world: int) -> Verdict:
     """The run's predicted per-rank peak; one ValueError line if it does not fit what is available."""
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     available = available_bytes(cfg, accelerator)
-    counts = meta_counts(cfg, model_config, world)
+    counts = meta_counts(cfg, model_config)
     plan = run_plan(cfg, ds_config, world, accelerator)
     v = verdict(counts, plan, available)
     if v.fits:
@@ -109,4 +101,3 @@ def check_fits(cfg, model_config, ds_config: dict, world: int) -> Verdict:
                      f"{', offload' if plan.offload_optimizer else ''}, micro-batch {cfg.micro_batch}"
                      f"{', checkpointing' if cfg.gradient_checkpointing else ''}) but {format_size(available)} is "
                      f"available ({where}); {suggestion(cfg, model_config, plan, available, world)}")
-

@@ -294,13 +294,10 @@ class Trainer:
         """Every rank's peak resident memory over the whole run (a ``memory`` event), beside the
         preflight's prediction: on the CPU the figure ``--max-memory`` bounds."""
         peaks = self._gather([peak_rss_bytes()])
-        rec = {"event": "memory", "peak_rss_bytes": peaks}
-        if self.fit is not None:
-            rec.update(predicted_peak_bytes=self.fit.need, predicted_phase=self.fit.phase,
-                       available_bytes=self.fit.available)
-        self.metrics.write(rec)
-        log_rank0(f"peak RSS per rank: {', '.join(format_size(p) for p in peaks)}"
-                  + (f" (predicted {format_size(self.fit.need)} at {self.fit.phase})" if self.fit else ""))
+        self.metrics.write({"event": "memory", "peak_rss_bytes": peaks, "predicted_peak_bytes": self.fit.need,
+                            "predicted_phase": self.fit.phase, "available_bytes": self.fit.available})
+        log_rank0(f"peak RSS per rank: {', '.join(format_size(p) for p in peaks)} "
+                  f"(predicted {format_size(self.fit.need)} at {self.fit.phase})")
 
 
 def _bnb_factory(kwargs: dict):
