@@ -25,6 +25,7 @@ import torch
 from ..inject import iter_rosa_layers, merged_layer_weight, unwrap_name
 from ..layer import RosaLinear, is_adapter_param
 from ..utils.io import atomic_dir
+from ..utils.log import log_rank0
 from ..utils.safetensors_io import SafetensorsStream
 from .dist import all_gather_object, barrier, device, rank_and_world, recv, send
 from .params import full_fp32, gathered
@@ -184,20 +185,46 @@ def _setup(model, transform: Optional[Callable], is_unit: Optional[Callable]):
     return transform, is_unit, owners
 
 
+class NonFiniteExport(FloatingPointError):
+    """A merged weight (W_f + A B, or any plain tensor) has non-finite values: nothing is written."""
+
+
+# Pretrained transformer weights are O(1) (rarely above ~1e2); a merged weight beyond this means
+# the run diverged (e.g. a learning rate orders of magnitude too high) even when it is finite.
+SUSPICIOUS_MAGNITUDE = 1e4
+
+
 def stream_plain(model, writer, transform: Optional[Callable] = None, is_unit: Optional[Callable] = None,
                  owners: Optional[dict] = None) -> None:
-    """Gather, merge and write every unit of ``model`` (collective; ``writer`` on rank 0 only)."""
+    """Gather, merge and write every unit of ``model`` (collective; ``writer`` on rank 0 only).
+
+    Every merged tensor is checked before it is written; a non-finite one stops the writing but
+    not the gathering (the other ranks stay in step), and all ranks then raise ``NonFiniteExport``
+    together (the caller's temporary directory is discarded)."""
     rank, _ = rank_and_world()
     if owners is None:
         transform, is_unit, owners = _setup(model, transform, is_unit)
+    bad, largest = [], (0.0, "")
     for _, unit, tensors in _units(model, is_unit):
         values = _gather_unit(tensors, rank)
         master = _master_on_rank0(unit, owners, rank) if isinstance(unit, RosaLinear) else None
-        if rank == 0:
-            for key, value in transform(unit, values, master).items():
-                if not torch.isfinite(value).all():
-                    raise FloatingPointError(f"the exported weight {key} has non-finite values; refusing to write it")
-                writer.add(key, value)
+        if rank != 0:
+            continue
+        for key, value in transform(unit, values, master).items():
+            if not bool(torch.isfinite(value).all()):
+                bad.append(key)
+            if bad:
+                continue
+            if value.is_floating_point() and value.numel():
+                largest = max(largest, (float(value.abs().max()), key))
+            writer.add(key, value)
+    bad = all_gather_object(bad)[0]
+    if bad:
+        raise NonFiniteExport(f"the merged weight {bad[0]} has non-finite values (W_f + A B overflowed or the "
+                              "training diverged); no model was written")
+    if rank == 0 and largest[0] > SUSPICIOUS_MAGNITUDE:
+        log_rank0(f"warning: the exported weight {largest[1]} reaches |w| = {largest[0]:.3g}; pretrained weights are "
+                  "O(1): the run has probably diverged (check --lr and the loss curve)")
 
 
 def save_model(model, out_dir: Path, tokenizer=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,

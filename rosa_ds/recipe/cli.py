@@ -6,7 +6,9 @@ import sys
 import time
 from typing import Optional
 
+from ..ds.agree import CheckpointWriteError
 from ..utils.dist import global_rank
+from .faults import Diverged, Preempted
 
 # Errors that describe bad input (the project's own error types subclass ValueError); anything
 # else is a bug and keeps its traceback. ROSA_DS_DEBUG=1 keeps the traceback for these too.
@@ -21,12 +23,34 @@ def main(argv: Optional[list] = None) -> int:
     try:
         cfg = parse_args(argv)
         Trainer(cfg).run()
+    except (Preempted, Diverged, CheckpointWriteError) as exc:  # agreed by every rank: rank 0 says it
+        if global_rank() == 0:
+            print(f"rosa_ds: {type(exc).__name__.lower()}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except USER_ERRORS as exc:
         if os.environ.get("ROSA_DS_DEBUG") == "1":
             raise
         report(exc, global_rank())
         return 2
+    except RuntimeError as exc:
+        why = collective_failure(exc)
+        if why is None:
+            raise
+        report(RuntimeError(f"{why}; the last checkpoint is intact: continue with --resume "
+                            f"({' '.join(str(exc).split())[:160]})"), global_rank(), grace=0.0)
+        return 1
     return 0
+
+
+def collective_failure(exc: BaseException) -> Optional[str]:
+    """What a collective's RuntimeError (or its DistBackendError subclass) means, if it is one:
+    another rank died (the connection to it broke) or hung (past ``--dist-timeout``)."""
+    text = str(exc).lower()
+    if any(s in text for s in ("connection reset", "connection closed", "broken pipe", "remote process exited")):
+        return "another rank died (the connection to it was lost)"
+    if "timed out" in text or ("timeout" in text and any(s in text for s in ("gloo", "nccl", "watchdog"))):
+        return "a collective waited longer than --dist-timeout for the other ranks (one is hung or died)"
+    return None
 
 
 def report(exc: Exception, rank: int, grace: float = RANK0_GRACE) -> None:

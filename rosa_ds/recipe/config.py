@@ -101,11 +101,18 @@ class TrainConfig:
     resume: Optional[str] = opt(None, "resume: bare flag = latest checkpoint in --output-dir, or a checkpoint path",
                                 nargs="?", const="latest")
     tensorboard: bool = opt(False, "write TensorBoard logs to <output-dir>/tb")
+    nan_policy: str = opt("stop", "a non-finite loss or gradient: stop (exit 3; nothing saved after it, the last "
+                                  "good checkpoint kept) or skip (drop the step on every rank, stop after "
+                                  "--nan-skip-limit in a row)", ("stop", "skip"))
+    nan_skip_limit: int = opt(10, "--nan-policy skip: consecutive non-finite steps after which the run stops",
+                              minimum=1)
     max_shard_size: str = opt("50GB", "largest safetensors shard of the exported model (e.g. 5GB, 500MB)")
     # -- DeepSpeed and the launcher
     deepspeed: str = opt("zero2", "DeepSpeed JSON template: a path, or zero1|zero2|zero3|zero2_offload|zero3_offload")
     config: Optional[str] = opt(None, "JSON or YAML file of settings (overridden by flags given on the command line)",
                                 compare=False)
+    dist_timeout: float = opt(30.0, "minutes a collective may wait for the other ranks before the job ends "
+                                    "(a hung or dead rank)", minimum=0.1)
     local_rank: int = opt(-1, "set by the DeepSpeed launcher; ignored (ranks come from the environment)", compare=False)
     # -- the components (their options are flat flags too)
     rosa: RosaConfig = field(default_factory=RosaConfig)
@@ -271,10 +278,18 @@ def sync_from_ds(cfg: TrainConfig, ds_config: dict) -> TrainConfig:
 
 # ---------------------------------------------------------------- argparse from the dataclasses
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag argparse rejects (unknown, bad choice, missing value) is a ValueError like every
+    other bad input: one line from the CLI, not the whole usage text (``--help`` shows that)."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message}; see --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per option (``--micro-batch``), with its help; defaults are suppressed so the
     namespace holds only the flags actually given (that is how ``explicit`` is known)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train.py", description="Fine-tune an LLM with ROSA on DeepSpeed ZeRO.",
         argument_default=argparse.SUPPRESS)
     for owner, f in all_flag_fields():

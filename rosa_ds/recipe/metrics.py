@@ -22,7 +22,19 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+                f.write(json.dumps(finite_json({"time": round(time.time(), 3), **record}), allow_nan=False) + "\n")
+
+
+def finite_json(value):
+    """``value`` with every non-finite float as null (JSON has no NaN; ``json.dumps`` would write a
+    bare ``NaN`` that strict readers reject); the step's record says why with ``skipped``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 class _NoBar:

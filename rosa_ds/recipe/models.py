@@ -25,6 +25,7 @@ import torch
 
 from ..utils.io import atomic_dir, cache_root, exclusive, stable_hash
 from ..utils.packages import DEFAULT_GGUF, MINILM, SMOLLM2, install_hint, package_dir
+from ..utils.safetensors_io import check_safetensors
 from .data.config import TASKS
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,10 @@ def check_task(source: ModelSource, config, task: str) -> None:
 def check_model_spec(spec: str, task: Optional[str] = None) -> ModelSource:
     """Fail fast (one line) if ``spec`` cannot be loaded, or with ``task`` if it cannot do that task."""
     source = resolve_model(spec, task)
+    plain = Path(source.location) if source.kind == "dir" else converted_dir(source) if source.kind == "gguf" else None
+    if plain is not None:
+        for weights in sorted(plain.glob("*.safetensors")):
+            check_safetensors(weights)  # a damaged file is named here, not in a loader's traceback
     # An unconverted GGUF's config takes ~15 s to parse; GGUF models are decoders, so skip it.
     if task is not None and not (source.kind == "gguf" and not (converted_dir(source) / "config.json").is_file()):
         check_task(source, load_config(source), task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from ..ds import config as dsconfig
 from ..ds.dist import PeakMemory, all_reduce, init_distributed, shutdown_distributed
 from ..ds.engine import initialize
-from ..ds.export import save_model
+from ..ds.export import NonFiniteExport, save_model
 from ..inject import trainable_report
 from ..memory.activations import census
 from ..utils.dist import rank_and_world
@@ -30,6 +31,7 @@ from ..utils.sizes import format_size, parse_size
 from .baselines import apply_lora, classification_head, is_lora_layer, lora_transform
 from .config import TrainConfig, save_resolved
 from .data import BatchOrder, PadCollator, check_data, tokenize_data
+from .faults import Diverged, OutputLock, Preempted, StopRequest
 from .memory_report import write_run_report
 from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, write_predictions
 from .models import (
@@ -54,10 +56,19 @@ class Trainer:
         self.last_eval: Optional[dict] = None  # classification: the latest eval scores, shown in the bar
         self.step_peak = 0  # accelerator peak bytes over training steps (GPU only; see PeakMemory)
         self.activations: Optional[dict] = None  # census of the first micro step (memory report)
+        self.stop = StopRequest()  # SIGTERM/SIGINT -> checkpoint after the current step (``faults``)
+        self.lock = OutputLock(self.out)
+        self.last_checkpoint: Optional[Path] = None
+        self.saved_step = -1
+        self.nan_in_row = 0  # --nan-policy skip: consecutive non-finite steps
+        self.nan_skipped = 0
 
     # --- 1. cheap checks: every bad input fails here, in one line ------------------------
     def check(self) -> None:
         cfg = self.cfg
+        check_output_dir(self.out)
+        if self.rank == 0:
+            self.lock.acquire()  # one run per --output-dir (released by ``run``)
         self.source = check_model_spec(cfg.model, cfg.data.task)
         self.raw = check_data(cfg.data)  # before the model config: reading it from a GGUF takes seconds
         model_config = load_config(self.source)
@@ -82,9 +93,8 @@ class Trainer:
         task = cfg.data.task
         dtype = TORCH_DTYPES[dsconfig.precision(self.ds_config)]
         partitioned = self.ds_config if dsconfig.zero_stage(self.ds_config) == 3 else None
-        if partitioned is not None:
-            model_dir(self.source)  # a GGUF's plain copy, converted while no process group exists
-            init_distributed()  # zero.Init partitions as it builds: the process group must exist
+        model_dir(self.source)  # a GGUF's plain copy, converted while no process group exists
+        init_distributed(cfg.dist_timeout)  # before the weights: zero.Init partitions as it builds
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, task, len(labels) if labels else None, labels,
                                                          dtype=dtype, partitioned=partitioned)
         if cfg.gradient_checkpointing:
@@ -101,6 +111,7 @@ class Trainer:
             optimizer = _bnb_factory(kwargs)
         self.engine = initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer, schedule=cfg.schedule)
         self.rank, self.world = rank_and_world()
+        self.precision, self.ds_skipped = dsconfig.precision(self.ds_config), 0
         self.collate = PadCollator(self.tokenizer.pad_token_id)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0)
         if self.rank == 0:
@@ -117,6 +128,7 @@ class Trainer:
         path = self.ckpt_dir if where == "latest" else Path(where)
         client = self.engine.load_checkpoint(path)
         self.start_epoch, self.skip = client["epoch"], client["batches_in_epoch"]
+        self.saved_step, self.last_checkpoint = self.engine.global_step, path
 
     # --- 3. the loop -------------------------------------------------------------------------
     def loader(self, epoch: int, skip: int):
@@ -141,13 +153,15 @@ class Trainer:
                 if not eng.at_boundary:  # a micro step inside an accumulation
                     continue
                 done_in_epoch += 1
-                rec = self.log_step(epoch, losses, tokens, time.perf_counter() - t0)
+                rec, stop = self.log_step(epoch, losses, tokens, time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 **eval_postfix(self.last_eval))
                 tokens, losses, t0 = 0, [], time.perf_counter()
                 if event:
                     self.metrics.write(event)
+                if stop:  # every rank agreed in log_step's all-reduce: stop after this step
+                    self.preempt(epoch, done_in_epoch)
                 if cfg.eval_every and eng.global_step % cfg.eval_every == 0:
                     self.evaluate(epoch)
                 if cfg.save_every and eng.global_step % cfg.save_every == 0:
@@ -184,15 +198,69 @@ class Trainer:
         self.step_peak = max(self.step_peak, peak.read("train_step").get("train_step_peak_bytes", 0))
         return loss.detach().float(), event
 
-    def log_step(self, epoch: int, losses: list, tokens: int, seconds: float) -> dict:
-        stats = torch.stack([torch.stack(losses).mean().double(),
-                             torch.tensor(float(tokens), dtype=torch.float64, device=self.engine.device)])
-        loss, tokens_all = all_reduce(stats).tolist()
-        rec = {"step": self.engine.global_step, "epoch": epoch, "loss": loss / self.world,
-               "lr": self.engine.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_all / max(seconds, 1e-9),
+    def log_step(self, epoch: int, losses: list, tokens: int, seconds: float) -> tuple[dict, bool]:
+        """The step's record (mean loss over ranks, tokens/s), the non-finite policy applied, and
+        whether every rank is to stop now: one all-reduce carries the loss, the token count and
+        each rank's stop request, so all ranks decide alike."""
+        eng = self.engine
+        local = [float(tokens), float(self.stop.requested)]
+        stats = torch.cat([torch.stack(losses).mean().double().reshape(1),
+                           torch.tensor(local, dtype=torch.float64, device=eng.device)])
+        loss, tokens_all, stops = all_reduce(stats).tolist()
+        rec = {"step": eng.global_step, "epoch": epoch, "loss": loss / self.world,
+               "lr": eng.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_all / max(seconds, 1e-9),
                "step_seconds": round(seconds, 4)}
+        diverged = self.check_finite_step(rec)
         self.metrics.write(rec)
-        return rec
+        if diverged is not None:
+            raise diverged
+        return rec, stops > 0
+
+    def check_finite_step(self, rec: dict) -> Optional[Diverged]:
+        """``--nan-policy``: a non-finite loss (any rank's: the all-reduced sum is then non-finite)
+        or a step DeepSpeed dropped for non-finite gradients (its overflow check is itself agreed
+        across ranks; under fp16 such drops are loss scaling at work and not counted)."""
+        eng, cfg = self.engine, self.cfg
+        dropped = int(getattr(eng.ds, "skipped_steps", 0)) > self.ds_skipped and self.precision != "fp16"
+        self.ds_skipped = int(getattr(eng.ds, "skipped_steps", 0))
+        if math.isfinite(rec["loss"]) and not dropped:
+            self.nan_in_row = 0
+            return None
+        what = "loss" if not math.isfinite(rec["loss"]) else "gradients"
+        last = self.last_good()
+        if cfg.nan_policy == "stop":
+            return Diverged(f"non-finite {what} at step {rec['step']} (--nan-policy stop): nothing saved after it; "
+                            f"{last}; lower --lr, or resume with --nan-policy skip")
+        if not dropped:
+            return Diverged(f"non-finite {what} at step {rec['step']} and DeepSpeed applied the step anyway (it drops "
+                            "non-finite steps when gradient_clipping > 0 in the DeepSpeed JSON); "
+                            f"{last}; set gradient_clipping, or lower --lr")
+        self.nan_in_row += 1
+        self.nan_skipped += 1
+        rec.update(skipped=True, skipped_total=self.nan_skipped)
+        log_rank0(f"non-finite {what} at step {rec['step']}: step dropped on every rank "
+                  f"({self.nan_in_row} in a row, limit --nan-skip-limit {cfg.nan_skip_limit})")
+        if self.nan_in_row >= cfg.nan_skip_limit:
+            return Diverged(f"{self.nan_in_row} non-finite steps in a row up to step {rec['step']} "
+                            f"(--nan-skip-limit {cfg.nan_skip_limit}): {last}; lower --lr")
+        return None
+
+    def last_good(self) -> str:
+        """Where a diverged run can be resumed from (no checkpoint is ever written from a
+        non-finite state, so the newest one is good)."""
+        if self.last_checkpoint is None:
+            return "there is no checkpoint"
+        return f"the last good checkpoint is {self.last_checkpoint}"
+
+    def preempt(self, epoch: int, batches_in_epoch: int) -> None:
+        """Checkpoint at the current step (unless it was just saved) and stop (exit 75)."""
+        if self.saved_step != self.engine.global_step:
+            self.save(epoch, batches_in_epoch)
+        self.stop.saved = True
+        self.metrics.write({"event": "preempted", "step": self.engine.global_step, "reason": self.stop.reason,
+                            "checkpoint": str(self.last_checkpoint)})
+        raise Preempted(f"stopped ({self.stop.reason}) after step {self.engine.global_step}: checkpoint "
+                        f"{self.last_checkpoint} saved; continue with --resume")
 
     # --- 4. evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -260,35 +328,54 @@ class Trainer:
         """Checkpoint; keep the ``keep`` newest complete ones (two survive a newest one damaged
         after its save). A ``checkpoint`` event records its save time and size."""
         start = time.perf_counter()
+        if not self.trainable_finite():
+            raise Diverged(f"non-finite trainable weights at step {self.engine.global_step}: no checkpoint written; "
+                           f"{self.last_good()}; lower --lr")
         path = self.engine.save_checkpoint(self.ckpt_dir,
                                            client_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch})
         seconds = time.perf_counter() - start
+        self.last_checkpoint, self.saved_step = path, self.engine.global_step
         self.engine.prune_checkpoints(self.ckpt_dir, keep)
         if self.rank == 0:
             self.metrics.write({"event": "checkpoint", "step": self.engine.global_step, "seconds": round(seconds, 3),
                                 "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
                                 "frozen_record_bytes": frozen_bytes(path)})
 
+    def trainable_finite(self) -> bool:
+        """Every rank's trainable values (its ZeRO-3 partition, or the replicated copy) are finite."""
+        local = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters() if p.requires_grad]
+        bad = sum(int(not bool(torch.isfinite(t).all())) for t in local if t.numel())
+        return all_reduce(torch.tensor([float(bad)], device=self.engine.device)).item() == 0
+
     def export(self) -> None:
-        """The merged plain model, streamed into sharded safetensors (``rosa_ds.ds.export``)."""
+        """The merged plain model, streamed into sharded safetensors (``rosa_ds.ds.export``);
+        never a non-finite one (checked on the merged weights W_f + A B themselves)."""
         final, module = self.out / "final_model", self.engine.module
         shard = parse_size(self.cfg.max_shard_size)
         self.engine.settle()  # no parameter gathered or in flight from the last evaluation
-        if self.cfg.method == "lora":
-            save_model(module, final, self.tokenizer, shard, transform=lora_transform(module), is_unit=is_lora_layer,
-                       describe=module.get_base_model())
-        else:
-            save_model(module, final, self.tokenizer, shard)
+        try:
+            if self.cfg.method == "lora":
+                save_model(module, final, self.tokenizer, shard, transform=lora_transform(module),
+                           is_unit=is_lora_layer, describe=module.get_base_model())
+            else:
+                save_model(module, final, self.tokenizer, shard)
+        except NonFiniteExport as exc:
+            raise Diverged(f"{exc}; {self.last_good()}; lower --lr") from None
         log_rank0(f"final merged model: {final}")
 
     def run(self) -> None:
-        self.check()
-        self.setup()
-        self.train()
-        write_run_report(self)  # before export: the census reads the live engine
-        self.export()
-        self.record_peak_rss()
-        shutdown_distributed()
+        self.stop.install()
+        try:
+            self.check()
+            self.setup()
+            self.train()
+            write_run_report(self)  # before export: the census reads the live engine
+            self.export()
+            self.record_peak_rss()
+            shutdown_distributed()
+        finally:
+            self.lock.release()
+            self.stop.uninstall()
 
     def record_peak_rss(self) -> None:
         """Every rank's peak resident memory over the whole run (a ``memory`` event), beside the
@@ -330,3 +417,16 @@ def peak_rss_bytes() -> int:
 def to_device(batch: dict, device) -> dict:
     """A host batch's tensors on the engine's device (non-blocking from pinned memory)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def check_output_dir(out: Path) -> None:
+    """--output-dir is (or can become) a directory this process can write: checked by writing."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file, not a directory; choose a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--output-dir {out} is not writable ({exc.strerror or exc}); choose a writable "
+                         "directory") from None

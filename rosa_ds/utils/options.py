@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from typing import Any, Optional, Union
 
@@ -101,6 +102,8 @@ def check_options(obj) -> None:
             raw = getattr(obj, f.name)
             raise OptionError(owner, f.name, f"must be {type_label(types[f.name])}, got {raw!r} "
                                              f"({type(raw).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+            raise OptionError(owner, f.name, f"must be a finite number, got {value}")
         choices, minimum = f.metadata["choices"], f.metadata["min"]
         if choices and value is not None and value not in choices:
             raise OptionError(owner, f.name, f"{value!r} does not exist; choose one of {', '.join(map(str, choices))}")

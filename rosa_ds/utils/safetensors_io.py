@@ -74,3 +74,30 @@ class SafetensorsStream:
         self.file.close()
         if self.done != len(self.expected):
             raise RuntimeError(f"rosa_ds bug: {self.done} of {len(self.expected)} tensors were streamed")
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ValueError naming ``path`` unless its header parses and its tensors' byte ranges end
+    exactly at the end of the file (a truncated or overwritten header is caught without reading
+    the data; same-size damage to the data itself cannot be seen without a checksum)."""
+    path = Path(path)
+    size = path.stat().st_size
+    problem = None
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+        if n is None or n > size - 8 or n > 100 * 2**20:
+            problem = "no valid header"
+        else:
+            try:
+                header = json.loads(f.read(n))
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                problem = "its header is not valid safetensors JSON"
+            else:
+                expected = 8 + n + max(ends, default=0)
+                if expected != size:
+                    problem = (f"truncated: its header describes {expected:,} bytes, the file has {size:,}"
+                               if expected > size else f"{size - expected:,} bytes beyond what its header describes")
+    if problem:
+        raise ValueError(f"model file {path} is damaged ({problem}); copy or convert the model again")

@@ -1,7 +1,6 @@
 """End-to-end CLI runs with the real DeepSpeed launcher on 2 CPU ranks, a tiny model and data."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -9,14 +8,9 @@ import torch
 from tests.helpers.launch import ROOT, launch_cli, metrics_records
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from tests.helpers.assets import save_tiny_model_dir, write_tiny_dataset
-
-    d = tmp_path_factory.mktemp("assets")
-    save_tiny_model_dir(d / "llama", "llama")
-    write_tiny_dataset(d / "data.jsonl", "prompt_target", n=64)
-    return d
+@pytest.fixture
+def assets(cli_assets):
+    return cli_assets
 
 
 def common(assets, method, stage):
@@ -70,43 +64,3 @@ def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage, e
 
     with safe_open(str(out / "final_model" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "rosa_" in k or "lora_" in k or "base_layer" in k]
-
-
-def test_resume_from_output_dir_continues_exactly(tmp_path, assets):
-    full = tmp_path / "full"
-    args = common(assets, "rosa", 2) + ["--save-every", "9"]
-    launch_cli(args, full)
-    steps = {r["step"]: r["loss"] for r in metrics_records(full) if "loss" in r}
-    # a run stopped after step 9 (past the resample at the epoch boundary after step 7): its output dir
-    stopped = tmp_path / "stopped"
-    shutil.copytree(full, stopped, ignore=shutil.ignore_patterns("final_model", "metrics.jsonl"))
-    (stopped / "checkpoints" / "latest").write_text("step_00000009")
-    launch_cli(args + ["--resume"], stopped)
-    resumed = {r["step"]: r["loss"] for r in metrics_records(stopped) if "loss" in r}
-    assert min(resumed) == 10 and resumed == {s: l for s, l in steps.items() if s >= 10}
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
-    (["--dataset", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
-    (["--target-field", "answer"], "record has no field 'answer'"),
-    (["--seq-len", "4096"], "--seq-len 4096 is longer than the model's context"),
-    (["--deepspeed", "{JSON}", "--lr", "1e-3"], "train_micro_batch_size_per_gpu"),
-    (["--deepspeed", "{JSON_BATCH}"], "train_batch_size"),
-])
-def test_bad_input_is_one_clear_line_before_heavy_work(tmp_path, assets, extra, message):
-    template = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    contradicting = {**template, "train_micro_batch_size_per_gpu": 2, "optimizer": {
-        **template["optimizer"], "params": {**template["optimizer"]["params"], "lr": 5e-4}}}
-    (tmp_path / "contradicting.json").write_text(json.dumps(contradicting))
-    (tmp_path / "batch.json").write_text(json.dumps({**template, "train_batch_size": 10}))
-    extra = [{"{JSON}": str(tmp_path / "contradicting.json"), "{JSON_BATCH}": str(tmp_path / "batch.json")}.get(x, x)
-             for x in extra]
-    proc = launch_cli(common(assets, "rosa", 2) + extra, tmp_path / "bad", world=1, check=False)
-    assert proc.returncode != 0
-    text = proc.stdout + proc.stderr
-    assert "rosa_ds: error:" in text, text[-2000:]
-    error = text[text.index("rosa_ds: error:"):].split("\n[")[0]  # the error block, up to the launcher's log
-    assert message in error, error
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

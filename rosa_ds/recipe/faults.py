@@ -1,0 +1,189 @@
+"""Stopping safely: preemption signals, a vanished launcher, non-finite steps, one run per directory.
+
+Exit codes of a rank (``launch/train.py``; README "Faults and preemption"):
+
+    0   finished                      2   bad input (one line)
+    1   a bug (traceback)             3   diverged: non-finite loss or gradients, or a non-finite export
+    4   a checkpoint could not be written (disk full, I/O error); the previous one is intact
+    75  preempted: SIGTERM/SIGINT (or the launcher vanished), the current step finished and a
+        checkpoint saved; resume with ``--resume`` (75 is sysexits' EX_TEMPFAIL: "try again")
+    128+N  a second signal N: exit at once, nothing saved
+
+A signal only sets a flag. The trainer reads it at optimizer-step boundaries and all ranks agree
+on it in the step's existing all-reduce, so every rank stops after the same step: never inside a
+gradient accumulation or a resample.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..utils.log import log_rank0
+
+EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 4
+EXIT_PREEMPTED = 75
+# The launcher forwards the signal it got to every rank, so with a signal to the process group
+# each rank receives it twice within milliseconds: one request, not a second one.
+SAME_REQUEST_S = 2.0
+
+
+class Preempted(Exception):
+    """Training stopped on request after a checkpoint; ``launch/train.py`` exits with 75."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class Diverged(Exception):
+    """Non-finite training state; nothing non-finite was saved. Exit code 3."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (and a vanished launcher) as a flag read at step boundaries; a second
+    signal, ``SAME_REQUEST_S`` or more after the first, exits at once with 128 + its number."""
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self.first = 0.0
+        self.saved = False  # a checkpoint of the stop is written: a late signal then exits 75
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        watch_launcher(self)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason, self.first = reason, time.monotonic()
+            log_rank0(f"{reason}: stopping after the current optimizer step with a checkpoint "
+                      "(a second signal exits at once)")
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.reason is None:
+            self.request(signal.Signals(signum).name)
+        elif time.monotonic() - self.first >= SAME_REQUEST_S:
+            os._exit(EXIT_PREEMPTED if self.saved else 128 + signum)
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])  # field 4; the name may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def watch_launcher(stop: StopRequest, every: float = 1.0) -> Optional[threading.Thread]:
+    """Under DeepSpeed's launcher (runner -> launcher -> ranks), request a stop when the launcher
+    or the runner above it is gone. SIGTERM to the ``deepspeed`` runner alone kills it and
+    nothing else (it forwards signals only for multi-node pdsh), leaving the launcher and ranks
+    training unattended; a rank sees that as its parent's parent changing (re-parented)."""
+    parent = os.getppid()
+    if "deepspeed.launcher.launch" not in _cmdline(parent):
+        return None
+    grand = _parent_of(parent)
+
+    def loop() -> None:
+        while not stop.requested:
+            time.sleep(every)
+            if os.getppid() != parent:
+                stop.request("the DeepSpeed launcher is gone")
+            elif _parent_of(parent) != grand:
+                stop.request("the deepspeed runner is gone")
+
+    thread = threading.Thread(target=loop, name="rosa_ds-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+class OutputLock:
+    """One run per output directory: ``<dir>/.rosa_ds.lock`` holds the holder's host, pid and
+    process start time (so a reused pid is not mistaken for the holder). A lock whose holder is
+    dead on this host is taken over; a live one (or one held from another host, which cannot be
+    checked: remove the file by hand once that run is gone) refuses the run."""
+
+    NAME = ".rosa_ds.lock"
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / self.NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and all(holder.get(k) == me[k] for k in ("host", "pid", "start")):
+                    self.held = True  # this process took it already (``Trainer.check`` run twice)
+                    return
+                if holder is not None and self._alive(holder):
+                    where = f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
+                    extra = "" if holder.get("host") == me["host"] else \
+                        f"; if that run is gone, delete {self.path}"
+                    raise ValueError(f"--output-dir {self.path.parent} is in use by another run ({where}); "
+                                     f"wait for it to finish or choose another --output-dir{extra}") from None
+                log_rank0(f"taking over {self.path}: its holder ({holder}) is no longer running")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise ValueError(f"could not lock --output-dir {self.path.parent}: another run keeps taking it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # half-written by a holder that died at once: take it over
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True
+        pid = holder.get("pid")
+        return isinstance(pid, int) and _start_time(pid) is not None and _start_time(pid) == holder.get("start")
+
+
+def _start_time(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
