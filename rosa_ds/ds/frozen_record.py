@@ -21,7 +21,6 @@ Nothing is gathered: every rank writes and reads only what it holds. Records are
 """
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from ..inject import iter_rosa_layers
 from ..owners import assign_owners
 from ..utils.io import replace_dir
-from ..utils.manifest import MANIFEST, write_manifest
+from ..utils.manifest import MANIFEST, read_manifest, write_manifest
 from ..utils.safetensors_io import write_safetensors
 from .dist import barrier, rank_and_world
 from .params import is_zero3
@@ -86,10 +85,10 @@ def _files(record: Path, kind: str) -> list[Path]:
 def is_complete(record: Path) -> bool:
     """The record exists and every file its manifest lists has its size (a stat per file; the
     digests are checked before a resume, ``rosa_ds.ds.verify``)."""
-    manifest = record / MANIFEST
-    if not manifest.is_file():
+    try:
+        files = read_manifest(record)["files"]
+    except ValueError:  # missing or garbage: not complete (every rank must answer, never raise)
         return False
-    files = json.loads(manifest.read_text())["files"]
     return all((record / f).is_file() and (record / f).stat().st_size == size for f, size in files.items())
 
 

@@ -87,17 +87,11 @@ def candidates(root: Path) -> tuple[list[Path], list[str]]:
 
 def container(where: Path) -> Optional[Path]:
     """The checkpoints dir ``where`` stands for (itself, or an output dir's ``checkpoints``), or
-    None if ``where`` is one checkpoint."""
-    def holds(d: Path) -> bool:
-        return (d / "latest").exists() or any(STEP_DIR.match(p.name) for p in d.iterdir())
-
-    if (where / MANIFEST).exists() or (where / "rosa_state.json").exists():
+    None if ``where`` is one checkpoint (it holds a manifest, ``rosa_state.json`` or ``.pt`` files)."""
+    if (where / MANIFEST).exists() or (where / "rosa_state.json").exists() or any(where.glob("*.pt")):
         return None
-    if holds(where):
-        return where
-    if (where / "checkpoints").is_dir():
-        return where / "checkpoints"
-    return None
+    holds = (where / "latest").exists() or any(STEP_DIR.match(p.name) for p in where.iterdir())
+    return where / "checkpoints" if not holds and (where / "checkpoints").is_dir() else where
 
 
 def choose(where: Path) -> Choice:

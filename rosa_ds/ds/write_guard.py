@@ -86,15 +86,21 @@ class WriteGuard:
 
     @contextlib.contextmanager
     def around_deepspeed(self, ds_engine):
-        """DeepSpeed's checkpoint writes go through this guard while the block runs."""
-        ckpt_engine = ds_engine.checkpoint_engine
+        """DeepSpeed's checkpoint writes (its checkpoint engine's ``save`` and ``makedirs``) go
+        through this guard while the block runs."""
+        ckpt_engine, names = ds_engine.checkpoint_engine, ("save", "makedirs")
+        own = {n: vars(ckpt_engine)[n] for n in names if n in vars(ckpt_engine)}  # usually none: class methods
         save, makedirs = ckpt_engine.save, ckpt_engine.makedirs
         ckpt_engine.save = lambda state_dict, path, *a, **k: self.run(Path(path), save, state_dict, path, *a, **k)
         ckpt_engine.makedirs = lambda path, *a, **k: self.run(Path(path), makedirs, path, *a, **k)
         try:
             yield
         finally:
-            del ckpt_engine.save, ckpt_engine.makedirs  # back to the class's methods
+            for n in names:
+                if n in own:
+                    setattr(ckpt_engine, n, own[n])
+                else:
+                    delattr(ckpt_engine, n)
 
     def agree(self, target: Path, cleanup: Callable[[], None], needed: Callable[[], tuple[int, str]]) -> None:
         """Collective: if a write failed on any rank, rank 0 runs ``cleanup`` and every rank

@@ -151,6 +151,9 @@ def test_all_damaged_or_nothing_to_resume_is_one_error(ckpts, tmp_path):
         choose(only_partial)
     with pytest.raises(CheckpointError, match=r"--resume .*/nowhere: no such directory"):
         choose(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*/empty \(no checkpoint\)"):
+        choose(tmp_path / "empty")
 
 
 def test_an_explicit_damaged_checkpoint_is_an_error_naming_the_file(ckpts):
