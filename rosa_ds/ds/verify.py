@@ -25,7 +25,7 @@ from typing import Optional
 
 from ..utils.manifest import MANIFEST, damage
 from .agree import CheckpointError
-from .frozen_record import record_dir
+from .frozen_record import RECORDS, record_dir
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -59,6 +59,11 @@ def _step(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
+def _is_checkpoint_name(tag: str) -> bool:
+    """Not the frozen records' directory, nor an interrupted or replaced save."""
+    return tag != RECORDS and not tag.endswith((".partial", ".old"))
+
+
 def read_latest(root: Path) -> tuple[Optional[Path], Optional[str]]:
     """(the checkpoint ``latest`` names, or None; a warning if ``latest`` is garbage)."""
     latest = root / "latest"
@@ -70,7 +75,7 @@ def read_latest(root: Path) -> tuple[Optional[Path], Optional[str]]:
         return None, f"{latest} is not text: ignored, using the newest intact step_* checkpoint"
     if not tag:
         return None, f"{latest} is empty: ignored, using the newest intact step_* checkpoint"
-    if "/" in tag or not tag.isprintable() or not (root / tag).is_dir():
+    if "/" in tag or not tag.isprintable() or not (root / tag).is_dir() or not _is_checkpoint_name(tag):
         return None, (f"{latest} names {tag[:40]!r}, which is no checkpoint in {root}: ignored, "
                       "using the newest intact step_* checkpoint")
     return root / tag, None
@@ -127,7 +132,8 @@ def _saved(ckpt: Path) -> dict:
 def check_compatible(choice: Choice, now: dict) -> None:
     """What a resume must match, from the files alone, in one error naming the flags.
 
-    ``now``: ``world_size``, ``zero_stage``, ``method`` and ``rank`` (the adapter rank) of this run.
+    ``now``: ``world_size``, ``zero_stage``, ``method``, ``rank`` (the adapter rank) and
+    ``quantize_base`` of this run.
     The saving run's method and rank come from its ``config.json`` beside ``checkpoints/`` when
     present; a ROSA checkpoint's own ``rosa_state.json`` holds its rank in any case."""
     saved, problems = choice.saved, []
@@ -144,6 +150,11 @@ def check_compatible(choice: Choice, now: dict) -> None:
     rank = (saved.get("rosa_config") or {}).get("rank") if method == "rosa" else run.get("rank")
     if method == now["method"] and method in ("rosa", "lora") and rank is not None and rank != now["rank"]:
         problems.append(f"it was saved with --rank {rank}, this run has --rank {now['rank']} (use --rank {rank})")
+    quantized = (saved.get("rosa_config") or {}).get("quantize_base", now["quantize_base"])
+    if method == now["method"] == "rosa" and quantized != now["quantize_base"]:
+        def flag(value):
+            return f"--quantize-base {value}" if value else "no --quantize-base"
+        problems.append(f"it was saved with {flag(quantized)}, this run has {flag(now['quantize_base'])}")
     if problems:
         raise CheckpointError(f"--resume: cannot continue from {choice.path}: " + "; ".join(problems)
                               + "; or start a new run without --resume")

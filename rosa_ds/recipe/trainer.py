@@ -127,7 +127,8 @@ class Trainer:
         for line in choice.warnings:
             warn_rank0(line)
         verify.check_compatible(choice, {"world_size": self.world, "zero_stage": dsconfig.zero_stage(self.ds_config),
-                                         "method": self.cfg.method, "rank": self.cfg.rosa.rank})
+                                         "method": self.cfg.method, "rank": self.cfg.rosa.rank,
+                                         "quantize_base": self.cfg.rosa.quantize_base})
         log_rank0(f"resuming from {choice.path} (step {choice.saved.get('global_step')}): its files are intact "
                   f"(checked in {time.perf_counter() - start:.2f}s)")
         return choice.path

@@ -26,8 +26,8 @@ def publish(directory, files: dict, header=None):
 
 
 def make_ckpt(root, step, frozen="run-0001", world=2, stage=2, rank=4):
-    state = {"format": 2, "world_size": world, "zero_stage": stage, "rosa_config": {"rank": rank},
-             "global_step": step, "frozen": frozen}
+    state = {"format": 2, "world_size": world, "zero_stage": stage, "global_step": step, "frozen": frozen,
+             "rosa_config": {"rank": rank, "quantize_base": None}}
     if not (root / "frozen" / frozen).exists():
         publish(root / "frozen" / frozen, {"replicated-00001.safetensors": b"W" * 300})
     ckpt = root / f"step_{step:08d}"
@@ -126,6 +126,7 @@ def test_latest_naming_an_older_checkpoint_is_honoured(ckpts):
 @pytest.mark.parametrize("content, words", [
     (b"", "latest is empty"), (b"\xff\xfe\x00\x81", "latest is not text"),
     (b"step_00000099", "names 'step_00000099', which is no checkpoint"), (b"../../etc", "names '../../etc'"),
+    (b"frozen", "names 'frozen', which is no checkpoint"),
 ])
 def test_a_garbage_latest_is_named_and_ignored(ckpts, content, words):
     (ckpts / "latest").write_bytes(content)
@@ -172,7 +173,7 @@ def write_run_config(ckpts, **values):
     (ckpts.parent / "config.json").write_text(json.dumps({"method": "rosa", "rank": 4, **values}))
 
 
-NOW = {"world_size": 2, "zero_stage": 2, "method": "rosa", "rank": 4}
+NOW = {"world_size": 2, "zero_stage": 2, "method": "rosa", "rank": 4, "quantize_base": None}
 
 
 @pytest.mark.parametrize("now, words", [
@@ -180,6 +181,7 @@ NOW = {"world_size": 2, "zero_stage": 2, "method": "rosa", "rank": 4}
     ({"zero_stage": 3}, "ZeRO stage 2, this run uses 3 (use the saving run's --deepspeed config)"),
     ({"rank": 8}, "saved with --rank 4, this run has --rank 8 (use --rank 4)"),
     ({"method": "lora"}, "saved with --method rosa, this run has --method lora"),
+    ({"quantize_base": "nf4"}, "saved with no --quantize-base, this run has --quantize-base nf4"),
 ])
 def test_resume_mismatch_is_one_line_naming_the_flag(ckpts, now, words):
     write_run_config(ckpts)
