@@ -25,9 +25,6 @@ def rel():
 def cli_assets(tmp_path_factory) -> Path:
     """A tiny Llama model directory (``llama/``) and 64 prompt/target records (``data.jsonl``),
     shared by the CLI-level tests (read-only: a test that damages files copies them first)."""
-    from tests.helpers.assets import save_tiny_model_dir, write_tiny_dataset
+    from tests.helpers.assets import tiny_causal_run
 
-    d = tmp_path_factory.mktemp("cli_assets")
-    save_tiny_model_dir(d / "llama", "llama")
-    write_tiny_dataset(d / "data.jsonl", "prompt_target", n=64)
-    return d
+    return tiny_causal_run(tmp_path_factory.mktemp("cli_assets"))

@@ -6,6 +6,9 @@
     resample    the distributed resample (ZeRO-1/2 replicated and ZeRO-3 partitioned paths)
     engine      RosaEngine and ``initialize``
     checkpoint  atomic checkpoints with ROSA state, exact resume
+    frozen_record  a resample cycle's frozen state, shared by its checkpoints
+    write_guard  a save's writes failing together (disk full, I/O errors), per-file digests
+    verify      which checkpoint a resume loads: intact files, fallback, compatibility (files only)
     export      the merged plain model
     config      DeepSpeed JSON templates, "auto" filling and the one validator (pure dict logic)
     census      measured bytes of a live engine's tensors (duck-typed)

@@ -13,12 +13,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be saved or resumed here; the message says why and what to do."""
 
 
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint save failed for lack of space or an I/O error; the previous one is intact."""
-
-    exit_code = 4
-
-
 def agree(check, what: str, fix: str = SHARED_FS) -> None:
     """Run ``check`` on every rank; if it failed anywhere, raise on every rank. The same failure
     everywhere is raised as is; failures on some ranks name each rank's host and reason, and ``fix``."""

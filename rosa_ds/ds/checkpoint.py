@@ -9,7 +9,7 @@ Layout of ``save_dir``:
         rosa_state.json       ROSA config, resample count and history, schedule, world layout, and
                               the name of the cycle's frozen record
         rosa_rng_rank<r>.pt   each rank's RNG states (dropout draws continue exactly)
-        COMPLETE              written last, lists every file and its size
+        COMPLETE              written last, lists every file, its size and sha256 (``utils.manifest``)
     frozen/<run>-<cycle>/     what is frozen between two resamples, once per cycle and shared by
                               the cycle's checkpoints (``frozen_record``): per-rank ZeRO-3
                               partitions of W_f, or its replicated copy, and the fp32 masters
@@ -22,7 +22,13 @@ checkpoint with its own files in it, and all ranks agree: on nodes that do not s
 checkpoint directory (node-local disks) the save fails on every rank, naming the hosts, instead
 of leaving shards in ``.partial`` that a later resume trips over. Loading is agreed the same
 way, so a checkpoint some ranks cannot read is an error on all of them, not a hang. Nothing is
-gathered to one rank: each writes and reads what it holds.
+gathered to one rank: each writes and reads what it holds, and hashes a share of the files.
+
+A write that fails on any rank (disk full, I/O error; ``write_guard``) does not leave the save
+early, which would hang the others: all ranks agree, rank 0 removes the ``.partial`` directory
+(and a frozen record this save began), and every rank raises ``CheckpointWriteError`` naming the
+path, the space needed and the space free. Which checkpoint a resume loads, and whether its
+files are intact, is decided before the model loads (``rosa_ds.ds.verify``).
 
 This module owns what it saves: ``RosaState`` (the engine's ROSA bookkeeping) and the DeepSpeed
 engine's own state; it needs nothing else from the ``RosaEngine``.
@@ -43,11 +49,14 @@ from ..inject import iter_rosa_layers
 from ..schedule import ScheduleConfig
 from ..utils.io import atomic_write_text, replace_dir
 from ..utils.log import log_rank0
+from ..utils.manifest import MANIFEST, read_manifest, write_manifest
 from . import frozen_record
 from .agree import CheckpointError, agree, everywhere
 from .dist import all_gather_object, barrier, rank_and_world
+from .write_guard import CheckpointWriteError, WriteGuard, gather_digests
 
-__all__ = ["CheckpointError", "RosaState", "save", "load", "prune", "resolve", "check_compatible"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "RosaState", "save", "load", "prune", "resolve",
+           "check_compatible"]
 
 FORMAT = 2  # 2: frozen state in per-cycle records, DeepSpeed files without frozen parameters
 
@@ -124,41 +133,79 @@ def describe(ds_engine, state: RosaState) -> dict:
 
 
 def save(ds_engine, state: RosaState, root: Path, tag: str, client_state: dict) -> Path:
-    """Write checkpoint ``tag`` under ``root`` (collective; see the module docstring)."""
+    """Write checkpoint ``tag`` under ``root`` (collective; see the module docstring). A write
+    failing on any rank (disk full, I/O error) removes what this save wrote and raises
+    ``CheckpointWriteError`` on every rank; the previous checkpoint is untouched."""
     rank, _ = rank_and_world()
     final, partial = root / tag, root / f"{tag}.partial"
     key = state.frozen_key()
+    record = frozen_record.record_dir(root, key)
+    guard = WriteGuard(root)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        guard.run(root, root.mkdir, parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
     barrier()
-    if not everywhere(frozen_record.is_complete(frozen_record.record_dir(root, key))):
-        frozen_record.write(ds_engine.module, root, key)
+    new_record = not everywhere(frozen_record.is_complete(record))
+
+    def needed() -> tuple[int, str]:
+        return _space_needed(root, tag, new_record)
+
+    def cleanup() -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+        if new_record:  # named by no complete checkpoint: it would only fill the disk
+            shutil.rmtree(record, ignore_errors=True)
+
+    if new_record:
+        frozen_record.write(ds_engine.module, root, key, guard, needed)
     if not getattr(ds_engine, "_rosa_frozen_aliases_excluded", False):
         ds_engine.module_state_dict = _without_frozen_aliases(ds_engine)
         ds_engine._rosa_frozen_aliases_excluded = True
-    ds_engine.save_checkpoint(str(root), tag=partial.name, client_state={"rosa_client": client_state},
-                              save_latest=False, exclude_frozen_parameters=True)
+    with guard.around_deepspeed(ds_engine):
+        ds_engine.save_checkpoint(str(root), tag=partial.name, client_state={"rosa_client": client_state},
+                                  save_latest=False, exclude_frozen_parameters=True)
     if rank == 0:
         saved = {"format": FORMAT, **describe(ds_engine, state), "global_step": int(ds_engine.global_steps),
                  "schedule": asdict(state.schedule), "state": state.progress(), "frozen": key,
                  "client_state": client_state}
-        atomic_write_text(partial / "rosa_state.json", json.dumps(saved, indent=1))
-    torch.save(_rng_state(), partial / f"rosa_rng_rank{rank}.pt")
+        guard.run(partial / "rosa_state.json", atomic_write_text, partial / "rosa_state.json",
+                  json.dumps(saved, indent=1))
+    rng = partial / f"rosa_rng_rank{rank}.pt"
+    guard.run(rng, torch.save, _rng_state(), rng)
     barrier()
+    sizes, digests = gather_digests(partial, guard)
+    guard.agree(final, cleanup, needed)
     if rank == 0:
-        _publish(root, partial, final, tag)
-    barrier()
-    agree(lambda: _check_visible(final, rank, frozen_record.record_dir(root, key)),
-          f"checkpoint {final} was not saved on every node")
+        guard.run(final, _publish, root, partial, final, tag, sizes, digests)
+    guard.agree(final, cleanup, needed)
+    agree(lambda: _check_visible(final, rank, record), f"checkpoint {final} was not saved on every node")
     log_rank0(f"checkpoint saved: {final}")
     return final
 
 
-def _publish(root: Path, partial: Path, final: Path, tag: str) -> None:
+def _space_needed(root: Path, tag: str, new_record: bool) -> tuple[int, str]:
+    """(bytes, what the figure is) a save needs: the size of the newest complete checkpoint before
+    ``tag``, with its frozen record when this save writes one; without one, what the save wrote."""
+    partial = root / f"{tag}.partial"
+    try:
+        done = sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file() and p.name < tag)
+        if done:
+            prev = done[-1]
+            nbytes = sum(read_manifest(prev)["files"].values())
+            if new_record:
+                key = json.loads((prev / "rosa_state.json").read_text())["frozen"]
+                nbytes += sum(read_manifest(frozen_record.record_dir(root, key))["files"].values())
+            return nbytes, f"the size of the previous checkpoint {prev.name}" + (
+                " with its frozen record" if new_record else "")
+    except (OSError, ValueError, KeyError):
+        pass
+    written = sum(f.stat().st_size for d in (partial, root / frozen_record.RECORDS) if d.is_dir()
+                  for f in d.rglob("*") if f.is_file())
+    return written, "at least what the save wrote before it failed"
+
+
+def _publish(root: Path, partial: Path, final: Path, tag: str, sizes: dict, digests: dict) -> None:
     """Rank 0, after every rank wrote its files: COMPLETE, the rename, then ``latest``."""
-    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-    atomic_write_text(partial / "COMPLETE", json.dumps({"tag": tag, "files": files}, indent=1))
+    write_manifest(partial, {"tag": tag}, sizes, digests)
     replace_dir(partial, final)
     atomic_write_text(root / "latest", tag)
 

@@ -11,7 +11,7 @@ factors, their fp32 masters and optimizer state) and names the record of its cyc
     quantized_masters_rank<r>-<i>.safetensors  a quantized base's fp32 masters of the layers rank r owns
                                      (every rank keeps all of them and reads every rank's files)
     owner_masters_rank<r>-<i>.safetensors  the fp32 masters of a bf16 / fp16 W_f that rank r owns
-    COMPLETE                     written last: every file and its size
+    COMPLETE                     written last: every file's size and sha256 (``rosa_ds.utils.manifest``)
 
 Each kind is cut into files of at most ``CHUNK_BYTES`` (1 GiB), so a GPU rank copies at most that
 much to host memory at a time.
@@ -21,18 +21,20 @@ Nothing is gathered: every rank writes and reads only what it holds. Records are
 """
 from __future__ import annotations
 
-import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..inject import iter_rosa_layers
 from ..owners import assign_owners
-from ..utils.io import atomic_write_text, replace_dir
+from ..utils.io import replace_dir
+from ..utils.manifest import MANIFEST, read_manifest, write_manifest
 from ..utils.safetensors_io import write_safetensors
 from .dist import barrier, rank_and_world
 from .params import is_zero3
+from .write_guard import WriteGuard, gather_digests
 
 RECORDS = "frozen"
 CHUNK_BYTES = 1 << 30
@@ -81,33 +83,41 @@ def _files(record: Path, kind: str) -> list[Path]:
 
 
 def is_complete(record: Path) -> bool:
-    """The record exists and every file its manifest lists has its size."""
-    manifest = record / "COMPLETE"
-    if not manifest.is_file():
+    """The record exists and every file its manifest lists has its size (a stat per file; the
+    digests are checked before a resume, ``rosa_ds.ds.verify``)."""
+    try:
+        files = read_manifest(record)["files"]
+    except ValueError:  # missing or garbage: not complete (every rank must answer, never raise)
         return False
-    files = json.loads(manifest.read_text())["files"]
     return all((record / f).is_file() and (record / f).stat().st_size == size for f, size in files.items())
 
 
-def write(module, root: Path, key: str) -> Path:
+def partial_dir(root: Path, key: str) -> Path:
+    return record_dir(root, key).with_name(key + ".partial")
+
+
+def write(module, root: Path, key: str, guard: WriteGuard, needed: Callable[[], tuple[int, str]]) -> Path:
     """Write this cycle's record unless it exists (collective; every rank decides alike: the
-    caller has agreed on ``exists`` across ranks). Returns its directory."""
+    caller has agreed on ``exists`` across ranks). A write failing on any rank removes the
+    partial record and raises ``CheckpointWriteError`` on every rank (``WriteGuard.agree``;
+    ``needed``: the space the save needs, for its message). Returns its directory."""
     rank, world = rank_and_world()
-    record = record_dir(root, key)
-    partial = record.with_name(key + ".partial")
+    record, partial = record_dir(root, key), partial_dir(root, key)
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        guard.run(partial, partial.mkdir, parents=True)
     barrier()
     for kind, tensors in _own_tensors(module, rank, world).items():
         for i, chunk in enumerate(_chunks(tensors)):
-            write_safetensors(partial / f"{kind}-{i + 1:05d}.safetensors", chunk)
+            path = partial / f"{kind}-{i + 1:05d}.safetensors"
+            guard.run(path, write_safetensors, path, chunk)
     barrier()
+    sizes, digests = gather_digests(partial, guard)
+    guard.agree(record, lambda: shutil.rmtree(partial, ignore_errors=True), needed)
     if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
-        atomic_write_text(partial / "COMPLETE", json.dumps({"key": key, "files": files}, indent=1))
-        replace_dir(partial, record)
-    barrier()
+        guard.run(partial / MANIFEST, write_manifest, partial, {"key": key}, sizes, digests)
+        guard.run(record, replace_dir, partial, record)
+    guard.agree(record, lambda: shutil.rmtree(partial, ignore_errors=True), needed)
     return record
 
 

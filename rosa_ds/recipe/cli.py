@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Optional
 
-from ..ds.agree import CheckpointWriteError
+from ..ds.write_guard import CheckpointWriteError
 from ..utils.dist import global_rank
 from .faults import Diverged, Preempted
 
@@ -25,7 +25,8 @@ def main(argv: Optional[list] = None) -> int:
         Trainer(cfg).run()
     except (Preempted, Diverged, CheckpointWriteError) as exc:  # agreed by every rank: rank 0 says it
         if global_rank() == 0:
-            print(f"rosa_ds: {type(exc).__name__.lower()}: {exc}", file=sys.stderr, flush=True)
+            kind = "preempted" if isinstance(exc, Preempted) else "diverged" if isinstance(exc, Diverged) else "error"
+            print(f"rosa_ds: {kind}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except USER_ERRORS as exc:
         if os.environ.get("ROSA_DS_DEBUG") == "1":

@@ -98,8 +98,9 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N optimizer steps (0 = at the end of each epoch)", minimum=0)
     save_every: int = opt(0, "checkpoint every N optimizer steps (0 = only at the end)", minimum=0)
     output_dir: str = opt("runs/default", "where checkpoints, the resolved config, logs and the final model go")
-    resume: Optional[str] = opt(None, "resume: bare flag = latest checkpoint in --output-dir, or a checkpoint path",
-                                nargs="?", const="latest")
+    resume: Optional[str] = opt(None, "resume: bare flag = the newest intact checkpoint in --output-dir (damaged ones "
+                                "are skipped with a warning); or a checkpoints dir (likewise); or one checkpoint, "
+                                "which must be intact", nargs="?", const="latest")
     tensorboard: bool = opt(False, "write TensorBoard logs to <output-dir>/tb")
     nan_policy: str = opt("stop", "a non-finite loss or gradient: stop (exit 3; nothing saved after it, the last "
                                   "good checkpoint kept) or skip (drop the step on every rank, stop after "

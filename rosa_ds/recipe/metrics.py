@@ -37,6 +37,38 @@ def finite_json(value):
     return value
 
 
+def rewind(path: Path, step: int) -> int:
+    """Cut ``metrics.jsonl`` back to a resumed checkpoint at ``step`` (atomically); returns the
+    number of records dropped.
+
+    Kept: everything up to and including the last ``checkpoint`` event of ``step`` (the step's
+    own record, its eval and resample come before its save). Without that event (the log of
+    another run, or one cut short), everything before the first record of a later step. A line
+    that is not JSON (a write cut by a kill) ends the log: it and what follows are dropped, so the
+    resumed run's recomputed steps appear once."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    ends = [i for i, r in enumerate(records) if r.get("event") == "checkpoint" and r.get("step") == step]
+    if ends:
+        keep = ends[-1] + 1
+    else:
+        keep = next((i for i, r in enumerate(records) if isinstance(r.get("step"), int) and r["step"] > step),
+                    len(records))
+    if keep == len(lines):
+        return 0
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines[:keep]))
+    return len(lines) - keep
+
+
 class _NoBar:
     def update(self, n: int = 1) -> None: ...
     def set_postfix(self, **kwargs) -> None: ...

@@ -20,20 +20,22 @@ import torch
 import torch.distributed as dist
 
 from ..ds import config as dsconfig
+from ..ds import verify
+from ..ds.agree import CheckpointError
 from ..ds.dist import PeakMemory, all_reduce, init_distributed, shutdown_distributed
 from ..ds.engine import initialize
 from ..ds.export import NonFiniteExport, save_model
 from ..inject import trainable_report
 from ..memory.activations import census
 from ..utils.dist import rank_and_world
-from ..utils.log import log_rank0
+from ..utils.log import log_rank0, warn_rank0
 from ..utils.sizes import format_size, parse_size
 from .baselines import apply_lora, classification_head, is_lora_layer, lora_transform
 from .config import TrainConfig, save_resolved
 from .data import BatchOrder, PadCollator, check_data, tokenize_data
 from .faults import Diverged, OutputLock, Preempted, StopRequest
 from .memory_report import write_run_report
-from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, write_predictions
+from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, rewind, write_predictions
 from .models import (
     check_model_spec,
     enable_activation_checkpointing,
@@ -81,6 +83,7 @@ class Trainer:
         self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
         self.ds_config = dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
         self.fit = check_fits(cfg, model_config, self.ds_config, self.world)  # before any weight loads
+        self.resume_from = self.choose_checkpoint(cfg.resume) if cfg.resume else None
         if cfg.tensorboard:
             self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"),
                                              "job_name": "rosa_ds"}
@@ -121,14 +124,35 @@ class Trainer:
             log_rank0(f"{cfg.method}: trainable {report.trainable:,} of {report.total:,} parameters"
                       + (f", rho {report.rho:.1f}" if cfg.method == "rosa" else ""))
         self.start_epoch, self.skip = 0, 0
-        if cfg.resume:
-            self.resume(cfg.resume)
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
 
-    def resume(self, where: str) -> None:
-        path = self.ckpt_dir if where == "latest" else Path(where)
+    def choose_checkpoint(self, where: str) -> Path:
+        """The intact checkpoint ``--resume`` loads, verified on every rank and checked against
+        this run's settings from the files alone, before any weight loads (``rosa_ds.ds.verify``)."""
+        start = time.perf_counter()
+        if where == "latest" and not self.ckpt_dir.is_dir():
+            raise CheckpointError(f"--resume: --output-dir {self.out} holds no checkpoints (no {self.ckpt_dir}); "
+                                  "check --output-dir, or start without --resume")
+        choice = verify.choose(self.ckpt_dir if where == "latest" else Path(where))
+        for line in choice.warnings:
+            warn_rank0(line)
+        verify.check_compatible(choice, {"world_size": self.world, "zero_stage": dsconfig.zero_stage(self.ds_config),
+                                         "method": self.cfg.method, "rank": self.cfg.rosa.rank,
+                                         "quantize_base": self.cfg.rosa.quantize_base})
+        log_rank0(f"resuming from {choice.path} (step {choice.saved.get('global_step')}): its files are intact "
+                  f"(checked in {time.perf_counter() - start:.2f}s)")
+        return choice.path
+
+    def resume(self, path: Path) -> None:
+        """Load the chosen checkpoint; cut metrics.jsonl back to its step (recomputed steps once)."""
         client = self.engine.load_checkpoint(path)
         self.start_epoch, self.skip = client["epoch"], client["batches_in_epoch"]
         self.saved_step, self.last_checkpoint = self.engine.global_step, path
+        if self.rank == 0:
+            dropped = rewind(self.metrics.path, self.engine.global_step)
+            if dropped:
+                log_rank0(f"metrics.jsonl rewound to step {self.engine.global_step}: {dropped} later records dropped")
 
     # --- 3. the loop -------------------------------------------------------------------------
     def loader(self, epoch: int, skip: int):

@@ -150,3 +150,12 @@ def write_tiny_dataset(path, kind: str = "prompt_target", n: int = 64, seed: int
     rows = tiny_records(kind, n, seed) if records is None else records
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def tiny_causal_run(directory) -> Path:
+    """``directory`` with a tiny llama model dir (``llama``) and 64 prompt/target records
+    (``data.jsonl``): what a CLI run of the causal-LM recipe needs."""
+    directory = Path(directory)
+    save_tiny_model_dir(directory / "llama", "llama")
+    write_tiny_dataset(directory / "data.jsonl", "prompt_target", n=64)
+    return directory

@@ -1,0 +1,296 @@
+"""Faults on real CLI runs (2 CPU ranks, the DeepSpeed launcher, a tiny model).
+
+Damaged checkpoints and a full disk: one trained output is shared (``trained``: 14 steps, a
+resample at step 7, checkpoints at steps 12 and 14 kept); each case copies it and damages the
+copy. The reference for every resumed loss is that uninterrupted run's loss of the same step.
+
+Preemption signals, a vanished runner, a killed rank, non-finite steps, a second run on a live
+output dir and an error found first by a non-zero rank: each injected at a chosen step by
+``scripts/fault_train.py`` (``launch/train.py`` plus the fault; production code has no hooks).
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rosa_ds.ds.verify import checkpoint_damage
+from rosa_ds.recipe.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED
+from tests.helpers.launch import ROOT, cli_command, launch_cli, metrics_records
+
+SHIM = ROOT / "tests" / "helpers" / "enospc"  # sitecustomize: ENOSPC after N bytes under a directory
+LOADED = "[rosa_ds] loaded "  # logged once the model's weights are loaded (rosa_ds.recipe.models)
+STEP12, STEP14 = "step_00000012", "step_00000014"
+
+
+@pytest.fixture
+def assets(cli_assets):
+    return cli_assets
+
+
+def args(assets):
+    return ["--model", str(assets / "llama"), "--dataset", str(assets / "data.jsonl"), "--method", "rosa",
+            "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--seq-len", "48", "--micro-batch", "4",
+            "--epochs", "2", "--lr", "3e-3", "--rank", "4", "--max-eval-samples", "8", "--num-samples", "1",
+            "--save-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, assets):
+    """The uninterrupted run: 7 steps per epoch, saves at 3, 6, 7, 9, 12, 14; 12 and 14 kept."""
+    out = tmp_path_factory.mktemp("faults") / "trained"
+    launch_cli(args(assets), out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [STEP12, STEP14]
+    return out
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in metrics_records(out) if "loss" in r}
+
+
+def error_line(proc) -> str:
+    """The CLI's one line (``rosa_ds: error|preempted|diverged: ...``), not its log lines."""
+    text = proc.stderr + proc.stdout
+    lines = [line for line in text.splitlines() if "rosa_ds: " in line and "[rosa_ds]" not in line]
+    assert lines, text[-3000:]
+    return lines[0][lines[0].index("rosa_ds: "):]
+
+
+def rewrite(ckpt, name, data: bytes):
+    """Replace one file of a checkpoint and fix its manifest (size and sha256): a consistent file."""
+    (ckpt / name).write_bytes(data)
+    manifest = json.loads((ckpt / "COMPLETE").read_text())
+    manifest["files"][name], manifest["sha256"][name] = len(data), hashlib.sha256(data).hexdigest()
+    (ckpt / "COMPLETE").write_text(json.dumps(manifest))
+
+
+def damage_newer_copies(ckpts):
+    """Newer copies of step 14, each damaged one way, a truncated step 14 and a garbage ``latest``.
+    Returns (checkpoint, the file its warning must name) in the order a resume meets them."""
+    shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    copies = {n: ckpts / f"step_{n:08d}" for n in (15, 16, 17, 18)}
+    for path in copies.values():
+        shutil.copytree(ckpts / STEP14, path)
+    data = bytearray((copies[15] / shard).read_bytes())  # same size, a few bytes inverted mid-file
+    data[len(data) // 2: len(data) // 2 + 4] = bytes(255 - b for b in data[len(data) // 2: len(data) // 2 + 4])
+    (copies[15] / shard).write_bytes(bytes(data))
+    (copies[16] / "rosa_state.json").unlink()
+    (copies[17] / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    # step 18 names a frozen record whose shard is truncated (the checkpoint's own files are consistent)
+    state = json.loads((copies[18] / "rosa_state.json").read_text())
+    record = ckpts / "frozen" / state["frozen"]
+    broken = record.with_name("broken-0001")
+    shutil.copytree(record, broken)
+    shard_file = sorted(broken.glob("*.safetensors"))[0]
+    shard_file.write_bytes(shard_file.read_bytes()[:100])
+    rewrite(copies[18], "rosa_state.json", json.dumps({**state, "frozen": broken.name}).encode())
+    model_states = ckpts / STEP14 / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:1000])
+    (ckpts / "latest").write_bytes(b"\xff\xfe\x00\x81garbage")
+    return [(ckpts / "latest", "latest is not text"),
+            (copies[18], f"{broken.name}/{shard_file.name} is truncated (100 of"),
+            (copies[17], "zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"),
+            (copies[16], "rosa_state.json is missing"), (copies[15], f"{shard} is corrupted"),
+            (ckpts / STEP14, "mp_rank_00_model_states.pt is truncated (1000 of")]
+
+
+def test_damaged_checkpoints_fall_back_then_a_full_disk_stops_cleanly(tmp_path, assets, trained, monkeypatch):
+    """One resumed launch: every damaged checkpoint is passed over with a warning naming the file,
+    before the weights load; the run continues from step 12 with the uninterrupted run's losses
+    bit for bit and metrics.jsonl holds each step once. Its next save then meets a full disk on
+    rank 1 (injected ENOSPC after 10 kB): one line naming the path and the space, every rank
+    stops, no .partial is left and step 12 is still intact."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
+    ckpts = out / "checkpoints"
+    expected = damage_newer_copies(ckpts)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("ROSA_DS_TEST_ENOSPC", f"{ckpts}:10000:1")
+    proc = launch_cli(args(assets) + ["--resume"], out, check=False)
+    log = proc.stderr
+    assert proc.returncode == EXIT_SAVE_FAILED, log[-3000:]
+    # the fallback: one warning per damaged thing, naming it, in order, all before the weights load
+    assert LOADED in log, log[-3000:]
+    loaded_at = log.index(LOADED)
+    at = 0
+    for path, words in expected:
+        line = next((ln for ln in log[at:].splitlines() if path.name in ln and words in ln), None)
+        assert line is not None, (path, words, [ln for ln in log[:loaded_at].splitlines() if "rosa_ds" in ln])
+        at = log.index(line, at)
+        assert at < loaded_at
+    assert log.index(f"resuming from {ckpts / STEP12}") < loaded_at
+    # recomputed steps equal the uninterrupted run's, and each step is in metrics.jsonl once
+    recs = metrics_records(out)
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == list(range(1, 15)), steps
+    assert losses(out) == losses(trained)
+    assert [r["step"] for r in recs if r.get("event") == "checkpoint"] == [3, 6, 7, 9, 12]
+    # the full disk: one line naming the path and the space; nothing half-written left behind
+    line = error_line(proc)
+    assert f"checkpoint {ckpts / STEP14} could not be saved: no space left on device writing" in line, line
+    assert f"{STEP14}.partial/" in line and "on rank 1" in line and "are free" in line, line
+    assert "the size of the previous checkpoint step_00000012" in line, line
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(ckpts.rglob("*.partial")), list(ckpts.rglob("*.partial"))
+    assert checkpoint_damage(ckpts / STEP12) is None
+
+
+def test_explicit_resume_of_a_damaged_checkpoint_is_one_line_before_weights_load(tmp_path, assets, trained):
+    """``--resume PATH`` names one checkpoint: damaged, it is an error naming the file (no fallback)."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
+    ckpt = out / "checkpoints" / STEP14
+    data = bytearray((ckpt / "mp_rank_00_model_states.pt").read_bytes())
+    data[-100] ^= 0xFF  # same size
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(bytes(data))
+    before = (out / "metrics.jsonl").read_text()
+    proc = launch_cli(args(assets) + ["--resume", str(ckpt)], out, check=False)
+    assert proc.returncode != 0
+    line = error_line(proc)
+    assert f"--resume {ckpt}: the checkpoint is damaged: {ckpt / 'mp_rank_00_model_states.pt'} is corrupted" in line
+    assert LOADED not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+# --- stopping: signals, a vanished runner, a killed rank, NaN, the lock, errors -----------------
+
+FAULT_SCRIPT = ROOT / "tests" / "multirank" / "scripts" / "fault_train.py"
+
+
+def fault_args(assets, *extra):
+    # 58 training samples, global batch 8: 7 steps per epoch, a resample after step 7
+    return ["--model", str(assets / "llama"), "--dataset", str(assets / "data.jsonl"), "--deepspeed", "zero2",
+            "--seq-len", "48", "--micro-batch", "4", "--epochs", "2", "--lr", "3e-3", "--rank", "4",
+            "--max-eval-samples", "8", "--num-samples", "0", *extra]
+
+
+def fault_run(assets, out, fault, *extra, rank=0, env=None, check=False):
+    return launch_cli(fault_args(assets, *extra), out, check=check, script=FAULT_SCRIPT,
+                      extra_env={"ROSA_FAULT": fault, "ROSA_FAULT_RANK": str(rank), **(env or {})})
+
+
+def test_sigterm_to_the_job_saves_the_current_step_and_resume_loses_nothing(tmp_path, assets):
+    """SIGTERM to the job's process group during step 9 (after the resample at step 7): every
+    rank finishes step 9, one checkpoint at step 9, ranks exit 75; the resumed run's losses equal
+    an uninterrupted run's bit for bit, each step recorded once."""
+    full = tmp_path / "full"
+    launch_cli(fault_args(assets), full)
+    out = tmp_path / "preempted"
+    proc = fault_run(assets, out, "sigterm@9")
+    assert "rosa_ds: preempted: stopped (SIGTERM) after step 9" in error_line(proc)
+    assert "Traceback" not in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000009"  # the epoch's end (7), then 9
+    recs = metrics_records(out)
+    assert recs[-1]["event"] == "preempted" and recs[-1]["step"] == 9
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 10))
+    launch_cli(fault_args(assets, "--resume"), out)
+    steps = [r["step"] for r in metrics_records(out) if "loss" in r]
+    assert steps == list(range(1, 15))  # none lost, none twice
+    assert losses(out) == losses(full)  # bit for bit (fp32 on the CPU)
+    assert not (out / ".rosa_ds.lock").exists()
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds_with_one_line(tmp_path, assets):
+    stamp = tmp_path / "killed_at"
+    cmd, env = cli_command(fault_args(assets), tmp_path / "run", script=FAULT_SCRIPT,
+                           extra_env={"ROSA_FAULT": "sigkill@4", "ROSA_FAULT_RANK": "1",
+                                      "ROSA_FAULT_STAMP": str(stamp)})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    ended = time.time()
+    assert proc.returncode != 0
+    assert ended - float(stamp.read_text()) <= 10
+    assert error_line(proc).startswith("rosa_ds: error: another rank died"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_ranks_stop_with_a_checkpoint_when_the_deepspeed_runner_alone_is_killed(tmp_path, assets):
+    """SIGTERM to the runner only: it dies at once, the launcher and ranks are orphaned; the ranks
+    notice within a second, checkpoint after their current step and exit (the launcher follows)."""
+    out = tmp_path / "run"
+    cmd, env = cli_command(fault_args(assets, "--epochs", "6"), out, script=FAULT_SCRIPT,
+                           extra_env={"ROSA_FAULT": "runner@3", "ROSA_FAULT_RANK": "0"})
+    runner = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    runner.wait(timeout=300)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the orphans: wait until the whole session is gone
+        try:
+            os.killpg(runner.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(runner.pid, 9)
+        pytest.fail("the orphaned ranks kept running")
+    recs = metrics_records(out)
+    stop = recs[-1]
+    assert stop["event"] == "preempted" and stop["reason"] == "the deepspeed runner is gone", stop
+    assert 3 <= stop["step"] < 42  # stopped early, after the step it was in
+    assert Path(stop["checkpoint"]).name == f"step_{stop['step']:08d}"
+    assert not (out / "final_model").exists()
+
+
+def test_nan_loss_with_policy_skip_drops_the_step_on_every_rank(tmp_path, assets):
+    out = tmp_path / "run"
+    fault_run(assets, out, "nan@5", "--nan-policy", "skip", rank=1, check=True)
+    recs = metrics_records(out)
+    step5 = [r for r in recs if r.get("step") == 5 and "loss" in r]
+    assert step5 == [{**step5[0], "loss": None, "skipped": True, "skipped_total": 1}]
+    others = [r["loss"] for r in recs if "loss" in r and r["step"] != 5]
+    assert len(others) == 13 and all(math.isfinite(x) for x in others)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "final_model" / "model.safetensors"))
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_a_second_run_on_a_live_dir_is_refused_and_nan_stop_keeps_the_last_good_checkpoint(tmp_path, assets):
+    """One launch, two faults: it holds before step 1 while a second run on its --output-dir is
+    refused (one line, exit 2); released, it meets a NaN loss at step 5 under --nan-policy stop:
+    exit 3 naming the step and the last good checkpoint (step 4), nothing saved after it."""
+    out, release = tmp_path / "run", tmp_path / "release"
+    cmd, env = cli_command(fault_args(assets, "--save-every", "2"), out, script=FAULT_SCRIPT,
+                           extra_env={"ROSA_FAULT": "hold@1,nan@5", "ROSA_FAULT_STAMP": str(release)})
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / ".rosa_ds.lock").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        holder = json.loads((out / ".rosa_ds.lock").read_text())
+        second = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--output-dir", str(out),
+                                 *fault_args(assets)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert error_line(second).startswith(f"rosa_ds: error: --output-dir {out} is in use by another run "
+                                             f"(host {holder['host']}, pid {holder['pid']}")
+    finally:
+        release.write_text("go")
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == EXIT_DIVERGED, stderr[-3000:]  # the launcher passes a rank's code on
+    line = error_line(subprocess.CompletedProcess(cmd, first.returncode, stdout, stderr))
+    assert line.startswith("rosa_ds: diverged: non-finite loss at step 5 (--nan-policy stop)"), line
+    assert "the last good checkpoint is" in line and line.split("checkpoint is ")[1].startswith(str(out))
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # valid JSON for strict readers
+    recs = metrics_records(out)
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5]  # one run's records
+    assert recs[-1]["loss"] is None and not (out / "final_model").exists()
+    assert not (out / ".rosa_ds.lock").exists()
+
+
+def test_an_error_found_first_by_rank_1_still_reaches_the_terminal(tmp_path, assets):
+    """Rank 1 finds the error at once, rank 0 three seconds later: the launcher kills every rank
+    when the first exits, so rank 1 waits for rank 0 to print (and is killed meanwhile)."""
+    proc = fault_run(assets, tmp_path / "run", "error@0", rank=1, env={"ROSA_FAULT_DELAY": "3"})
+    assert proc.returncode != 0
+    assert error_line(proc) == "rosa_ds: error: --dataset has a record the run cannot use (an injected error)"
+    assert "Traceback" not in proc.stderr
