@@ -76,8 +76,23 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> None:
         return
     if accelerator_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    kwargs = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    kwargs = {}
+    if timeout_minutes:
+        kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+        _default_group_timeout(kwargs["timeout"])
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **kwargs)
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the default of every process group created later. torch gives a new group
+    (DeepSpeed's data-parallel and ZeRO groups, where a ZeRO step's collectives run) its module
+    default (30 min for gloo, 10 for NCCL), not the world group's timeout, so a hung rank would
+    keep the others waiting that long whatever the world group says."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def shutdown_distributed() -> None:

@@ -197,7 +197,8 @@ class Trainer:
                     self.metrics.write(event)
             if not cfg.eval_every:
                 self.evaluate(epoch + 1 if finished else epoch)
-            self.save(epoch + 1, 0) if finished else self.save(epoch, done_in_epoch)
+            if self.saved_step != eng.global_step or finished:  # not twice at --max-steps = a --save-every step
+                self.save(epoch + 1, 0) if finished else self.save(epoch, done_in_epoch)
             if eng.global_step >= self.total_steps:
                 break
         bar.close()
@@ -281,9 +282,11 @@ class Trainer:
         if self.saved_step != self.engine.global_step:
             self.save(epoch, batches_in_epoch)
         self.stop.saved = True
-        self.metrics.write({"event": "preempted", "step": self.engine.global_step, "reason": self.stop.reason,
+        reasons = self._gather([self.stop.reason] if self.stop.reason else [])  # the rank that saw it says why
+        reason = reasons[0] if reasons else "a stop request"
+        self.metrics.write({"event": "preempted", "step": self.engine.global_step, "reason": reason,
                             "checkpoint": str(self.last_checkpoint)})
-        raise Preempted(f"stopped ({self.stop.reason}) after step {self.engine.global_step}: checkpoint "
+        raise Preempted(f"stopped ({reason}) after step {self.engine.global_step}: checkpoint "
                         f"{self.last_checkpoint} saved; continue with --resume")
 
     # --- 4. evaluation -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from tests.helpers.launch import ROOT, launch_cli, metrics_records
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def assets(cli_assets):
     return cli_assets
 

@@ -1,16 +1,19 @@
-"""``launch/train.py`` with a fault injected at a chosen optimizer step K on rank ``ROSA_FAULT_RANK``
-(default 0); test-only, production code has no hooks. ``ROSA_FAULT``:
+"""``launch/train.py`` with faults injected at chosen optimizer steps on rank ``ROSA_FAULT_RANK``
+(default 0); test-only, production code has no hooks. ``ROSA_FAULT`` is ``kind@K[,kind@K...]``:
 
     nan@K          the loss of step K is multiplied by NaN
     sigterm@K      SIGTERM to the job's process group (runner, launcher, every rank: what Slurm and
                    Kubernetes send) during step K
+    sigint@K       the same with SIGINT (Ctrl-C in a terminal)
     runner@K       SIGTERM to the ``deepspeed`` runner alone (the launcher's parent)
-    sigkill@K      the rank kills itself with SIGKILL (the OOM killer); the time is written to
-                   ``ROSA_FAULT_STAMP`` first
-    hold@K         wait before step K until the file ``ROSA_FAULT_STAMP`` exists
+    sigkill@K      the rank kills itself with SIGKILL (the OOM killer)
+    hang@K         sleep for an hour (a hung rank)
+    hold@K         wait before step K until the file ``ROSA_FAULT_RELEASE`` exists
     error@0        a bad-input error in the input checks, found by this rank at once and by the
                    other ranks ``ROSA_FAULT_DELAY`` seconds later (the launcher kills every rank
                    when the first one exits)
+
+With ``ROSA_FAULT_STAMP`` set, the time of each injection is appended to that file first.
 """
 import os
 import signal
@@ -32,17 +35,21 @@ original = trainer_module.Trainer.micro_step
 
 def inject(self, kind: str, batch):
     """Run the fault ``kind`` during this micro step; returns the step's result for ``nan``."""
-    if kind == "sigterm":
-        os.killpg(os.getpgid(0), signal.SIGTERM)
+    if os.environ.get("ROSA_FAULT_STAMP"):
+        with open(os.environ["ROSA_FAULT_STAMP"], "a") as f:
+            f.write(f"{kind} {time.time()!r}\n")
+    if kind in ("sigterm", "sigint"):  # Ctrl-C in a terminal: SIGINT to the foreground process group
+        os.killpg(os.getpgid(0), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
     elif kind == "runner":
         launcher = os.getppid()
         with open(f"/proc/{launcher}/stat") as f:
             os.kill(int(f.read().rsplit(")", 1)[1].split()[1]), signal.SIGTERM)
     elif kind == "hold":
-        while not Path(os.environ["ROSA_FAULT_STAMP"]).exists():
+        while not Path(os.environ["ROSA_FAULT_RELEASE"]).exists():
             time.sleep(0.1)
+    elif kind == "hang":
+        time.sleep(3600)
     elif kind == "sigkill":
-        Path(os.environ["ROSA_FAULT_STAMP"]).write_text(repr(time.time()))
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "nan":
         forward = self.engine.ds.module.forward

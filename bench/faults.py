@@ -1,0 +1,189 @@
+"""Faults on the default job, as a cluster user meets them: what each costs in time, steps and data.
+
+    python bench/faults.py            # writes bench/results/faults.{json,md}
+
+The default job (SmolLM2-135M, ZeRO-2, 2 ranks under the ``deepspeed`` launcher, fp32 on the CPU),
+cut to ``--max-steps 6 --save-every 2``. Each fault is injected at step 4 by
+``tests/multirank/scripts/fault_train.py`` (the CLI plus the fault). Measured per fault: seconds
+from the fault to the last process of the job gone, the step of the newest intact checkpoint,
+optimizer steps lost (completed steps not in any checkpoint), and whether the resumed run's losses
+equal the uninterrupted run's bit for bit (no data lost, no step recorded twice).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.hardware import describe, one_line  # noqa: E402
+from bench.report import save_results  # noqa: E402
+from tests.helpers.launch import cli_command  # noqa: E402
+
+FAULT_SCRIPT = ROOT / "tests" / "multirank" / "scripts" / "fault_train.py"
+SHIM = ROOT / "tests" / "helpers" / "enospc"
+WORK = ROOT / "runs" / "faults"
+ARGS = ["--deepspeed", "zero2", "--max-steps", "6", "--save-every", "2", "--max-eval-samples", "8",
+        "--num-samples", "0"]
+STEP = 4  # the fault's step
+
+
+def launch(out: Path, fault: str = "", rank: int = 0, extra: tuple = (), env: dict | None = None,
+           wait: bool = True) -> dict:
+    """One job in its own session; returns exit code, wall seconds, fault time and end time."""
+    stamp = out.parent / f"{out.name}.stamp"
+    stamp.unlink(missing_ok=True)
+    cmd, run_env = cli_command([*ARGS, *extra], out, 2, FAULT_SCRIPT,
+                               {"ROSA_FAULT": fault, "ROSA_FAULT_RANK": str(rank), "ROSA_FAULT_STAMP": str(stamp),
+                                **(env or {})})
+    run_env.pop("ROSA_DS_CACHE")  # the user's cache: the default model is converted once, as for `make train`
+    start = time.time()
+    log = open(out.parent / f"{out.name}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if not wait:
+        return {"proc": proc, "start": start}
+    code = proc.wait(timeout=900)
+    while True:  # the job ends when its last process (an orphaned rank included) is gone
+        try:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.1)
+        except ProcessLookupError:
+            break
+    end = time.time()
+    fault_at = float(stamp.read_text().split()[1]) if stamp.exists() else None
+    return {"code": code, "wall_s": round(end - start, 1), "fault_to_end_s": round(end - fault_at, 1) if fault_at
+            else None, "log": (out.parent / f"{out.name}.log").read_text()}
+
+
+def records(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(out: Path) -> dict:
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+def newest_checkpoint(out: Path) -> int | None:
+    latest = out / "checkpoints" / "latest"
+    return int(latest.read_text().split("_")[1]) if latest.exists() else None
+
+
+def cli_line(log: str) -> str:
+    lines = [ln[ln.index("rosa_ds: "):] for ln in log.splitlines() if "rosa_ds: " in ln and "[rosa_ds]" not in ln]
+    return lines[0][:240] if lines else ""
+
+
+def resume_and_compare(out: Path, reference: dict) -> dict:
+    """Resume to the end: are the recomputed losses the uninterrupted run's, each step once?"""
+    res = launch(out, extra=("--resume",))
+    steps = [r["step"] for r in records(out) if "loss" in r]
+    mine = losses(out)
+    return {"resume_code": res["code"], "resume_wall_s": res["wall_s"],
+            "each_step_once": steps == sorted(set(steps)) == list(range(1, 7)),
+            "bitwise_equal": mine == reference}
+
+
+def scenario(name: str, out: Path, fault: str, reference: dict, rank: int = 0, env: dict | None = None,
+             resume: bool = True) -> dict:
+    print(f"[faults] {name}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    run = launch(out, fault, rank, env=env)
+    done = [r["step"] for r in records(out) if "loss" in r and r.get("loss") is not None]
+    ckpt = newest_checkpoint(out)
+    row = {"fault": name, "exit_code": run["code"], "fault_to_end_s": run["fault_to_end_s"],
+           "completed_steps": max(done, default=0), "newest_checkpoint": ckpt,
+           "steps_lost": max(done, default=0) - (ckpt or 0), "line": cli_line(run["log"])}
+    if resume:
+        row.update(resume_and_compare(out, reference))
+    return row
+
+
+def main() -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    hw = describe()
+    t0 = time.time()
+    print("[faults] uninterrupted reference", flush=True)
+    ref_out = WORK / "reference"
+    shutil.rmtree(ref_out, ignore_errors=True)
+    ref = launch(ref_out)
+    reference = losses(ref_out)
+    assert ref["code"] == 0 and sorted(reference) == list(range(1, 7)), ref["log"][-3000:]
+    rows = [
+        scenario("SIGTERM to the job's process group (Slurm, Kubernetes)", WORK / "sigterm", f"sigterm@{STEP}",
+                 reference),
+        scenario("SIGTERM to the deepspeed runner alone (ranks orphaned)", WORK / "runner", f"runner@{STEP}",
+                 reference),
+        scenario("SIGKILL of rank 1 (OOM killer)", WORK / "sigkill", f"sigkill@{STEP}", reference, rank=1),
+        scenario("NaN loss, --nan-policy stop", WORK / "nan", f"nan@{STEP}", reference, resume=False),
+    ]
+    # a damaged newest checkpoint: the reference's step 6 truncated; the resume falls back to step 4
+    print("[faults] damaged newest checkpoint", flush=True)
+    damaged = WORK / "damaged"
+    shutil.rmtree(damaged, ignore_errors=True)
+    shutil.copytree(ref_out, damaged, ignore=shutil.ignore_patterns("final_model"))
+    victim = damaged / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    res = launch(damaged, extra=("--resume",))
+    log = res["log"]
+    warned = next((ln for ln in log.splitlines() if "is damaged, falling back" in ln), "")
+    rows.append({"fault": "newest checkpoint truncated (resume falls back)", "exit_code": res["code"],
+                 "warning_before_weights": bool(warned) and log.index(warned) < log.index("[rosa_ds] loaded "),
+                 "verify_line": next((ln[ln.index("resuming"):] for ln in log.splitlines() if "resuming from" in ln),
+                                     ""),
+                 "steps_lost": 2, "bitwise_equal": losses(damaged) == reference, "resume_wall_s": res["wall_s"]})
+    # disk full at the step-4 save on rank 1: its budget lets the step-2 save through
+    print("[faults] disk full", flush=True)
+    rank1 = sum(f.stat().st_size for f in (ref_out / "checkpoints" / "step_00000006").glob("*rank_1*"))
+    full = WORK / "diskfull"
+    env = {"PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]),
+           "ROSA_DS_TEST_ENOSPC": f"{full / 'checkpoints'}:{int(rank1 * 1.5)}:1"}
+    row = scenario("disk full during a save (ENOSPC on rank 1)", full, "", reference, env=env, resume=False)
+    row["partial_left"] = [str(p) for p in (full / "checkpoints").rglob("*.partial")]
+    rows.append(row)
+    # a second run on a live output dir
+    print("[faults] second run on a live output dir", flush=True)
+    live = WORK / "live"
+    shutil.rmtree(live, ignore_errors=True)
+    release = WORK / "live.release"
+    release.unlink(missing_ok=True)
+    first = launch(live, "hold@1", env={"ROSA_FAULT_RELEASE": str(release)}, wait=False)
+    while not (live / ".rosa_ds.lock").exists():
+        time.sleep(0.2)
+    second = launch(WORK / "live", extra=())
+    release.write_text("go")
+    first["proc"].wait(timeout=900)
+    rows.append({"fault": "a second run on a live --output-dir", "exit_code": second["code"],
+                 "refused_after_s": second["wall_s"], "line": cli_line(second["log"]),
+                 "first_run_exit_code": first["proc"].returncode})
+    result = {"hardware": hw, "hardware_line": one_line(hw), "job": "default (SmolLM2-135M, ZeRO-2, 2 ranks, fp32)",
+              "args": ARGS, "fault_step": STEP, "reference_losses": reference, "rows": rows,
+              "wall_s": round(time.time() - t0, 1)}
+    save_results(ROOT / "bench" / "results", "faults", result, markdown(result))
+
+
+def markdown(r: dict) -> str:
+    out = ["# Faults on the default job", "",
+           f"{r['job']}, `{' '.join(r['args'])}`, each fault at step {r['fault_step']}; "
+           f"{r['hardware_line']}; wall time of the whole benchmark {r['wall_s']} s. "
+           "`python bench/faults.py` reruns it.", "",
+           "| fault | exit code | fault to job end (s) | newest checkpoint | steps lost | resumed run equals the "
+           "uninterrupted one bit for bit | each step once in metrics.jsonl |",
+           "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(f"| {row['fault']} | {row.get('exit_code')} | {row.get('fault_to_end_s', '')} | "
+                   f"{row.get('newest_checkpoint', '')} | {row.get('steps_lost', '')} | "
+                   f"{row.get('bitwise_equal', '')} | {row.get('each_step_once', '')} |")
+    out += ["", "The one line each run printed:", ""]
+    out += [f"- {row['fault']}: `{row.get('line') or row.get('verify_line', '')}`" for row in r["rows"]]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
