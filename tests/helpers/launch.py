@@ -94,10 +94,19 @@ def launch_cli(args: list[str], out: Path, world: int = 2, check: bool = True,
                timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N launch/train.py --output-dir OUT ARGS`` with a free port, one
     thread per rank, a cache beside ``out`` and a hard timeout; raises on failure if ``check``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(Path(out).parent / "cache"),
+    return launch_deepspeed(ROOT / "launch" / "train.py", ["--output-dir", str(out), *args], Path(out).parent / "cache",
+                            world, check, timeout)
+
+
+def launch_deepspeed(script: str | Path, args: list[str], cache: Path, world: int = 2, check: bool = True,
+                     timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N SCRIPT ARGS`` (the real launcher) with a free port, one thread per
+    rank, ``ROSA_DS_CACHE=cache`` and a hard timeout; raises on failure if ``check``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(cache),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-           str(ROOT / "launch" / "train.py"), "--output-dir", str(out), *args]
+           str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
