@@ -10,8 +10,14 @@ model. For another Trainer class, ``with_rosa(SFTTrainer)`` (or ``RosaTrainerMix
 bases) gives the same. This layer may import ``rosa_ds.ds`` and transformers; nothing below it
 imports this package.
 """
+from ..ds.dist import skip_cpu_shm_build
 from .callback import RosaCallback
 from .checks import RosaTrainerError
 from .trainer import RosaTrainer, RosaTrainerMixin, with_rosa
+
+# TrainingArguments start the process group (accelerate -> deepspeed.init_distributed) before any
+# RosaTrainer exists; on a CPU that would first compile DeepSpeed's shm op (minutes), as
+# rosa_ds.ds.dist.init_distributed explains, so the switch is set when this package is imported
+skip_cpu_shm_build()
 
 __all__ = ["RosaTrainer", "RosaTrainerMixin", "RosaCallback", "RosaTrainerError", "with_rosa"]

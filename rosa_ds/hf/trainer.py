@@ -18,7 +18,6 @@ What it changes in the Trainer, and where:
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -105,10 +104,8 @@ class RosaTrainerMixin:
         ``args.output_dir``), with the processing class. Call on every rank."""
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
-        out = Path(output_dir if output_dir is not None else self.args.output_dir)
-        self.rosa.export(out, tokenizer=self.processing_class)
-        if self.args.should_save:
-            os.makedirs(out, exist_ok=True)
+        self.rosa.export(Path(output_dir if output_dir is not None else self.args.output_dir),
+                         tokenizer=self.processing_class)
         return None
 
 

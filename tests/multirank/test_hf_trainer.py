@@ -13,15 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.assets import save_tiny_model_dir
 from tests.helpers.launch import launch_deepspeed
+from tests.helpers.models import tiny_model
 
 SCRIPT = Path(__file__).parent / "scripts" / "hf_trainer_rank.py"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("hf_model"), "llama")
+    """A tiny Llama saved as a model directory (token ids only: no tokenizer needed)."""
+    path = tmp_path_factory.mktemp("hf_model")
+    tiny_model("llama").save_pretrained(path)
+    return path
 
 
 def launch(tmp_path: Path, model_dir: Path, *args: str) -> list[dict]:

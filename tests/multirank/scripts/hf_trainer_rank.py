@@ -46,7 +46,7 @@ MICRO, SEQ, N, LR, WD, WARMUP = 2, 16, 16, 1e-3, 0.01, 1
 ROSA = RosaConfig(rank=2, seed=7, modules_to_save=("lm_head",))
 SCHEDULE = ScheduleConfig(a.resample_every)
 g = torch.Generator().manual_seed(0)
-IDS = torch.randint(3, 384, (N, SEQ), generator=g)  # fixed length: every micro-batch weighs the same tokens
+IDS = torch.randint(0, 128, (N, SEQ), generator=g)  # fixed length: every micro-batch weighs the same tokens
 DATA = [{"input_ids": ids, "labels": ids.clone()} for ids in IDS]
 ds_cfg = ds_test_config(a.stage, "fp32", MICRO, lr=LR)
 ds_cfg["gradient_accumulation_steps"] = a.gas
