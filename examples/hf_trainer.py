@@ -8,7 +8,7 @@ What ROSA changes in a Trainer script is marked ``# ROSA``: the import, and ``Ro
 ``DIR/checkpoint-N`` (resume with ``--resume``), TensorBoard logs to ``DIR/runs``, the merged plain
 model (``from_pretrained`` loads it) to ``DIR/merged``.
 
-The defaults (the first 256 training and 64 eval headlines, 64 tokens, 2 epochs, one resample
+The defaults (the first 128 training and 32 eval headlines, 64 tokens, 2 epochs, one resample
 between them) finish in about 4 minutes on 2 CPU ranks (see the README); raise
 ``--max-train-samples`` for a real run. bf16 is used on a GPU that supports it, fp32 elsewhere.
 """
@@ -34,8 +34,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8, help="ROSA rank R")
     p.add_argument("--resample-every", default="epoch", help="epoch, never, or N optimizer steps")
     p.add_argument("--epochs", type=float, default=2)
-    p.add_argument("--max-train-samples", type=int, default=256)
-    p.add_argument("--max-eval-samples", type=int, default=64)
+    p.add_argument("--max-train-samples", type=int, default=128)
+    p.add_argument("--max-eval-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)

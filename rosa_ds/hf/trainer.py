@@ -14,7 +14,8 @@ What it changes in the Trainer, and where:
   factors' optimizer state can be reset alone, and restores ROSA's state on resume.
 * ``_save_checkpoint``: ROSA's state beside every Trainer checkpoint (``run.py``).
 * ``save_model``: the merged plain model, loadable with ``from_pretrained``. The Trainer's own
-  checkpoint saves (``_internal_call``) keep the ROSA layers, which resuming needs.
+  checkpoint saves (``_internal_call``) keep the ROSA layers without DeepSpeed (resuming loads
+  them) and write no weights file under DeepSpeed (its files and the frozen record hold them).
 """
 from __future__ import annotations
 
@@ -102,11 +103,25 @@ class RosaTrainerMixin:
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The merged plain model (``from_pretrained`` loads it) in ``output_dir`` (default
         ``args.output_dir``), with the processing class. Call on every rank."""
-        if _internal_call:
+        if _internal_call and self.is_deepspeed_enabled:
+            return self._save_checkpoint_config(output_dir)
+        if _internal_call:  # without DeepSpeed the weights file is what resuming loads
             return super().save_model(output_dir, _internal_call=True)
         self.rosa.export(Path(output_dir if output_dir is not None else self.args.output_dir),
                          tokenizer=self.processing_class)
         return None
+
+
+    def _save_checkpoint_config(self, output_dir: str) -> None:
+        """A checkpoint's model part under DeepSpeed: config and tokenizer only. Resuming reads the
+        weights from DeepSpeed's files and the frozen record; the Trainer's own weights file would
+        be a third copy of the frozen weights (ZeRO-3: a second DeepSpeed checkpoint), and with
+        ROSA keys not a plain model anyway (``save_model`` writes that)."""
+        if not self.args.should_save:
+            return
+        self.model.config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
 
 
 def _split_factor_groups(optimizer, factor_ids: set[int]) -> None:

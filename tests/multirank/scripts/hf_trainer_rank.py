@@ -1,9 +1,11 @@
-"""One rank of a ``RosaTrainer`` run (started by the ``deepspeed`` launcher) on a tiny Llama.
+"""One rank of ``RosaTrainer`` runs (started by the ``deepspeed`` launcher) on a tiny Llama.
 
-Optionally first trains the rosa_ds engine on the same model, data order, seed, optimizer and LR
-schedule (the reference). Records per-step losses, after every resample the checksums of W_f, A,
+For each case (``CASES``: ZeRO-2, ZeRO-3) first trains the rosa_ds engine on the same model, data
+order, seed, optimizer and LR schedule (the reference), then the Trainer, then maybe a resume in
+a fresh Trainer and model. Records per-step losses, after every resample the checksums of W_f, A,
 B and the fp32 masters and the optimizer state of the factors and of the head, and at the end the
-eval loss; writes ``rank<r>.json`` into ``--result-dir``.
+eval loss; writes ``rank<r>.json`` into ``--result-dir``. One launch for all cases: the process
+start is most of a case's time on CPU.
 """
 import argparse
 import copy
@@ -25,31 +27,34 @@ from rosa_ds.schedule import ScheduleConfig
 from rosa_ds.utils.dist import exit_now
 from tests.helpers.models import ds_test_config
 
+# the runs of one launch: a Trainer per case (and the engine reference, and a resume if asked)
+CASES = {
+    # 3 epochs of 4 steps, a resample at each epoch end but the last, eval each epoch, TensorBoard
+    "zero2": dict(stage=2, gas=1, epochs=3, max_steps=-1, resample_every="epoch", save_steps=0, resume_step=0,
+                  tensorboard=True),
+    # gradient accumulation 2, 5 steps, a resample every 2; resumed from the checkpoint after step 3
+    "zero3": dict(stage=3, gas=2, epochs=3, max_steps=5, resample_every="2", save_steps=3, resume_step=3,
+                  tensorboard=False),
+}
 p = argparse.ArgumentParser()
 p.add_argument("--model-dir", required=True)
-p.add_argument("--out", required=True)
+p.add_argument("--out", required=True, help="each case writes into OUT/<case> (merged model: OUT/<case>/merged)")
 p.add_argument("--result-dir", required=True)
-p.add_argument("--stage", type=int, default=2)
-p.add_argument("--gas", type=int, default=1)
-p.add_argument("--epochs", type=int, default=3)
-p.add_argument("--max-steps", type=int, default=-1)
-p.add_argument("--resample-every", default="epoch")
-p.add_argument("--save-steps", type=int, default=0)
-p.add_argument("--resume-step", type=int, default=0, help="then resume from this step's checkpoint, same process")
-p.add_argument("--reference", action="store_true", help="train the rosa_ds engine first, same everything")
-p.add_argument("--export", default="", help="trainer.save_model() here after training")
-p.add_argument("--tensorboard", action="store_true")
+p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
 p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
-a = p.parse_args()
+cli = p.parse_args()
 
 MICRO, SEQ, N, LR, WD, WARMUP = 2, 16, 16, 1e-3, 0.01, 1
 ROSA = RosaConfig(rank=2, seed=7, modules_to_save=("lm_head",))
-SCHEDULE = ScheduleConfig(a.resample_every)
 g = torch.Generator().manual_seed(0)
 IDS = torch.randint(0, 128, (N, SEQ), generator=g)  # fixed length: every micro-batch weighs the same tokens
 DATA = [{"input_ids": ids, "labels": ids.clone()} for ids in IDS]
-ds_cfg = ds_test_config(a.stage, "fp32", MICRO, lr=LR)
-ds_cfg["gradient_accumulation_steps"] = a.gas
+
+
+def ds_config(a) -> dict:
+    cfg = ds_test_config(a.stage, "fp32", MICRO, lr=LR)
+    cfg["gradient_accumulation_steps"] = a.gas
+    return cfg
 
 
 def digest(t: torch.Tensor) -> str:
@@ -71,14 +76,15 @@ def step_mean(value: float) -> float:
     return sum(all_gather_object(value)) / torch.distributed.get_world_size()
 
 
-def reference_losses() -> list[float]:
+def reference_losses(a) -> list[float]:
     """The rosa_ds engine on the same model, batches, optimizer, schedule and resample schedule."""
-    model = tf.AutoModelForCausalLM.from_pretrained(a.model_dir)
+    model = tf.AutoModelForCausalLM.from_pretrained(cli.model_dir)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     batches = micro_batches(rank, world)
     per_epoch = len(batches) // a.gas
     total = per_epoch * a.epochs if a.max_steps < 0 else a.max_steps
-    engine = rosa_ds.initialize(model, copy.deepcopy(ROSA), config=copy.deepcopy(ds_cfg), schedule=SCHEDULE,
+    engine = rosa_ds.initialize(model, copy.deepcopy(ROSA), config=ds_config(a),
+                                schedule=ScheduleConfig(a.resample_every),
                                 lr_scheduler=lambda opt: tf.get_scheduler("linear", opt, WARMUP, total))
     losses, micro, step = [], [], 0
     for epoch in range(a.epochs):
@@ -144,27 +150,27 @@ class Checks(tf.TrainerCallback):
             self.resamples.append(after_resample(self.trainer))
 
 
-def train(resume_step: int = 0) -> dict:
+def train(a, resume_step: int = 0) -> dict:
     """One Trainer run (``resume_step``: resumed from ``--out/checkpoint-<step>`` in a fresh
     Trainer and model); its losses, resample checks, data order, eval loss and final checksums."""
     Recording.micro.clear()
     Recording.inputs_seen.clear()
-    out = a.out if not resume_step else f"{a.out}-resumed"
+    out = f"{cli.out}/{a.name}" + ("-resumed" if resume_step else "")
     args = tf.TrainingArguments(
         output_dir=out, per_device_train_batch_size=MICRO, per_device_eval_batch_size=MICRO,
         gradient_accumulation_steps=a.gas, num_train_epochs=a.epochs, max_steps=a.max_steps, learning_rate=LR,
         weight_decay=WD, lr_scheduler_type="linear", warmup_steps=WARMUP, max_grad_norm=0.0, logging_steps=1,
-        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
+        save_strategy="steps" if a.save_steps and not resume_step else "no", save_steps=a.save_steps or 500,
         eval_strategy="epoch" if a.tensorboard else "no",
-        report_to=["tensorboard"] if a.tensorboard else "none", deepspeed=copy.deepcopy(ds_cfg),
+        report_to=["tensorboard"] if a.tensorboard else "none", deepspeed=ds_config(a),
         train_sampling_strategy="sequential", average_tokens_across_devices=False, seed=0, use_cpu=True,
         disable_tqdm=True)
-    model = tf.AutoModelForCausalLM.from_pretrained(a.model_dir)  # after the arguments: partitioned under ZeRO-3
+    model = tf.AutoModelForCausalLM.from_pretrained(cli.model_dir)  # after the arguments: partitioned under ZeRO-3
     checks = Checks()
     trainer = Recording(model=model, args=args, train_dataset=DATA, eval_dataset=DATA[:8], rosa_config=ROSA,
-                        schedule=SCHEDULE, callbacks=[checks])
+                        schedule=ScheduleConfig(a.resample_every), callbacks=[checks])
     checks.trainer = trainer
-    trainer.train(resume_from_checkpoint=f"{a.out}/checkpoint-{resume_step}" if resume_step else None)
+    trainer.train(resume_from_checkpoint=f"{cli.out}/{a.name}/checkpoint-{resume_step}" if resume_step else None)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     seen = [t.tolist() for t in Recording.inputs_seen]
     expected = [b["input_ids"].tolist() for b in micro_batches(rank, world)] * a.epochs
@@ -172,18 +178,20 @@ def train(resume_step: int = 0) -> dict:
     result = {"losses": checks.losses, "resamples": checks.resamples, "events": trainer.rosa.state.events,
               "order_ok": seen == expected[skip:skip + len(seen)],
               "eval_loss": trainer.evaluate()["eval_loss"], "final": after_resample(trainer)["sums"]}
-    if a.export and not resume_step:
-        trainer.save_model(a.export)
+    if not resume_step:
+        trainer.save_model(f"{cli.out}/{a.name}/merged")
     return result
 
 
 init_distributed()
-result = {"eval_ids": IDS[:8].tolist(), **({"reference_losses": reference_losses()} if a.reference else {})}
-result["run"] = train()
-if a.resume_step:
-    result["resumed"] = train(a.resume_step)
+result = {"eval_ids": IDS[:8].tolist()}
+for name in cli.cases:
+    case = argparse.Namespace(name=name, **CASES[name])
+    result[name] = {"reference_losses": reference_losses(case), "run": train(case)}
+    if case.resume_step:
+        result[name]["resumed"] = train(case, case.resume_step)
 rank = torch.distributed.get_rank()
-Path(a.result_dir).mkdir(parents=True, exist_ok=True)
-(Path(a.result_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+Path(cli.result_dir).mkdir(parents=True, exist_ok=True)
+(Path(cli.result_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 shutdown_distributed()
 exit_now(0)
