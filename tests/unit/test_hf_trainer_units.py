@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from rosa_ds import RosaConfig, apply_rosa
 from rosa_ds.hf import RosaTrainer, RosaTrainerError
@@ -30,25 +31,17 @@ class Recording(RosaTrainer):
         return loss
 
 
-class StateAfterResample:
+class StateAfterResample(TrainerCallback):
     """Optimizer-state sizes of the factors and of the head after each resample (runs after RosaCallback)."""
 
-    def __init__(self):
-        self.seen = []
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
 
-    def __call__(self, trainer):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if trainer.rosa.state.resamples > len(outer.seen):
-                    opt = trainer.optimizer.optimizer
-                    sizes = [(is_adapter_param(n), len(opt.state.get(p, {})))
-                             for n, p in trainer.model.named_parameters() if p.requires_grad]
-                    outer.seen.append(sizes)
-        return Callback()
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.rosa.state.resamples > len(self.seen):
+            opt = self.trainer.optimizer.optimizer  # under accelerate's wrapper
+            self.seen.append([(is_adapter_param(n), len(opt.state.get(p, {})))
+                              for n, p in self.trainer.model.named_parameters() if p.requires_grad])
 
 
 def make_trainer(out, save_steps: int = 0):
@@ -71,8 +64,8 @@ def test_plain_pytorch_matches_the_reference_and_resumes_exactly(tmp_path):
 
     ref_losses, ref_merged = adamw_reference(apply_rosa(tiny_model("llama"), ROSA), batch, N // BATCH, EPOCHS, LR, WD)
     trainer = make_trainer(tmp_path / "run", save_steps=1)
-    probe = StateAfterResample()
-    trainer.add_callback(probe(trainer))
+    probe = StateAfterResample(trainer)
+    trainer.add_callback(probe)
     trainer.train()
     assert [e["step"] for e in trainer.rosa.state.events] == [2]
     assert max(abs(a - b) / b for a, b in zip(trainer.losses, ref_losses)) <= 1e-5, (trainer.losses, ref_losses)
