@@ -7,6 +7,7 @@ Layers, each importing only those before it:
     rosa_ds.memory     the memory planner: predicted bytes from parameter counts (pure arithmetic)
     rosa_ds.ds         the DeepSpeed seam: the only package that imports deepspeed
     rosa_ds.recipe     the trainer behind launch/train.py (config/CLI, models, data, loop, metrics)
+    rosa_ds.hf         the Hugging Face Trainer integration (RosaTrainer), on the seam; nothing imports it
 
 ``initialize`` loads the seam lazily, so ``import rosa_ds`` does not import DeepSpeed.
 """

@@ -3,7 +3,9 @@
     dist        process group, the accelerator device, checked collectives
     params      ZeRO parameter primitives: gather, fp32 masters (read, batched read, write)
     optim       the factors' flat optimizer groups: find, reset, inspect
-    resample    the distributed resample (ZeRO-1/2 replicated and ZeRO-3 partitioned paths)
+    resample    the distributed resample (ZeRO-1/2 replicated and ZeRO-3 partitioned paths) and
+                ``resample_engine``: one resample of a live engine, state reset included
+    prepare     ROSA applied before DeepSpeed is built (``initialize`` and ``rosa_ds.hf`` share it)
     engine      RosaEngine and ``initialize``
     checkpoint  atomic checkpoints with ROSA state, exact resume
     frozen_record  a resample cycle's frozen state, shared by its checkpoints

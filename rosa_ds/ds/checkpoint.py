@@ -56,7 +56,7 @@ from .dist import all_gather_object, barrier, rank_and_world
 from .write_guard import CheckpointWriteError, WriteGuard, gather_digests
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "RosaState", "save", "load", "prune", "resolve",
-           "check_compatible"]
+           "check_compatible", "describe_module", "FORMAT"]
 
 FORMAT = 2  # 2: frozen state in per-cycle records, DeepSpeed files without frozen parameters
 
@@ -126,9 +126,14 @@ def _without_frozen_aliases(ds_engine):
 
 def describe(ds_engine, state: RosaState) -> dict:
     """The facts a resume must match: ROSA layers and rank, world size, ZeRO stage."""
+    return describe_module(ds_engine.module, int(ds_engine.zero_optimization_stage()), state)
+
+
+def describe_module(module, zero_stage: int, state: RosaState) -> dict:
+    """``describe`` for a module trained at ``zero_stage`` (0: no DeepSpeed)."""
     _, world = rank_and_world()
-    layers = [[n, l.out_features, l.in_features, l.rank] for n, l in iter_rosa_layers(ds_engine.module)]
-    return {"world_size": world, "zero_stage": int(ds_engine.zero_optimization_stage()),
+    layers = [[n, l.out_features, l.in_features, l.rank] for n, l in iter_rosa_layers(module)]
+    return {"world_size": world, "zero_stage": zero_stage,
             "rosa_config": state.rosa_config.to_dict() if state.rosa_config else None, "layers": layers}
 
 

@@ -21,8 +21,8 @@ from deepspeed.accelerator import get_accelerator
 
 from ..utils.dist import bounded_host_allocator, free_port, local_rank, rank_and_world
 
-__all__ = ["device", "init_distributed", "shutdown_distributed", "barrier", "all_reduce", "broadcast",
-           "rank_and_world", "is_distributed", "accelerator_name"]
+__all__ = ["device", "init_distributed", "skip_cpu_shm_build", "shutdown_distributed", "barrier", "all_reduce",
+           "broadcast", "rank_and_world", "is_distributed", "accelerator_name"]
 
 
 def accelerator_name() -> str:
@@ -57,6 +57,14 @@ def _threads_per_rank() -> None:
     torch.set_num_threads(max(1, cores // max(ranks, 1)))
 
 
+def skip_cpu_shm_build() -> None:
+    """On the CPU accelerator, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op
+    when it starts the process group (see ``init_distributed``); ROSA_DS_CPU_SHM=1 keeps the build.
+    Also for process groups that others start (the Trainer's accelerate), hence a function."""
+    if accelerator_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_minutes: Optional[float] = None) -> None:
     """Start the process group (NCCL on CUDA, gloo on the CPU accelerator) if the launcher did not,
     after selecting this rank's device.
@@ -74,8 +82,7 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> None:
     bounded_host_allocator()
     if dist.is_available() and dist.is_initialized():
         return
-    if accelerator_name() == "cpu" and os.environ.get("ROSA_DS_CPU_SHM", "0") != "1":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_cpu_shm_build()
     kwargs = {}
     if timeout_minutes:
         kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)

@@ -13,8 +13,6 @@ param groups, so only they carry gradients, fp32 masters and optimizer state at 
 """
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -23,18 +21,17 @@ import torch
 from torch import nn
 
 from ..config import RosaConfig
-from ..inject import apply_rosa, iter_rosa_layers, mark_trainable
 from ..layer import is_adapter_param
-from ..owners import assign_owners
 from ..schedule import ScheduleConfig
-from ..utils.log import log_rank0
 from . import checkpoint, export
 from .checkpoint import RosaState
-from .config import check_ds_config, load_template, precision
-from .dist import PeakMemory, device, init_distributed, rank_and_world, synchronize
-from .optim import reset_factor_state
-from .params import gathered, is_zero3
-from .resample import distributed_resample, uses_frozen_masters
+from .config import check_ds_config, load_template
+from .dist import init_distributed, rank_and_world
+from .params import settle
+from .prepare import place_masters, prepare_model, resolve_frozen_master
+from .resample import resample_engine
+
+__all__ = ["RosaEngine", "initialize", "param_groups", "place_masters", "resolve_frozen_master"]
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -120,11 +117,8 @@ class RosaEngine:
         return None
 
     def settle(self) -> None:
-        """Under ZeRO-3, release every gathered or in-flight parameter (a forward in eval mode
-        leaves prefetched ones in flight, which a GatheredParameters block cannot partition);
-        persistent ones stay. Call before reading parameters outside a forward (collective)."""
-        if self.ds.zero_optimization_stage() == 3:
-            self.ds.empty_partition_cache()
+        """Release ZeRO-3's gathered or in-flight parameters (``params.settle``; collective)."""
+        settle(self.ds)
 
     # --- ROSA ----------------------------------------------------------------------------
     def resample(self, owner_svd: bool = True) -> dict:
@@ -136,19 +130,7 @@ class RosaEngine:
         if not self.at_boundary:
             raise RuntimeError("resample() between micro-steps of one optimizer step would drop the partial "
                                "gradients; call it after engine.step() at an accumulation boundary")
-        self.settle()
-        synchronize()  # accelerator work queued by the training step is not the resample's
-        peak = PeakMemory()
-        start = time.perf_counter()
-        index = self.state.resamples + 1
-        counts = distributed_resample(self.ds.module, self.rosa_config, index, owner_svd=owner_svd)
-        groups = reset_factor_state(self.ds.optimizer, self.factor_params)
-        synchronize()
-        seconds = time.perf_counter() - start
-        event = self.state.record_resample(index, self.global_step, seconds,
-                                           {"optimizer_groups_reset": groups, **counts, **peak.read("resample")})
-        log_rank0(f"resample {index} at step {self.global_step}: {counts['layers']} layers in {event['seconds']:.2f}s")
-        return event
+        return resample_engine(self.ds, self.state, self.factor_params, owner_svd=owner_svd)
 
     # --- checkpoints and export ------------------------------------------------------------
     def save_checkpoint(self, save_dir: Union[str, Path], tag: Optional[str] = None,
@@ -179,54 +161,6 @@ class RosaEngine:
         return export.save_merged(self.ds.module, Path(out_dir), tokenizer)
 
 
-def resolve_frozen_master(config: RosaConfig, ds_config: dict) -> RosaConfig:
-    """``frozen_master=None`` -> on exactly when the DeepSpeed config trains in bf16 or fp16."""
-    if config.frozen_master is not None:
-        return config
-    return dataclasses.replace(config, frozen_master=precision(ds_config) in ("bf16", "fp16"))
-
-
-def place_masters(model: nn.Module, mastered: bool) -> None:
-    """fp32 masters of W_f on the layers' owners only (a model ROSA was applied to in one process
-    may hold them on every rank, or none): owners keep or create theirs, other ranks drop theirs."""
-    rank, world = rank_and_world()
-    layers = [l for _, l in iter_rosa_layers(model)]
-    owners = assign_owners(layers, world)
-    for layer in layers:
-        if layer.quantized:
-            continue
-        if mastered and owners[layer.layer_index] == rank:
-            if not layer.has_master:
-                layer.set_master(layer.frozen_weight().detach())
-        else:
-            layer.drop_master()
-
-
-def _apply_unfactorized(model: nn.Module, config: RosaConfig, ds_config: dict) -> None:
-    """ROSA layers with W_f = W, A = B = 0. On a model loaded partitioned (ZeRO-3, ``rosa_ds.ds.load``)
-    the new factors are created partitioned too (``zero.Init``), so the first factorization runs
-    on the partitioned path, one round of layers at a time, and a quantized base gathers each
-    weight once to quantize it."""
-    if not any(is_zero3(p) for p in model.parameters()):
-        apply_rosa(model, config, factorize=False)
-        return
-    import deepspeed
-
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
-        apply_rosa(model, config, factorize=False, gather=lambda module: gathered(list(module.parameters())))
-
-
-def _to_accelerator(model: nn.Module) -> None:
-    """Move a model that is not yet on this rank's accelerator there, before the first
-    factorization: the seam computes with the model's tensors and the ones it makes on
-    ``device()``, which must be one device (a CPU-loaded model on a GPU rank would mix them).
-    ZeRO-3 partitions (``ds_tensor``) are placed by DeepSpeed already and left alone."""
-    dev = device()
-    if any(p.device != dev and not hasattr(p, "ds_id") for p in model.parameters()):
-        model.to(dev)
-
-
 def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, config: Union[str, Path, dict, None] = None,
                args=None, optimizer: Optional[Callable] = None, lr_scheduler=None,
                schedule: Optional[ScheduleConfig] = None) -> RosaEngine:
@@ -251,20 +185,7 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
         config = getattr(args, "deepspeed_config", None)
     ds_config, source = load_template(config)
     check_ds_config(ds_config, source, client_optimizer=optimizer is not None)
-    has_rosa = any(True for _ in iter_rosa_layers(model))
-    _to_accelerator(model)
-    given = rosa_config
-    if has_rosa and rosa_config is None:
-        rosa_config = model.rosa_config
-    if rosa_config is not None:
-        rosa_config = resolve_frozen_master(rosa_config, ds_config)
-    if rosa_config is not None and not has_rosa:
-        _apply_unfactorized(model, rosa_config, ds_config)  # W_f = W, A = B = 0: same function
-        distributed_resample(model, rosa_config, 0)  # one SVD per layer in the world; owners' W_f masters
-    elif has_rosa:
-        if given is not None:
-            mark_trainable(model, rosa_config)
-        place_masters(model, uses_frozen_masters(rosa_config))
+    rosa_config = prepare_model(model, rosa_config, ds_config)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config,
                                               optimizer=optimizer, lr_scheduler=lr_scheduler)
     return RosaEngine(ds_engine, rosa_config, schedule or ScheduleConfig())

@@ -63,3 +63,25 @@ def factor_state(optimizer, factor_params: list[torch.nn.Parameter]) -> list[dic
     factor_ids = {id(p) for p in factor_params}
     return [optimizer.optimizer.state.get(flat, {}) for params, flat, _ in flat_groups(optimizer)
             if {id(p) for p in params} <= factor_ids]
+
+
+def reset_plain_factor_state(optimizer: torch.optim.Optimizer, factor_params: list[torch.nn.Parameter]) -> int:
+    """The same reset for a plain torch optimizer (no DeepSpeed), whose state is keyed per
+    parameter: the factors' entries (``exp_avg``, ``exp_avg_sq``, ``step``) are dropped and created
+    afresh on the next step. Returns the number of param groups reset; raises if a group mixes
+    the factors with other parameters (resetting it would wipe their state too)."""
+    factor_ids = {id(p) for p in factor_params}
+    reset = 0
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        if not ids & factor_ids:
+            continue
+        if not ids <= factor_ids:
+            raise RuntimeError("an optimizer param group mixes ROSA factors with other trainable parameters; "
+                               "put the factors in a group of their own (rosa_ds.hf builds such groups)")
+        for p in group["params"]:
+            optimizer.state.pop(p, None)
+        if "step" in group:
+            group["step"] = 0
+        reset += 1
+    return reset

@@ -37,6 +37,14 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
+def settle(ds_engine) -> None:
+    """Under ZeRO-3, release every gathered or in-flight parameter (a forward in eval mode
+    leaves prefetched ones in flight, which a GatheredParameters block cannot partition);
+    persistent ones stay. Call before reading parameters outside a forward (collective)."""
+    if ds_engine.zero_optimization_stage() == 3:
+        ds_engine.empty_partition_cache()
+
+
 def has_fp32_master(param: torch.Tensor) -> bool:
     """True once DeepSpeed's optimizer holds an fp32 master of ``param`` (after initialize)."""
     owner = "_z3_optimizer" if is_zero3(param) else "_hp_mapping"

@@ -13,14 +13,18 @@ that every rank derives alone. Two paths: ``replicated`` (ZeRO-1/2, W_f on every
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..config import RosaConfig
 from ..inject import iter_rosa_layers
 from ..layer import RosaLinear
-from .dist import device, rank_and_world
+from ..utils.log import log_rank0
+from .dist import PeakMemory, device, rank_and_world, synchronize
 from .exchange import raise_if_flagged
-from .params import is_zero3
+from .optim import reset_factor_state
+from .params import is_zero3, settle
 from .partitioned import resample_everywhere, resample_partitioned
 from .replicated import resample_replicated
 
@@ -69,3 +73,25 @@ def distributed_resample(model: torch.nn.Module, config: RosaConfig, resample_in
     if replicated:
         return resample_replicated(named, config, resample_index, rank, world, mastered)
     return resample_partitioned(layers, config, resample_index, rank, world, mastered)
+
+
+def resample_engine(ds_engine, state, factor_params: list[torch.nn.Parameter], owner_svd: bool = True) -> dict:
+    """One resample of a live DeepSpeed engine: merge A B into W, draw new subspaces (one SVD per
+    layer in the world), write module params and fp32 masters on every rank, reset the factors'
+    optimizer state, and record it in ``state`` (a ``checkpoint.RosaState``). Collective; call at
+    an optimizer-step boundary. ``RosaEngine`` and the Trainer integration both go through here.
+    Returns the event (index, step, seconds, counts)."""
+    settle(ds_engine)
+    synchronize()  # accelerator work queued by the training step is not the resample's
+    peak = PeakMemory()
+    start = time.perf_counter()
+    index = state.resamples + 1
+    counts = distributed_resample(ds_engine.module, state.rosa_config, index, owner_svd=owner_svd)
+    groups = reset_factor_state(ds_engine.optimizer, factor_params)
+    synchronize()
+    seconds = time.perf_counter() - start
+    step = int(ds_engine.global_steps)
+    event = state.record_resample(index, step, seconds,
+                                  {"optimizer_groups_reset": groups, **counts, **peak.read("resample")})
+    log_rank0(f"resample {index} at step {step}: {counts['layers']} layers in {event['seconds']:.2f}s")
+    return event

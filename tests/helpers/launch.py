@@ -90,28 +90,43 @@ def launch_ranks(script: str | Path, args: list[str] | None = None, world_size: 
         return [json.loads(r.read_text()) for r in results]
 
 
-def cli_command(args: list[str], out: Path, world: int = 2, script: Path = ROOT / "launch" / "train.py",
-                extra_env: dict | None = None) -> tuple[list[str], dict]:
-    """The ``deepspeed`` command line and environment of a CLI run (see ``launch_cli``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(Path(out).parent / "cache"),
+def deepspeed_command(script: str | Path, args: list[str], cache: Path, world: int = 2,
+                      extra_env: dict | None = None) -> tuple[list[str], dict]:
+    """``deepspeed --num_gpus N SCRIPT ARGS`` (the real launcher) with a free port, one thread per
+    rank and ``ROSA_DS_CACHE=cache``: the command line and its environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(cache),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(extra_env or {})}
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-           str(script), "--output-dir", str(out), *args]
+           str(script), *args]
     return cmd, env
 
 
-def launch_cli(args: list[str], out: Path, world: int = 2, check: bool = True,
-               timeout: float = CLI_TIMEOUT, script: Path = ROOT / "launch" / "train.py",
-               extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N launch/train.py --output-dir OUT ARGS`` with a free port, one
-    thread per rank, a cache beside ``out`` and a hard timeout; raises on failure if ``check``.
-    The launch is its own process group (session), as a scheduler's job is."""
-    cmd, env = cli_command(args, out, world, script, extra_env)
+def launch_deepspeed(script: str | Path, args: list[str], cache: Path, world: int = 2, check: bool = True,
+                     timeout: float = CLI_TIMEOUT, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``deepspeed_command`` with a hard timeout, as its own process group (session), as a
+    scheduler's job is; raises on failure if ``check``."""
+    cmd, env = deepspeed_command(script, args, cache, world, extra_env)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           start_new_session=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def cli_command(args: list[str], out: Path, world: int = 2, script: Path = ROOT / "launch" / "train.py",
+                extra_env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of a CLI run (see ``launch_cli``)."""
+    return deepspeed_command(script, ["--output-dir", str(out), *args], Path(out).parent / "cache", world, extra_env)
+
+
+def launch_cli(args: list[str], out: Path, world: int = 2, check: bool = True,
+               timeout: float = CLI_TIMEOUT, script: Path = ROOT / "launch" / "train.py",
+               extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N launch/train.py --output-dir OUT ARGS`` (or ``script``) with a free
+    port, one thread per rank, a cache beside ``out`` and a hard timeout (``launch_deepspeed``)."""
+    return launch_deepspeed(script, ["--output-dir", str(out), *args], Path(out).parent / "cache", world, check,
+                            timeout, extra_env)
 
 
 def metrics_records(out: Path) -> list[dict]:

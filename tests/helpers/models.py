@@ -45,12 +45,13 @@ def no_dropout_gpt2(seed: int = 0):
 
 def adamw_reference(model, batch_fn, steps_per_epoch: int, epochs: int, lr: float, weight_decay: float = 0.01):
     """The single-process reference multi-rank runs are compared with: plain torch AdamW on the
-    global batch ``batch_fn(step)``, a resample after every epoch but the last with the optimizer
-    state cleared (zero moments AND step counter, as the engine does). Returns (per-step losses,
+    global batch ``batch_fn(step)``, a resample after every epoch but the last with the factors'
+    optimizer state cleared (zero moments AND step counter, as the engine does). Returns (per-step losses,
     the merged plain model's state dict)."""
     import torch
 
     from rosa_ds.inject import merge_and_unload, resample
+    from rosa_ds.layer import is_adapter_param
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=weight_decay)
@@ -64,7 +65,9 @@ def adamw_reference(model, batch_fn, steps_per_epoch: int, epochs: int, lr: floa
         epoch, end = divmod(step + 1, steps_per_epoch)
         if end == 0 and epoch < epochs:
             resample(model, resample_index=epoch)
-            opt.state.clear()  # a fresh Adam: zero moments, step counter 0
+            for name, p in model.named_parameters():  # the factors' Adam restarts (zero moments, step 0);
+                if is_adapter_param(name):  # a trainable head (modules_to_save) keeps its state
+                    opt.state.pop(p, None)
     return losses, merge_and_unload(model).state_dict()
 
 

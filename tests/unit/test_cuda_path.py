@@ -25,16 +25,16 @@ class Reached(Exception):
 
 def simulate_accelerator(monkeypatch, dev=META):
     """Every module of the seam that asks for the accelerator device gets ``dev``."""
-    from rosa_ds.ds import dist, engine
+    from rosa_ds.ds import dist, prepare
 
-    for module in (dist, engine):
+    for module in (dist, prepare):
         monkeypatch.setattr(module, "device", lambda: dev)
 
 
 def test_initialize_moves_the_model_to_the_accelerator_before_the_first_factorization(monkeypatch):
     """Defect 1: the first resample ran on a CPU-loaded model while the seam made its tensors on
     the GPU (torch.cat across devices)."""
-    from rosa_ds.ds import engine
+    from rosa_ds.ds import engine, prepare
 
     simulate_accelerator(monkeypatch)
     monkeypatch.setattr(engine, "init_distributed", lambda *a, **k: None)
@@ -44,7 +44,7 @@ def test_initialize_moves_the_model_to_the_accelerator_before_the_first_factoriz
         seen["devices"] = {p.device.type for p in model.parameters()}
         raise Reached
 
-    monkeypatch.setattr(engine, "distributed_resample", first_factorization)
+    monkeypatch.setattr(prepare, "distributed_resample", first_factorization)
     with pytest.raises(Reached):
         engine.initialize(tiny_model("gpt2"), RosaConfig(rank=2), config=ds_test_config(2))
     assert seen["devices"] == {"meta"}
@@ -199,12 +199,13 @@ def test_fp16_overflow_skipped_steps_do_not_count_in_schedules(monkeypatch):
     """Defect 8: DeepSpeed counts overflow-skipped steps in global_steps; resampling every N
     steps and the re-warmup window count applied steps only."""
     from rosa_ds.ds import engine as ds_engine
+    from rosa_ds.ds import resample
     from rosa_ds.schedule import ScheduleConfig
 
     resampled_at, lrs = [], []
-    monkeypatch.setattr(ds_engine, "distributed_resample", lambda *a, **k: resampled_at.append(fake.global_steps)
+    monkeypatch.setattr(resample, "distributed_resample", lambda *a, **k: resampled_at.append(fake.global_steps)
                         or {"layers": 0})
-    monkeypatch.setattr(ds_engine, "reset_factor_state", lambda *a: 0)
+    monkeypatch.setattr(resample, "reset_factor_state", lambda *a: 0)
     fake = FakeDeepSpeed(overflow_at={2, 5})
     eng = ds_engine.RosaEngine(fake, RosaConfig(rank=1), ScheduleConfig(3, rewarmup_steps=2))
     original = fake.step

@@ -3,7 +3,9 @@
 * the pure method (the package root and ``utils``) imports neither deepspeed nor the seam, the
   planner or the recipe;
 * ``memory`` (the planner) imports neither deepspeed nor the seam or the recipe;
-* only ``rosa_ds.ds`` imports deepspeed, and it never imports the recipe.
+* only ``rosa_ds.ds`` imports deepspeed, and it never imports the recipe;
+* ``rosa_ds.hf`` (the Trainer integration) uses the seam, never deepspeed itself nor the recipe,
+  and nothing else in rosa_ds imports it.
 
 Checked twice: statically on every module's import statements (module-level and inside
 functions), and at run time in a fresh interpreter.
@@ -20,7 +22,7 @@ PKG = Path(__file__).resolve().parents[2] / "rosa_ds"
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[1] in ("ds", "recipe", "memory", "utils") else "method"
+    return parts[1] if len(parts) > 1 and parts[1] in ("ds", "recipe", "memory", "utils", "hf") else "method"
 
 
 def imports_of(path: Path) -> set[str]:
@@ -40,11 +42,12 @@ def imports_of(path: Path) -> set[str]:
 
 MODULES = {".".join(p.relative_to(PKG.parent).with_suffix("").parts): p for p in PKG.rglob("*.py")}
 # what each layer must never import
-FORBIDDEN = {"method": ("deepspeed", "rosa_ds.ds", "rosa_ds.recipe", "rosa_ds.memory"),
-             "utils": ("deepspeed", "rosa_ds.ds", "rosa_ds.recipe", "rosa_ds.memory"),
-             "memory": ("deepspeed", "rosa_ds.ds", "rosa_ds.recipe"),
-             "ds": ("rosa_ds.recipe",),
-             "recipe": ("deepspeed",)}
+FORBIDDEN = {"method": ("deepspeed", "rosa_ds.ds", "rosa_ds.recipe", "rosa_ds.memory", "rosa_ds.hf"),
+             "utils": ("deepspeed", "rosa_ds.ds", "rosa_ds.recipe", "rosa_ds.memory", "rosa_ds.hf"),
+             "memory": ("deepspeed", "rosa_ds.ds", "rosa_ds.recipe", "rosa_ds.hf"),
+             "ds": ("rosa_ds.recipe", "rosa_ds.hf"),
+             "recipe": ("deepspeed", "rosa_ds.hf"),
+             "hf": ("deepspeed", "rosa_ds.recipe")}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

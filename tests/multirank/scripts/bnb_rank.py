@@ -43,7 +43,7 @@ def parse():
 def main() -> None:
     import rosa_ds
     from rosa_ds import RosaConfig
-    from rosa_ds.ds import engine as ds_engine
+    from rosa_ds.ds import resample as ds_resample
     from rosa_ds.ds.optim import factor_state, flat_groups
     from rosa_ds.ds.params import full_fp32
     from rosa_ds.inject import iter_rosa_layers
@@ -52,7 +52,7 @@ def main() -> None:
 
     a = parse()
     if a.no_reset:  # make the engine's state reset a no-op (the failure this test must detect)
-        ds_engine.reset_factor_state = lambda optimizer, params: 0
+        ds_resample.reset_factor_state = lambda optimizer, params: 0
     torch.manual_seed(1234)
     cfg = ds_test_config(a.stage, "fp32", 2, lr=a.lr)
     kw = cfg.pop("optimizer")["params"]
