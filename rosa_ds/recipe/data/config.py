@@ -95,6 +95,7 @@ class DataConfig:
             self.dataset = DEFAULT_DATASET[self.task]
         if self.eval_fraction >= 1.0:
             raise OptionError("DataConfig", "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        self._check_chat()  # before the path checks: a --chat on a wrong dataset says so, not "missing file"
         self._check_dataset()
         self._check_fields()
 
@@ -132,7 +133,6 @@ class DataConfig:
         if self.text_field is not None and (self.prompt_field or self.target_field):
             raise DataError("set either --text-field (plain LM text) or --prompt-field/--target-field "
                             "(loss on the target only), not both")
-        self._check_chat()
 
     def _check_chat(self) -> None:
         if self.messages_field and (self.text_field or self.prompt_field or self.target_field):
@@ -144,12 +144,10 @@ class DataConfig:
         if self.chat and self.messages_field:
             raise DataError("--chat (built-in bbc-headlines) and --messages-field (your data) exclude each other; "
                             "drop one")
-        if self.chat_template and not self.is_chat:
-            raise DataError("--chat-template applies to conversations only; add --messages-field FIELD or --chat")
 
     @property
     def is_chat(self) -> bool:
-        """True when samples are conversations rendered with a chat template."""
+        """True when conversations were asked for (a ``messages`` field is also found unasked)."""
         return bool(self.chat or self.messages_field)
 
     def to_dict(self) -> dict:

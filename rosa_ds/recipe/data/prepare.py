@@ -144,6 +144,9 @@ def check_data(cfg: DataConfig) -> RawData:
     """Read, validate and split the data (no tokenizer, no model): raises DataError on bad input."""
     source = read_source(cfg.dataset, cfg.split, cfg.chat)
     fields = resolve_fields(cfg, source.records[0])
+    if cfg.chat_template and fields.mode != "chat":
+        raise DataError(f"--chat-template applies to conversations, but {cfg.dataset} is read as {fields.mode} "
+                        "records; set --messages-field FIELD (or --chat) or drop --chat-template")
     examples = to_examples(source.records, fields)
     identity = {"train": source.identity}
     if cfg.eval_dataset is not None:
