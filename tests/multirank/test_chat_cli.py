@@ -32,8 +32,9 @@ def test_chat_packed_run_trains_evaluates_and_exports(tmp_path):
     flags = ["--dataset", str(data), "--messages-field", "turns", "--chat-template", str(tmp_path / "chat.jinja"),
              "--seq-len", "128", "--pack", "--max-eval-samples", "8", "--num-samples", "1"]
     out = tmp_path / "run"
-    proc = launch_cli(["--model", str(tmp_path / "llama"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
-                       "--micro-batch", "2", "--epochs", "3", "--lr", "1e-2", "--warmup", "0", "--rank", "4"] + flags, out)
+    run = ["--model", str(tmp_path / "llama"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
+           "--micro-batch", "2", "--epochs", "3", "--lr", "1e-2", "--warmup", "0", "--rank", "4"]
+    proc = launch_cli(run + flags, out)
     assert "packing verified" in proc.stdout + proc.stderr
 
     # the steps per epoch are those of the packs, built exactly as here (same tokenizer and data)

