@@ -68,20 +68,29 @@ class Trainer:
         if max_len is not None and cfg.data.seq_len > max_len:
             raise ValueError(f"--seq-len {cfg.data.seq_len} is longer than the model's context ({max_len} tokens); "
                              f"use --seq-len {max_len} or less")
-        self.tokenizer = load_tokenizer(self.source)  # chat templates, lengths and packs: all before weights
+        self.ds_config = self.plan_steps(len(self.raw.train))
+        self.fit = check_fits(cfg, model_config, self.ds_config, self.world)  # before any weight loads
+        # Tokenized here, not in setup: chat-template errors, conversations truncated away and the
+        # number of packs are known before the model loads (a GGUF's tokenizer comes from its plain
+        # copy, converted once, after the memory check above).
+        self.tokenizer = load_tokenizer(self.source)
         self.data = tokenize_data(self.raw, self.tokenizer)
         self.train_set = PackedSplit(self.data.train, cfg.data.seq_len) if cfg.data.pack else self.data.train
         if cfg.data.pack:
             log_rank0(f"packed {len(self.data.train)} samples into {len(self.train_set)} rows of <= "
                       f"{cfg.data.seq_len} tokens ({self.train_set.stats()['fill']:.0%} full)")
-        self.order = BatchOrder(len(self.train_set), cfg.micro_batch, self.world, self.rank, cfg.grad_accum, cfg.seed)
-        spe = self.order.steps_per_epoch
-        self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
-        self.ds_config = dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
-        self.fit = check_fits(cfg, model_config, self.ds_config, self.world)  # before any weight loads
+        self.ds_config = self.plan_steps(len(self.train_set))  # rows: packs, or the samples kept
         if cfg.tensorboard:
             self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"),
                                              "job_name": "rosa_ds"}
+
+    def plan_steps(self, rows: int) -> dict:
+        """Batch order and step count for ``rows`` training rows; the DeepSpeed config they fill."""
+        cfg = self.cfg
+        self.order = BatchOrder(rows, cfg.micro_batch, self.world, self.rank, cfg.grad_accum, cfg.seed)
+        spe = self.order.steps_per_epoch
+        self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
+        return dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
 
     # --- 2. heavy setup --------------------------------------------------------------------
     def setup(self) -> None:
