@@ -57,7 +57,7 @@ def write(path, convs, field="messages"):
     return str(path)
 
 
-@pytest.mark.parametrize("name, template", [("chatml", CHATML), ("marked", MARKED)])
+@pytest.mark.parametrize("name, template", [("chatml", CHATML), ("marked", MARKED)], ids=["chatml", "marked"])
 def test_assistant_mask_token_by_token(tmp_path, tok, name, template):
     tpl = tmp_path / f"{name}.jinja"
     tpl.write_text(template)
