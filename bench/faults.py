@@ -1,6 +1,7 @@
 """Faults on the default job, as a cluster user meets them: what each costs in time, steps and data.
 
-    python bench/faults.py            # writes bench/results/faults.{json,md}
+    python bench/faults.py                  # writes bench/results/faults.{json,md}
+    python bench/faults.py --only hang      # reruns the named faults, keeps the other rows
 
 The default job (SmolLM2-135M, ZeRO-2, 2 ranks under the ``deepspeed`` launcher, fp32 on the CPU),
 cut to ``--max-steps 6 --save-every 2``. Each fault is injected at step 4 by
@@ -11,6 +12,7 @@ equal the uninterrupted run's bit for bit (no data lost, no step recorded twice)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -90,14 +92,13 @@ def resume_and_compare(out: Path, reference: dict) -> dict:
             "bitwise_equal": mine == reference}
 
 
-def scenario(name: str, out: Path, fault: str, reference: dict, rank: int = 0, env: dict | None = None,
-             resume: bool = True) -> dict:
-    print(f"[faults] {name}", flush=True)
+def scenario(out: Path, fault: str, reference: dict, rank: int = 0, env: dict | None = None,
+             resume: bool = True, extra: tuple = ()) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    run = launch(out, fault, rank, env=env)
+    run = launch(out, fault, rank, extra=extra, env=env)
     done = [r["step"] for r in records(out) if "loss" in r and r.get("loss") is not None]
     ckpt = newest_checkpoint(out)
-    row = {"fault": name, "exit_code": run["code"], "fault_to_end_s": run["fault_to_end_s"],
+    row = {"exit_code": run["code"], "fault_to_end_s": run["fault_to_end_s"],
            "completed_steps": max(done, default=0), "newest_checkpoint": ckpt,
            "steps_lost": max(done, default=0) - (ckpt or 0), "line": cli_line(run["log"])}
     if resume:
@@ -105,7 +106,79 @@ def scenario(name: str, out: Path, fault: str, reference: dict, rank: int = 0, e
     return row
 
 
+def damaged_resume(ref_out: Path, reference: dict) -> dict:
+    """The reference's step 6 truncated: the resume falls back to step 4 before any weight loads."""
+    damaged = WORK / "damaged"
+    shutil.rmtree(damaged, ignore_errors=True)
+    shutil.copytree(ref_out, damaged, ignore=shutil.ignore_patterns("final_model"))
+    victim = damaged / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    res = launch(damaged, extra=("--resume",))
+    log = res["log"]
+    warned = next((ln for ln in log.splitlines() if "is damaged, falling back" in ln), "")
+    return {"exit_code": res["code"],
+            "warning_before_weights": bool(warned) and log.index(warned) < log.index("[rosa_ds] loaded "),
+            "line": next((ln[ln.index("resuming"):] for ln in log.splitlines() if "resuming from" in ln), ""),
+            "steps_lost": 2, "bitwise_equal": losses(damaged) == reference, "resume_wall_s": res["wall_s"]}
+
+
+def disk_full(ref_out: Path, reference: dict) -> dict:
+    """ENOSPC on rank 1 at the step-4 save (its budget lets the step-2 save through)."""
+    rank1 = sum(f.stat().st_size for f in (ref_out / "checkpoints" / "step_00000006").glob("*rank_1*"))
+    full = WORK / "diskfull"
+    env = {"PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]),
+           "ROSA_DS_TEST_ENOSPC": f"{full / 'checkpoints'}:{int(rank1 * 1.5)}:1"}
+    row = scenario(full, "", reference, env=env)
+    row["partial_left"] = [str(p) for p in (full / "checkpoints").rglob("*.partial")]
+    return row
+
+
+def second_run(ref_out: Path, reference: dict) -> dict:
+    """A second run on the --output-dir of a live one (held before its first step)."""
+    live, release = WORK / "live", WORK / "live.release"
+    shutil.rmtree(live, ignore_errors=True)
+    release.unlink(missing_ok=True)
+    first = launch(live, "hold@1", env={"ROSA_FAULT_RELEASE": str(release)}, wait=False)
+    while not (live / ".rosa_ds.lock").exists():
+        time.sleep(0.2)
+    second = launch(live)
+    release.write_text("go")
+    first["proc"].wait(timeout=900)
+    return {"exit_code": second["code"], "refused_after_s": second["wall_s"], "line": cli_line(second["log"]),
+            "first_run_exit_code": first["proc"].returncode}
+
+
+SCENARIOS = {  # name: (fault, what happens, runner)
+    "sigterm": "SIGTERM to the job's process group (Slurm, Kubernetes)",
+    "runner": "SIGTERM to the deepspeed runner alone (ranks orphaned)",
+    "sigkill": "SIGKILL of rank 1 (OOM killer)",
+    "hang": "rank 1 hangs (--dist-timeout 0.2, 12 s)",
+    "nan": "NaN loss, --nan-policy stop",
+    "damaged": "newest checkpoint truncated (resume falls back)",
+    "diskfull": "disk full during a save (ENOSPC on rank 1)",
+    "second": "a second run on a live --output-dir",
+}
+
+
+def run_one(name: str, ref_out: Path, reference: dict) -> dict:
+    print(f"[faults] {SCENARIOS[name]}", flush=True)
+    if name in ("sigterm", "runner"):
+        row = scenario(WORK / name, f"{name}@{STEP}", reference)
+    elif name == "sigkill":
+        row = scenario(WORK / name, f"sigkill@{STEP}", reference, rank=1)
+    elif name == "hang":
+        row = scenario(WORK / name, f"hang@{STEP}", reference, rank=1, extra=("--dist-timeout", "0.2"))
+    elif name == "nan":
+        row = scenario(WORK / name, f"nan@{STEP}", reference)
+    else:
+        row = {"damaged": damaged_resume, "diskfull": disk_full, "second": second_run}[name](ref_out, reference)
+    return {"name": name, "fault": SCENARIOS[name], **row}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help=f"comma-separated faults to rerun: {', '.join(SCENARIOS)}")
+    only = [n for n in parser.parse_args().only.split(",") if n] or list(SCENARIOS)
     WORK.mkdir(parents=True, exist_ok=True)
     hw = describe()
     t0 = time.time()
@@ -115,56 +188,14 @@ def main() -> None:
     ref = launch(ref_out)
     reference = losses(ref_out)
     assert ref["code"] == 0 and sorted(reference) == list(range(1, 7)), ref["log"][-3000:]
-    rows = [
-        scenario("SIGTERM to the job's process group (Slurm, Kubernetes)", WORK / "sigterm", f"sigterm@{STEP}",
-                 reference),
-        scenario("SIGTERM to the deepspeed runner alone (ranks orphaned)", WORK / "runner", f"runner@{STEP}",
-                 reference),
-        scenario("SIGKILL of rank 1 (OOM killer)", WORK / "sigkill", f"sigkill@{STEP}", reference, rank=1),
-        scenario("NaN loss, --nan-policy stop", WORK / "nan", f"nan@{STEP}", reference, resume=False),
-    ]
-    # a damaged newest checkpoint: the reference's step 6 truncated; the resume falls back to step 4
-    print("[faults] damaged newest checkpoint", flush=True)
-    damaged = WORK / "damaged"
-    shutil.rmtree(damaged, ignore_errors=True)
-    shutil.copytree(ref_out, damaged, ignore=shutil.ignore_patterns("final_model"))
-    victim = damaged / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt"
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    res = launch(damaged, extra=("--resume",))
-    log = res["log"]
-    warned = next((ln for ln in log.splitlines() if "is damaged, falling back" in ln), "")
-    rows.append({"fault": "newest checkpoint truncated (resume falls back)", "exit_code": res["code"],
-                 "warning_before_weights": bool(warned) and log.index(warned) < log.index("[rosa_ds] loaded "),
-                 "verify_line": next((ln[ln.index("resuming"):] for ln in log.splitlines() if "resuming from" in ln),
-                                     ""),
-                 "steps_lost": 2, "bitwise_equal": losses(damaged) == reference, "resume_wall_s": res["wall_s"]})
-    # disk full at the step-4 save on rank 1: its budget lets the step-2 save through
-    print("[faults] disk full", flush=True)
-    rank1 = sum(f.stat().st_size for f in (ref_out / "checkpoints" / "step_00000006").glob("*rank_1*"))
-    full = WORK / "diskfull"
-    env = {"PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]),
-           "ROSA_DS_TEST_ENOSPC": f"{full / 'checkpoints'}:{int(rank1 * 1.5)}:1"}
-    row = scenario("disk full during a save (ENOSPC on rank 1)", full, "", reference, env=env, resume=False)
-    row["partial_left"] = [str(p) for p in (full / "checkpoints").rglob("*.partial")]
-    rows.append(row)
-    # a second run on a live output dir
-    print("[faults] second run on a live output dir", flush=True)
-    live = WORK / "live"
-    shutil.rmtree(live, ignore_errors=True)
-    release = WORK / "live.release"
-    release.unlink(missing_ok=True)
-    first = launch(live, "hold@1", env={"ROSA_FAULT_RELEASE": str(release)}, wait=False)
-    while not (live / ".rosa_ds.lock").exists():
-        time.sleep(0.2)
-    second = launch(WORK / "live", extra=())
-    release.write_text("go")
-    first["proc"].wait(timeout=900)
-    rows.append({"fault": "a second run on a live --output-dir", "exit_code": second["code"],
-                 "refused_after_s": second["wall_s"], "line": cli_line(second["log"]),
-                 "first_run_exit_code": first["proc"].returncode})
+    fresh = {name: run_one(name, ref_out, reference) for name in only}
+    path = ROOT / "bench" / "results" / "faults.json"
+    old = {row.get("name"): row for row in json.loads(path.read_text())["rows"]} if path.exists() and \
+        len(only) < len(SCENARIOS) else {}
+    rows = [fresh.get(name) or old.get(name) for name in SCENARIOS if fresh.get(name) or old.get(name)]
     result = {"hardware": hw, "hardware_line": one_line(hw), "job": "default (SmolLM2-135M, ZeRO-2, 2 ranks, fp32)",
               "args": ARGS, "fault_step": STEP, "reference_losses": reference, "rows": rows,
-              "wall_s": round(time.time() - t0, 1)}
+              "wall_s": round(time.time() - t0, 1), "rerun": only}
     save_results(ROOT / "bench" / "results", "faults", result, markdown(result))
 
 
@@ -176,12 +207,19 @@ def markdown(r: dict) -> str:
            "| fault | exit code | fault to job end (s) | newest checkpoint | steps lost | resumed run equals the "
            "uninterrupted one bit for bit | each step once in metrics.jsonl |",
            "|---|---|---|---|---|---|---|"]
+    notes = ["", "Exit code: what the `deepspeed` command returned. A signal to the whole process group kills the "
+             "runner itself at once (-15: killed by SIGTERM, shell code 143) while the ranks finish their step, save "
+             "and exit 75; a rank's own code (3, 4, 2; 1 for a lost or hung peer) is passed on by the launcher; 247 is "
+             "the launcher passing on -9, the SIGKILLed rank's. Fault to job end: from the injection to the last "
+             "process of the job gone. Steps lost: completed optimizer steps in no checkpoint, recomputed by "
+             "`--resume` (`--save-every` bounds them); no data is lost in any row "
+             "(the resumed losses equal the uninterrupted run's bit for bit, each step once)."]
     for row in r["rows"]:
         out.append(f"| {row['fault']} | {row.get('exit_code')} | {row.get('fault_to_end_s', '')} | "
                    f"{row.get('newest_checkpoint', '')} | {row.get('steps_lost', '')} | "
                    f"{row.get('bitwise_equal', '')} | {row.get('each_step_once', '')} |")
-    out += ["", "The one line each run printed:", ""]
-    out += [f"- {row['fault']}: `{row.get('line') or row.get('verify_line', '')}`" for row in r["rows"]]
+    out += notes + ["", "The one line each run printed:", ""]
+    out += [f"- {row['fault']}: `{row.get('line', '')}`" for row in r["rows"]]
     return "\n".join(out) + "\n"
 
 

@@ -135,4 +135,23 @@ PROBE = Suite(
     ),
 )
 
-SUITES = {s.name: s for s in (QUICK, FULL, QUANT, CLS, PROBE, EPOCH)}
+# Packing (issue 18): the default job (256 BBC lead -> headline samples, --seq-len 128, 2 ranks x 4
+# per micro batch, 2 epochs) padded as today and with --pack, then the same as a conversation with
+# the model's chat template (--chat), padded and packed. Held-out loss is always taken unpacked.
+PACK = Suite(
+    name="pack",
+    description="the default job (SmolLM2-135M, ROSA r=8, 2 CPU ranks, ZeRO-2 fp32) padded vs --pack, and --chat",
+    flags=("--model", "default", "--num-samples", "0", "--seed", "0"),
+    runs=(
+        Run("padded", "rosa", 8),
+        Run("packed", "rosa", 8, ("--pack",)),
+        # rows hold ~2.9 samples: one row per rank and micro batch gives ~5.8 samples per step, near
+        # the padded job's 8, and twice the packed job's optimizer steps
+        Run("packed-mb1", "rosa", 8, ("--pack", "--micro-batch", "1")),
+        Run("chat-padded", "rosa", 8, ("--chat", "--num-samples", "2"), "extra"),
+        Run("chat-packed", "rosa", 8, ("--chat", "--pack"), "extra"),
+    ),
+    timeout_s=1200,
+)
+
+SUITES = {s.name: s for s in (QUICK, FULL, QUANT, CLS, PROBE, EPOCH, PACK)}

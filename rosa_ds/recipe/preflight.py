@@ -52,6 +52,8 @@ def meta_counts(cfg, model_config):
 
 
 def run_plan(cfg, ds_config: dict, world: int, accelerator: str) -> MemoryPlan:
+    # With --pack a row holds at most seq_len tokens and transformers still builds a (block-diagonal)
+    # mask per layer, so micro_batch x seq_len with a mask stays an upper bound.
     return MemoryPlan.from_ds_config(ds_config, method=cfg.method, rank=cfg.rosa.rank, world_size=world,
                                      micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len, optimizer=cfg.optim,
                                      accelerator=accelerator, activation_checkpointing=cfg.gradient_checkpointing)

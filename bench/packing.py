@@ -1,0 +1,79 @@
+"""Padding in the default job's batches, padded vs ``--pack``, beside the timed runs.
+
+    python bench/run.py --suite pack   # the timed runs (bench/results/pack.json, pack.md)
+    python bench/packing.py            # padding from the data + the runs -> bench/results/pack_notes.md
+
+For each variant (BBC headlines as prompt/target, and as conversations with ``--chat``): samples,
+training rows (samples, or packs), optimizer steps per epoch and the share of the tokens the model
+computes on that are padding, over every rank's micro batches of epoch 0 (each micro batch is as
+wide as its longest row, as the collators make it). Throughput of a run = real (non-pad) tokens
+trained over the seconds of its optimizer steps (metrics.jsonl: tokens_per_s x step_seconds).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rosa_ds.recipe.config import TrainConfig  # noqa: E402
+from rosa_ds.recipe.data import BatchOrder, PackedSplit, check_data, tokenize_data  # noqa: E402
+from rosa_ds.recipe.models import load_tokenizer  # noqa: E402
+
+WORLD = 2  # the default job's ranks
+
+
+def padding(cfg: TrainConfig, tokenizer) -> dict:
+    data = tokenize_data(check_data(cfg.data), tokenizer)
+    rows = PackedSplit(data.train, cfg.data.seq_len) if cfg.data.pack else data.train
+    lengths = [len(rows[i]["input_ids"]) for i in range(len(rows))]
+    computed = real = 0
+    for rank in range(WORLD):
+        order = BatchOrder(len(rows), cfg.micro_batch, WORLD, rank, cfg.grad_accum, cfg.seed)
+        for batch in order.micro_batches(0):
+            widths = [lengths[i] for i in batch]
+            computed += max(widths) * len(widths)
+            real += sum(widths)
+    return {"samples": len(data.train), "rows": len(rows), "steps_per_epoch": order.steps_per_epoch,
+            "real_tokens": real, "computed_tokens": computed, "padding_share": round(1 - real / computed, 4)}
+
+
+def throughput(output_dir: str) -> dict:
+    recs = [json.loads(x) for x in (Path(output_dir) / "metrics.jsonl").read_text().split("\n") if x.strip()]
+    steps = [r for r in recs if "step_seconds" in r]
+    tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in steps)
+    seconds = sum(r["step_seconds"] for r in steps)
+    return {"train_tokens": round(tokens), "train_seconds": round(seconds, 1), "tokens_per_s": tokens / seconds}
+
+
+def row(name: str, pad: dict, run: dict) -> str:
+    t = throughput(run["output_dir"])
+    return (f"| {name} | {pad['samples']} | {pad['rows']} | {pad['steps_per_epoch']} | {run['epoch_steps']} | "
+            f"{pad['padding_share']:.1%} | {t['tokens_per_s']:.0f} | {run['step_seconds_median']:.2f} | "
+            f"{t['train_seconds']:.0f} | {run['eval_loss_start']:.3f} → {run['eval_loss_final']:.3f} | "
+            f"{run['wall_seconds']:.0f} |")
+
+
+def main() -> None:
+    tokenizer = load_tokenizer("default")
+    pads = {}
+    for name, flags in {"padded": {}, "packed": {"pack": True}, "packed-mb1": {"pack": True, "micro_batch": 1},
+                        "chat-padded": {"chat": True},
+                        "chat-packed": {"chat": True, "pack": True}}.items():
+        pads[name] = padding(TrainConfig.from_flat(flags), tokenizer)
+        print(name, pads[name])
+    results = ROOT / "bench" / "results"
+    (results / "pack_padding.json").write_text(json.dumps(pads, indent=2) + "\n")
+    runs = {r["name"]: r for r in json.loads((results / "pack.json").read_text())["runs"]}
+    lines = ["| run | samples | rows | steps/epoch (planned) | steps per epoch (run) | padding share of computed "
+             "tokens | tokens/s (real) | step s (median) | training s | held-out loss start → final | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row(name, pads[name], runs[name]) for name in pads if runs.get(name, {}).get("returncode") == 0]
+    (results / "pack_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
