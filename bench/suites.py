@@ -148,6 +148,9 @@ PACK = Suite(
         # rows hold ~2.9 samples: one row per rank and micro batch gives ~5.8 samples per step, near
         # the padded job's 8, and twice the packed job's optimizer steps
         Run("packed-mb1", "rosa", 8, ("--pack", "--micro-batch", "1")),
+        # a second seed of each (data order, subspaces): the spread the held-out losses are compared against
+        Run("padded-s1", "rosa", 8, ("--seed", "1")),
+        Run("packed-mb1-s1", "rosa", 8, ("--pack", "--micro-batch", "1", "--seed", "1")),
         Run("chat-padded", "rosa", 8, ("--chat", "--num-samples", "2"), "extra"),
         Run("chat-packed", "rosa", 8, ("--chat", "--pack"), "extra"),
     ),

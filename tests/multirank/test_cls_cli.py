@@ -145,7 +145,8 @@ def test_bad_input_is_one_clear_line_before_weights_load(tmp_path, assets, kind,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rosa_ds: error: "), err
     assert message in err[0], err[0]
-    assert not (tmp_path / "out").exists()
+    assert not any(p.name != ".rosa_ds.lock" for p in (tmp_path / "out").glob("*")) and \
+        not (tmp_path / "out" / ".rosa_ds.lock").exists()  # only the writability check ran; the lock released
 
 
 def test_bad_input_from_the_real_entry_point(tmp_path, assets):
