@@ -7,7 +7,8 @@ For each variant (BBC headlines as prompt/target, and as conversations with ``--
 training rows (samples, or packs), optimizer steps per epoch and the share of the tokens the model
 computes on that are padding, over every rank's micro batches of epoch 0 (each micro batch is as
 wide as its longest row, as the collators make it). Throughput of a run = real (non-pad) tokens
-trained over the seconds of its optimizer steps (metrics.jsonl: tokens_per_s x step_seconds).
+trained over the seconds of its training epochs (pack.json: epoch 0's real tokens, as counted here,
+times the epochs, over the sum of ``epoch_train_seconds``).
 """
 from __future__ import annotations
 
@@ -40,16 +41,15 @@ def padding(cfg: TrainConfig, tokenizer) -> dict:
             "real_tokens": real, "computed_tokens": computed, "padding_share": round(1 - real / computed, 4)}
 
 
-def throughput(output_dir: str) -> dict:
-    recs = [json.loads(x) for x in (Path(output_dir) / "metrics.jsonl").read_text().split("\n") if x.strip()]
-    steps = [r for r in recs if "step_seconds" in r]
-    tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in steps)
-    seconds = sum(r["step_seconds"] for r in steps)
-    return {"train_tokens": round(tokens), "train_seconds": round(seconds, 1), "tokens_per_s": tokens / seconds}
+def throughput(pad: dict, run: dict) -> dict:
+    """Real tokens per second of training: every epoch trains the same rows, so epoch 0's count holds."""
+    seconds = sum(run["epoch_train_seconds"])
+    tokens = pad["real_tokens"] * len(run["epoch_train_seconds"])
+    return {"train_tokens": tokens, "train_seconds": round(seconds, 1), "tokens_per_s": tokens / seconds}
 
 
 def row(name: str, pad: dict, run: dict) -> str:
-    t = throughput(run["output_dir"])
+    t = throughput(pad, run)
     return (f"| {name} | {pad['samples']} | {pad['rows']} | {pad['steps_per_epoch']} | {run['epoch_steps']} | "
             f"{pad['padding_share']:.1%} | {t['tokens_per_s']:.0f} | {run['step_seconds_median']:.2f} | "
             f"{t['train_seconds']:.0f} | {run['eval_loss_start']:.3f} → {run['eval_loss_final']:.3f} | "
@@ -60,6 +60,7 @@ def main() -> None:
     tokenizer = load_tokenizer("default")
     pads = {}
     for name, flags in {"padded": {}, "packed": {"pack": True}, "packed-mb1": {"pack": True, "micro_batch": 1},
+                        "padded-s1": {"seed": 1}, "packed-mb1-s1": {"pack": True, "micro_batch": 1, "seed": 1},
                         "chat-padded": {"chat": True},
                         "chat-packed": {"chat": True, "pack": True}}.items():
         pads[name] = padding(TrainConfig.from_flat(flags), tokenizer)
