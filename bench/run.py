@@ -4,6 +4,7 @@
     python bench/run.py --suite full             # a GPU node
     python bench/run.py --suite quick --only rosa-r8,lora-r8   # rerun some runs, keep the others
     python bench/run.py --suite quick --report-only [--recollect]   # rebuild Markdown and plots
+    python bench/run.py --suite study [--scale full] [--stop-after MIN]   # ROSA vs LoRA study (bench/study.py)
 
 Each run is a real `deepspeed --num_gpus N launch/train.py` job on the suite's shared flags
 (same model, data, seed, steps, DeepSpeed config), so the numbers are what users get. Results go
@@ -82,6 +83,12 @@ def run_one(suite: Suite, run: Run, runs_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--suite" in argv and argv[argv.index("--suite") + 1:][:1] == ["study"]:
+        from bench.study import main as study_main  # its own driver: tuned, multi-seed, resumable
+
+        i = argv.index("--suite")
+        return study_main(argv[:i] + argv[i + 2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="quick")
     p.add_argument("--only", default="", help="comma-separated run names to (re)run; the others are kept")

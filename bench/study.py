@@ -1,0 +1,336 @@
+"""The ROSA vs LoRA study: tuned learning rates, three seeds, test-split loss and generation metrics.
+
+    python bench/run.py --suite study                      # CPU scale; resumable, run it again to go on
+    python bench/run.py --suite study --stop-after 90      # start no new run after 90 minutes
+    python bench/run.py --suite study --plan               # what is done and what is left, no training
+    python bench/run.py --suite study --scale full         # one 8-GPU node (bench/results/study_full.*)
+
+Design (sizes per scale in ``SCALES``):
+
+- Fixed splits of the BBC corpus, drawn once from a seeded shuffle (``SPLIT_SEED``) and written as
+  JSONL: headline generation (lead -> headline) test / validation / training articles, and topic
+  classification test / training articles. Every run of every seed sees the same articles; the
+  run's ``--seed`` changes only the data order, initialisation and ROSA subspaces.
+- Causal LM (SmolLM2-135M, every projection of every block): LoRA and ROSA at R in ``ranks``
+  (equal trainable counts at equal R) and full fine-tuning. Per method and rank, the learning rate
+  is the one of ``lrs`` with the lowest validation loss at seed 0 (a diverged run counts as
+  infinite loss); then seeds 1 and 2 run at that rate, and the test split scores all three.
+  Ablations of ROSA at R = 8, three seeds at ROSA r=8's chosen rate: ``--strategy smallest``,
+  ``--resample-every never``, ``--init lora``.
+- Classification (MiniLM-L6, BBC topics): ROSA r=8, LoRA r=8 and full fine-tuning at the trainer's
+  classification learning rates, three seeds, accuracy and macro-F1 on the test articles.
+
+Resumable: every finished run is written to the results JSON at once and skipped on a rerun
+(a rerun with nothing left only rebuilds the report, in seconds). A run that failed is retried
+on the next invocation, not in the same one. Each invocation is a "sitting" with its own
+hardware record, so runs spread over several machines stay attributed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.hardware import describe  # noqa: E402
+from bench.suites import Run, Suite  # noqa: E402
+
+SPLIT_SEED = 20261201  # the one shuffle the splits are cut from
+DIVERGED = 3  # the trainer's exit code for a non-finite loss (--nan-policy stop)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one scale of the study. ``train`` None = every article not in val/test."""
+
+    name: str
+    train: Optional[int]
+    val: int
+    test: int
+    epochs: int
+    micro_batch: int
+    nproc: int
+    resample_every: int  # optimizer steps: half an epoch, so each run has several resamples
+    lrs: dict = field(default_factory=dict)
+    ranks: tuple = (2, 8, 32)
+    seeds: tuple = (0, 1, 2)
+    seq_len: int = 128
+    cls_train: int = 512
+    cls_test: int = 400
+    timeout_s: int = 3600
+    results_stem: str = "study"
+
+    def shared_flags(self) -> tuple[str, ...]:
+        return ("--model", "default", "--seq-len", str(self.seq_len), "--micro-batch", str(self.micro_batch),
+                "--epochs", str(self.epochs), "--max-train-samples", "none", "--max-eval-samples", "none",
+                "--num-samples", "0")
+
+
+ADAPTER_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3)
+FULL_LRS = (1e-5, 2e-5, 5e-5, 1e-4)
+SCALES = {
+    # 2 CPU ranks: 512 articles / (2 x 4) = 64 steps per epoch, 2 epochs, a resample every 32 steps
+    # (3 per run); ~6 min per adapter run on 2 cores, ~55 runs.
+    "cpu": Scale("cpu", train=512, val=150, test=200, epochs=2, micro_batch=4, nproc=2, resample_every=32,
+                 lrs={"rosa": ADAPTER_LRS, "lora": ADAPTER_LRS, "full": FULL_LRS}, timeout_s=2400),
+    # one 8-GPU node: every other article (1,875) / (8 x 4) = 58 steps per epoch, 3 epochs
+    "full": Scale("full", train=None, val=150, test=200, epochs=3, micro_batch=4, nproc=8, resample_every=29,
+                  lrs={"rosa": ADAPTER_LRS, "lora": ADAPTER_LRS, "full": FULL_LRS}, timeout_s=3600,
+                  results_stem="study_full"),
+}
+VARIANTS = {"smallest": ("--strategy", "smallest"), "no-resample": ("--resample-every", "never"),
+            "init-lora": ("--init", "lora")}
+CLS_METHODS = (("full", 0), ("lora", 8), ("rosa", 8))
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One training run of the study. ``config`` groups the seeds of one method, rank and variant."""
+
+    task: str  # lm | cls
+    method: str
+    rank: int
+    seed: int
+    lr: Optional[float] = None  # None: the trainer's default for the task and method
+    variant: str = ""
+    phase: str = "grid"  # grid | seeds | ablation | cls
+
+    @property
+    def config(self) -> str:
+        body = self.method if self.method == "full" else f"{self.method}-r{self.rank}"
+        return f"{self.task}-{body}" + (f"-{self.variant}" if self.variant else "")
+
+    @property
+    def name(self) -> str:
+        return self.config + (f"-lr{self.lr:g}" if self.lr is not None else "") + f"-s{self.seed}"
+
+    def flags(self, scale: Scale, splits: Path) -> tuple[str, ...]:
+        out = ["--seed", str(self.seed)]
+        if self.lr is not None:
+            out += ["--lr", f"{self.lr:g}"]
+        if self.task == "cls":
+            return ("--task", "classification", "--dataset", str(splits / "cls_train.jsonl"), "--eval-dataset",
+                    str(splits / "cls_test.jsonl"), "--text-field", "text", "--label-field", "label",
+                    "--max-train-samples", "none", "--max-eval-samples", "none", *out)
+        out = [*scale.shared_flags(), "--dataset", str(splits / "train.jsonl"), "--eval-dataset",
+               str(splits / "val.jsonl"), "--prompt-field", "prompt", "--target-field", "target", *out]
+        if self.method == "rosa":
+            out += ["--resample-every", str(scale.resample_every)]
+        return (*out, *VARIANTS.get(self.variant, ()))
+
+
+# ---------------------------------------------------------------- the plan
+
+def finished(rec: Optional[dict]) -> bool:
+    """A run counts as done when it trained and was scored, or diverged (a grid outcome)."""
+    if not rec:
+        return False
+    if rec.get("returncode") == DIVERGED:
+        return True
+    return rec.get("returncode") == 0 and ("test_loss" in rec or rec.get("task") == "cls")
+
+
+def selection_loss(rec: dict) -> float:
+    return float("inf") if rec.get("returncode") == DIVERGED else rec["val_loss"]
+
+
+def chosen_lr(grid: list[StudyRun], records: dict) -> Optional[float]:
+    """The grid's learning rate with the lowest validation loss (ties: the lower rate), once every
+    grid run is finished; None before."""
+    if not all(finished(records.get(r.name)) for r in grid):
+        return None
+    scored = [(selection_loss(records[r.name]), r.lr) for r in grid]
+    loss, lr = min(scored)
+    return lr if loss != float("inf") else None
+
+
+def lm_block(scale: Scale, method: str, rank: int, records: dict) -> list[StudyRun]:
+    """The grid at seed 0, then the other seeds at the chosen rate once the grid is done."""
+    grid = [StudyRun("lm", method, rank, scale.seeds[0], lr) for lr in scale.lrs[method]]
+    lr = chosen_lr(grid, records)
+    seeds = [] if lr is None else [StudyRun("lm", method, rank, s, lr, phase="seeds") for s in scale.seeds[1:]]
+    return grid + seeds
+
+
+def plan(scale: Scale, records: dict) -> list[StudyRun]:
+    """Every run that can be named from what is finished, most informative first: classification
+    (cheap), R = 8, then R = 2 and 32, the R = 8 ablations, full fine-tuning."""
+    runs = [StudyRun("cls", m, r, s, phase="cls") for s in scale.seeds for m, r in CLS_METHODS]
+    order = [8] + [r for r in scale.ranks if r != 8]
+    for rank in order:
+        runs += lm_block(scale, "rosa", rank, records) + lm_block(scale, "lora", rank, records)
+    rosa8 = chosen_lr([StudyRun("lm", "rosa", 8, scale.seeds[0], lr) for lr in scale.lrs["rosa"]], records)
+    if rosa8 is not None:
+        runs += [StudyRun("lm", "rosa", 8, s, rosa8, v, "ablation") for v in VARIANTS for s in scale.seeds]
+    return runs + lm_block(scale, "full", 0, records)
+
+
+# ---------------------------------------------------------------- the splits
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_splits(scale: Scale, root: Path) -> tuple[Path, dict]:
+    """Write the scale's split files under ``root`` (idempotent); returns (dir, description)."""
+    from rosa_ds.recipe.data.sources import read_bbc
+
+    out = root / "splits"
+    out.mkdir(parents=True, exist_ok=True)
+    desc = {"split_seed": SPLIT_SEED}
+    for task, name in (("lm", "bbc-headlines"), ("cls", "bbc-topics")):
+        recs = sorted(read_bbc(name).records, key=lambda r: r.key)
+        random.Random(SPLIT_SEED).shuffle(recs)
+        rows = [{"key": r.key, **r.fields} for r in recs]
+        if task == "lm":
+            test, val = rows[:scale.test], rows[scale.test:scale.test + scale.val]
+            rest = rows[scale.test + scale.val:]
+            parts = {"test": test, "val": val, "train": rest[:scale.train] if scale.train else rest}
+        else:
+            train = rows[scale.cls_test:scale.cls_test + scale.cls_train]
+            parts = {"cls_test": rows[:scale.cls_test], "cls_train": train}
+        for part, part_rows in parts.items():
+            desc[part] = {"articles": len(part_rows), "sha256_16": _write_jsonl(out / f"{part}.jsonl", part_rows)}
+    return out, desc
+
+
+# ---------------------------------------------------------------- running
+
+def _compact(rec: dict) -> dict:
+    """What the report needs of bench.collect's record (the memory census is in the run dir)."""
+    keep = ("steps", "step_seconds_median", "epoch_train_seconds", "resamples", "resample_seconds", "eval_curve",
+            "eval_loss_start", "eval_loss_final", "train_loss_last", "accuracy_final", "macro_f1_final")
+    out = {k: rec[k] for k in keep if k in rec}
+    out["trainable"] = (rec.get("memory") or {}).get("trainable")
+    return out
+
+
+def execute(scale: Scale, run: StudyRun, splits: Path, runs_dir: Path) -> dict:
+    """Train (a real deepspeed launch, as bench/run.py does), score the export, drop the weights."""
+    from bench.run import run_one
+
+    suite = Suite(name=f"study-{scale.name}", description="study", flags=(), runs=(), nproc=scale.nproc,
+                  timeout_s=scale.timeout_s, task="classification" if run.task == "cls" else "causal_lm")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    raw = run_one(suite, Run(run.name, run.method, run.rank, run.flags(scale, splits)), runs_dir)
+    rec = {"name": run.name, "task": run.task, "config": run.config, "method": run.method, "rank": run.rank,
+           "seed": run.seed, "lr": run.lr, "variant": run.variant, "phase": run.phase, "started": started,
+           "flags": list(run.flags(scale, splits)), "train_wall_seconds": raw["wall_seconds"],
+           "returncode": raw["returncode"]}
+    out = Path(raw["output_dir"])
+    if raw["returncode"] != 0:
+        rec["error"] = raw.get("error", "")[-1500:]
+        return rec
+    rec.update(_compact(raw))
+    if run.task == "lm":
+        rec["val_loss"] = rec.get("eval_loss_final")  # the trainer's eval split is validation
+        scored = out / "study_eval.json"
+        cmd = [sys.executable, str(ROOT / "bench/study_eval.py"), "--model", str(out / "final_model"),
+               "--split-dir", str(splits), "--out", str(scored), "--seq-len", str(scale.seq_len)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=scale.timeout_s)
+        if proc.returncode != 0:
+            rec["returncode"], rec["error"] = f"eval {proc.returncode}", proc.stderr[-1500:]
+            return rec
+        rec.update(json.loads(scored.read_text()))
+    for heavy in ("final_model", "checkpoints"):  # ~0.5-1.5 GB per run; the metrics stay
+        shutil.rmtree(out / heavy, ignore_errors=True)
+    return rec
+
+
+def load(path: Path, scale: Scale) -> dict:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if data and data.get("scale") != scale.name:
+        raise SystemExit(f"study: {path} holds scale {data.get('scale')!r}, not {scale.name!r}; "
+                         f"fix: pass --scale {data.get('scale')} or --results another directory")
+    data.setdefault("scale", scale.name)
+    data.setdefault("sittings", [])
+    data.setdefault("runs", {})
+    return data
+
+
+def save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float] = None,
+          max_runs: Optional[int] = None, runner: Callable = execute, splits_root: Optional[Path] = None) -> dict:
+    """Run what is left of the plan (re-planned after every run), saving after each."""
+    data = load(path, scale)
+    splits, desc = write_splits(scale, splits_root or runs_dir / f"study-{scale.name}")
+    if data.get("splits", desc) != desc:
+        raise SystemExit(f"study: the split files differ from the ones {path} was run on ({data['splits']} vs {desc}); "
+                         "the corpus or the split code changed: start a new results file")
+    data["splits"] = desc
+    sitting = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": describe(),
+               "runs": [], "wall_seconds": 0.0}
+    data["sittings"].append(sitting)
+    start, tried = time.perf_counter(), set()
+    while True:
+        todo = [r for r in plan(scale, data["runs"]) if not finished(data["runs"].get(r.name)) and r.name not in tried]
+        if not todo or (max_runs is not None and len(sitting["runs"]) >= max_runs):
+            break
+        if stop_after_s is not None and time.perf_counter() - start > stop_after_s:
+            break
+        run = todo[0]
+        tried.add(run.name)
+        print(f"[study {scale.name}] {run.name} ({len(todo)} named runs left)", flush=True)
+        rec = runner(scale, run, splits, runs_dir)
+        rec["sitting"] = len(data["sittings"]) - 1
+        data["runs"][run.name] = rec
+        sitting["runs"].append(run.name)
+        sitting["wall_seconds"] = round(time.perf_counter() - start, 1)
+        save(path, data)
+        print(f"  rc={rec['returncode']} val={rec.get('val_loss')} test={rec.get('test_loss')} "
+              f"rouge_l={rec.get('rouge_l')} acc={rec.get('accuracy_final')}", flush=True)
+    if not sitting["runs"]:
+        data["sittings"].pop()  # a rerun with nothing to do is not a sitting
+    save(path, data)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--results", type=Path, default=ROOT / "bench/results")
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench", help="training output dirs (not committed)")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                   help="start no new run after this many minutes (the one running finishes)")
+    p.add_argument("--max-runs", type=int, default=None, help="run at most N runs in this sitting")
+    p.add_argument("--plan", action="store_true", help="print what is done and what is left; train nothing")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the JSON")
+    a = p.parse_args(argv)
+    from bench import study_report
+
+    scale = SCALES[a.scale]
+    a.results.mkdir(parents=True, exist_ok=True)
+    path = a.results / f"{scale.results_stem}.json"
+    if a.plan:
+        data = load(path, scale)
+        for r in plan(scale, data["runs"]):
+            rec = data["runs"].get(r.name)
+            print(f"{'done' if finished(rec) else 'todo'}  {r.name}  ({r.phase})")
+        return
+    if not a.report_only:
+        drive(scale, path, a.runs_dir, None if a.stop_after is None else a.stop_after * 60, a.max_runs)
+    md = study_report.write(path, scale)
+    print(f"wrote {path} and {md}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""The study's report: bench/results/study.md (tables, verdicts, every run) and study_rank.png.
+
+Statistics: per configuration (method, rank, variant at its chosen learning rate) the mean and
+the sample standard deviation (n - 1) over seeds. Two configurations differ "beyond noise" when
+|mean difference| > T x its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b) (Welch), T = 2.78:
+the two-sided 95% t quantile at 4 degrees of freedom (3 + 3 seeds). Fewer than 2 seeds on either
+side: no comparison.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Optional
+
+T_CRIT = 2.78
+LOSS, ROUGE = "test_loss", "rouge_l"
+
+
+# ---------------------------------------------------------------- numbers
+
+def stats(values: list[float]) -> Optional[tuple[float, float, int]]:
+    """(mean, sample std, n); std is 0 for a single value."""
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def compare(a: list[float], b: list[float], lower_better: bool = True) -> Optional[dict]:
+    """a vs b: the mean difference, its standard error, and which is better beyond noise
+    ('a', 'b' or 'tie'); None with fewer than 2 values on a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    d = statistics.mean(a) - statistics.mean(b)
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    better_a = d < 0 if lower_better else d > 0
+    beyond = abs(d) > T_CRIT * se
+    return {"diff": d, "se": se, "better": ("a" if better_a else "b") if beyond else "tie"}
+
+
+def _fmt(s: Optional[tuple], spec: str = ".3f") -> str:
+    if s is None:
+        return "–"
+    mean, std, n = s
+    return f"{mean:{spec}} ± {std:{spec}} (n={n})" if n > 1 else f"{mean:{spec}} (n=1)"
+
+
+# ---------------------------------------------------------------- grouping
+
+def finished_runs(data: dict) -> list[dict]:
+    from bench.study import finished
+
+    return [r for r in data["runs"].values() if finished(r)]
+
+
+def chosen(data: dict, scale) -> dict[str, Optional[float]]:
+    """config -> chosen learning rate (None while its grid is unfinished)."""
+    from bench.study import StudyRun, chosen_lr
+
+    out = {}
+    for method, ranks in (("rosa", scale.ranks), ("lora", scale.ranks), ("full", (0,))):
+        for rank in ranks:
+            grid = [StudyRun("lm", method, rank, scale.seeds[0], lr) for lr in scale.lrs[method]]
+            out[grid[0].config] = chosen_lr(grid, data["runs"])
+    return out
+
+
+def summary(data: dict, scale) -> dict[str, dict]:
+    """config -> its seeds' values at the chosen rate (LM) or the task default (cls)."""
+    lrs = chosen(data, scale)
+    rosa8 = lrs.get("lm-rosa-r8")
+    groups: dict[str, dict] = {}
+    for r in finished_runs(data):
+        if r.get("returncode") != 0:
+            continue
+        if r["task"] == "lm":
+            want = rosa8 if r["variant"] else lrs.get(r["config"])
+            if want is None or r["lr"] != want:
+                continue
+        g = groups.setdefault(r["config"], {"method": r["method"], "rank": r["rank"], "variant": r["variant"],
+                                            "task": r["task"], "lr": r["lr"], "trainable": r.get("trainable"),
+                                            "runs": []})
+        g["runs"].append(r)
+    for g in groups.values():
+        for key in (LOSS, ROUGE, "bleu", "test_perplexity", "accuracy_final", "macro_f1_final", "train_wall_seconds",
+                    "eval_seconds"):
+            vals = [r[key] for r in g["runs"] if r.get(key) is not None]
+            g[key] = vals
+    return groups
+
+
+# ---------------------------------------------------------------- verdicts
+
+def _pair(groups: dict, a: str, b: str, key: str, lower_better: bool = True) -> Optional[dict]:
+    if a not in groups or b not in groups:
+        return None
+    return compare(groups[a][key], groups[b][key], lower_better)
+
+
+def _say(c: Optional[dict], a: str, b: str, spec: str = "+.3f") -> str:
+    if c is None:
+        return f"{a} vs {b}: not enough seeds yet"
+    who = {"a": a, "b": b, "tie": "neither (within noise)"}[c["better"]]
+    return f"{a} − {b} = {c['diff']:{spec}} (s.e. {c['se']:.3f}): better: {who}"
+
+
+def verdicts(groups: dict, scale) -> list[tuple[str, str, str]]:
+    """(claim, shown | not shown | contradicted | pending, evidence) per claim of the papers."""
+    full_seeds = len(scale.seeds)
+    out = []
+
+    def complete(*configs: str) -> bool:
+        return all(c in groups and len(groups[c][LOSS] or groups[c]["accuracy_final"]) >= full_seeds
+                   for c in configs)
+
+    # 1. ROSA > LoRA at equal trainable parameters (test loss; ROUGE-L as a second view)
+    per_rank = {R: _pair(groups, f"lm-rosa-r{R}", f"lm-lora-r{R}", LOSS) for R in scale.ranks}
+    evid = "; ".join(f"R={R}: {_say(c, 'ROSA', 'LoRA')} test loss, "
+                     f"{_say(_pair(groups, f'lm-rosa-r{R}', f'lm-lora-r{R}', ROUGE, False), 'ROSA', 'LoRA', '+.2f')}"
+                     f" ROUGE-L" for R, c in per_rank.items())
+    done = complete(*[f"lm-{m}-r{R}" for m in ("rosa", "lora") for R in scale.ranks])
+    better = [c["better"] for c in per_rank.values() if c]
+    if "b" in better:
+        status = "contradicted"
+    elif done and better and all(b == "a" for b in better):
+        status = "shown"
+    else:
+        status = "not shown" if done else "pending"
+    out.append(("ROSA beats LoRA at equal trainable parameters", status, evid))
+
+    # 2. ROSA improves with rank (and LoRA plateaus)
+    ranks = sorted(scale.ranks)
+    steps = [(lo, hi, _pair(groups, f"lm-rosa-r{hi}", f"lm-rosa-r{lo}", LOSS)) for lo, hi in zip(ranks, ranks[1:])]
+    lora_steps = [(lo, hi, _pair(groups, f"lm-lora-r{hi}", f"lm-lora-r{lo}", LOSS)) for lo, hi in zip(ranks, ranks[1:])]
+    evid = "ROSA: " + "; ".join(_say(c, f"r{hi}", f"r{lo}") for lo, hi, c in steps) + \
+        ". LoRA: " + "; ".join(_say(c, f"r{hi}", f"r{lo}") for lo, hi, c in lora_steps)
+    res = [c["better"] for _, _, c in steps if c]
+    done = complete(*[f"lm-rosa-r{R}" for R in ranks])
+    if "b" in res:
+        status = "contradicted"
+    elif done and len(res) == len(steps) and all(b == "a" for b in res):
+        status = "shown"
+    else:
+        status = "not shown" if done else "pending"
+    out.append(("ROSA improves with rank", status, evid))
+
+    # 3. resampling helps; 4. random >= smallest (ablations at R = 8)
+    for claim, other in (("Resampling the subspace helps (vs one fixed subspace)", "lm-rosa-r8-no-resample"),
+                         ("Random subspaces are at least as good as the smallest singular triplets",
+                          "lm-rosa-r8-smallest")):
+        c = _pair(groups, "lm-rosa-r8", other, LOSS)
+        done = complete("lm-rosa-r8", other)
+        status = "pending" if not done else {"a": "shown", "b": "contradicted", "tie": "not shown"}[c["better"]]
+        out.append((claim, status, _say(c, "ROSA r=8", other.replace("lm-", "")) + " test loss"))
+
+    # 5. classification
+    c = _pair(groups, "cls-rosa-r8", "cls-lora-r8", "accuracy_final", lower_better=False)
+    done = complete("cls-rosa-r8", "cls-lora-r8")
+    status = "pending" if not done else {"a": "shown", "b": "contradicted", "tie": "not shown"}[c["better"]]
+    out.append(("ROSA beats LoRA on classification (accuracy)", status,
+                _say(c, "ROSA r=8", "LoRA r=8", "+.4f") + " accuracy"))
+    return out
+
+
+# ---------------------------------------------------------------- the document
+
+def _lr_table(data: dict, scale) -> list[str]:
+    from bench.study import StudyRun, finished, selection_loss
+
+    lines = ["| config | validation loss per learning rate | chosen |", "|---|---|---|"]
+    for config, pick in chosen(data, scale).items():
+        method = config.split("-")[1]
+        rank = 0 if method == "full" else int(config.rsplit("r", 1)[1])
+        grid = scale.lrs[method]
+        cells = []
+        for lr in grid:
+            rec = data["runs"].get(StudyRun("lm", method, rank, scale.seeds[0], lr).name)
+            val = ("diverged" if selection_loss(rec) == float("inf") else f"{rec['val_loss']:.3f}") \
+                if finished(rec) else "–"
+            cells.append(f"{lr:g}: {val}")
+        edge = " (grid edge)" if pick is not None and pick in (grid[0], grid[-1]) else ""
+        lines.append(f"| {config} | {', '.join(cells)} | {_lr(pick)}{edge} |")
+    return lines
+
+
+def _lr(x: Optional[float]) -> str:
+    return "pending" if x is None else f"{x:g}"
+
+
+def _result_table(groups: dict, configs: list[str]) -> list[str]:
+    lines = ["| config | trainable | lr | test loss | test ppl | ROUGE-L | BLEU | train s / run | eval s / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        if c not in groups:
+            lines.append(f"| {c} | – | – | not run yet | | | | | |")
+            continue
+        g = groups[c]
+        lines.append(f"| {c} | {g['trainable']:,} | {g['lr']:g} | {_fmt(stats(g[LOSS]))} | "
+                     f"{_fmt(stats(g['test_perplexity']), '.2f')} | {_fmt(stats(g[ROUGE]), '.2f')} | "
+                     f"{_fmt(stats(g['bleu']), '.2f')} | {_mean(g['train_wall_seconds'])} | "
+                     f"{_mean(g['eval_seconds'])} |")
+    return lines
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.mean(values):.0f}" if values else "–"
+
+
+def _cls_table(groups: dict) -> list[str]:
+    lines = ["| config | trainable | lr | test accuracy | test macro-F1 | train s / run |", "|---|---|---|---|---|---|"]
+    for c in ("cls-full", "cls-lora-r8", "cls-rosa-r8"):
+        if c not in groups:
+            lines.append(f"| {c} | – | – | not run yet | | |")
+            continue
+        g = groups[c]
+        lines.append(f"| {c} | {g['trainable']:,} | trainer default | {_fmt(stats(g['accuracy_final']), '.4f')} | "
+                     f"{_fmt(stats(g['macro_f1_final']), '.4f')} | {statistics.mean(g['train_wall_seconds']):.0f} |")
+    return lines
+
+
+def _run_table(data: dict) -> list[str]:
+    lines = ["| run | sitting | started (UTC) | rc | train s | eval s | val loss | test loss | ROUGE-L | BLEU | "
+             "accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, spec=".3f"):
+        return "–" if x is None else f"{x:{spec}}"
+
+    for r in sorted(data["runs"].values(), key=lambda r: r["started"]):
+        lines.append(f"| {r['name']} | {r.get('sitting', '–')} | {r['started'][:16]} | {r['returncode']} | "
+                     f"{r['train_wall_seconds']:.0f} | {f(r.get('eval_seconds'), '.0f')} | "
+                     f"{f(r.get('val_loss') if r['task'] == 'lm' else None)} | "
+                     f"{f(r.get('test_loss'))} | {f(r.get('rouge_l'), '.2f')} | {f(r.get('bleu'), '.2f')} | "
+                     f"{f(r.get('accuracy_final'), '.4f')} |")
+    return lines
+
+
+def _commands(data: dict, scale) -> list[str]:
+    """How each run was launched: the trainer with the run's flags (in the JSON), then the scorer."""
+    example = next(iter(sorted(data["runs"].values(), key=lambda r: r["started"])), None)
+    lines = ["## Commands", "",
+             f"Each run: `deepspeed --num_gpus {scale.nproc} launch/train.py --deepspeed ds_configs/zero2.json "
+             "FLAGS --output-dir RUN` (FLAGS: the run's `flags` in the JSON), then, for the causal LM, "
+             "`python bench/study_eval.py --model RUN/final_model --split-dir SPLITS --out RUN/study_eval.json` "
+             "(test loss, greedy headlines, ROUGE-L, BLEU; the validation loss is the trainer's last evaluation). "
+             "The exported weights and checkpoints are deleted after scoring; metrics stay in RUN."]
+    if example:
+        lines += ["", f"For example `{example['name']}`: `{' '.join(example['flags'])}`"]
+    return lines + [""]
+
+
+def _full_plan() -> list[str]:
+    from bench.study import SCALES
+
+    f, c = SCALES["full"], SCALES["cpu"]
+    steps = (2225 - f.val - f.test) // (f.nproc * f.micro_batch)
+    return ["## The `--scale full` plan (one 8-GPU node)", "",
+            f"`python bench/run.py --suite study --scale full` (results in `bench/results/study_full.*`): the same "
+            f"runs and validation / test articles, training on all {2225 - f.val - f.test:,} other articles, "
+            f"{f.nproc} ranks × micro batch {f.micro_batch} = {steps} optimizer steps per epoch, {f.epochs} epochs, "
+            f"ROSA resampling every {f.resample_every} steps, precision `auto` (bf16). "
+            f"Expected time, **an estimate, not measured** (no GPU was available to this study): SmolLM2-135M "
+            f"at 32 × 128 tokens per step is well under a second per step on one H100-class node, so a run "
+            f"(~{steps * f.epochs} steps) is dominated by start-up, loading and scoring: about 2–3 minutes, "
+            f"and the ~{len(c.ranks) * 2 * len(c.lrs['rosa']) + len(c.lrs['full'])} grid + ~"
+            f"{(2 * len(c.ranks) + 1) * (len(c.seeds) - 1) + 3 * len(c.seeds)} seed and ablation runs take "
+            "about 2–3 hours."]
+
+
+def plot(groups: dict, scale, path: Path) -> bool:
+    """Test loss and ROUGE-L vs trainable parameters, per method, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for ax, key, label in ((axes[0], LOSS, "test loss (lower is better)"), (axes[1], ROUGE, "test ROUGE-L")):
+        for method, style in (("rosa", "o-"), ("lora", "s--")):
+            pts = [(groups[c]["trainable"], stats(groups[c][key])) for c in (f"lm-{method}-r{R}" for R in scale.ranks)
+                   if c in groups and groups[c][key]]
+            if pts:
+                drawn = True
+                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], fmt=style,
+                            capsize=3, label=f"{method.upper() if method == 'rosa' else 'LoRA'} (R={scale.ranks})")
+        if "lm-full" in groups and groups["lm-full"][key]:
+            m, s, _ = stats(groups["lm-full"][key])
+            ax.axhline(m, color="gray", ls=":", label="full fine-tuning")
+            ax.axhspan(m - s, m + s, color="gray", alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def write(path: Path, scale) -> Path:
+    import json
+
+    from bench.hardware import one_line
+    from bench.study import plan
+
+    data = json.loads(path.read_text())
+    groups = summary(data, scale)
+    named = plan(scale, data["runs"])
+    done = sum(1 for r in named if r.name in {x["name"] for x in finished_runs(data)})
+    sp = data.get("splits", {})
+    stem = path.with_suffix("")
+    has_plot = plot(groups, scale, stem.parent / f"{stem.name}_rank.png")
+    total_s = sum(s.get("wall_seconds", 0) for s in data["sittings"])
+    lines = [f"# ROSA vs LoRA: tuned, multi-seed study (scale `{scale.name}`)", "",
+             f"Command: `python bench/run.py --suite study{' --scale ' + scale.name if scale.name != 'cpu' else ''}` "
+             "(resumable; `--plan` lists what is left). Design and statistics: `bench/study.py`, "
+             "`bench/study_report.py`.", "",
+             f"**Progress: {done} of the {len(named)} runs named so far are finished** "
+             f"({sum(len(s['runs']) for s in data['sittings'])} launches in {len(data['sittings'])} sitting(s), "
+             f"{total_s / 3600:.1f} h). Seeds at the chosen rate and the ablations are named once the grids they "
+             "depend on are finished.", "",
+             "## Sizes", "",
+             f"- Causal LM: SmolLM2-135M-Instruct (embedded GGUF, fp32), BBC lead → headline, every projection of "
+             f"every block. Train {sp.get('train', {}).get('articles')} / validation "
+             f"{sp.get('val', {}).get('articles')} / test {sp.get('test', {}).get('articles')} articles (fixed; "
+             f"split seed {sp.get('split_seed')}), `--seq-len {scale.seq_len}`, {scale.nproc} ranks × micro batch "
+             f"{scale.micro_batch}, {scale.epochs} epochs, ROSA resamples every {scale.resample_every} optimizer "
+             "steps.",
+             f"- Learning rate per method and rank from {', '.join(f'{x:g}' for x in scale.lrs['rosa'])} "
+             f"(adapters) and {', '.join(f'{x:g}' for x in scale.lrs['full'])} (full), lowest validation loss at "
+             f"seed 0; seeds {', '.join(map(str, scale.seeds))} at that rate scored on the test split.",
+             "- Generation: greedy, ≤ 32 new tokens, first line; ROUGE-L F (Lin 2004, as `rouge_score` without "
+             "stemming; `bench/textmetrics.py`) and sacreBLEU, on every test article.",
+             f"- Classification: MiniLM-L6 on BBC topics, train {sp.get('cls_train', {}).get('articles')} / test "
+             f"{sp.get('cls_test', {}).get('articles')} articles, the trainer's classification rates (2e-3 "
+             "adapters, 1e-4 full), not tuned here.",
+             "- Mean ± sample std over seeds; \"beyond noise\": |Δ| > 2.78 × Welch standard error.", "",
+             *_commands(data, scale), *_full_plan(), "",
+             "## Hardware (per sitting)", ""]
+    for i, s in enumerate(data["sittings"]):
+        lines.append(f"- sitting {i}: started {s['started']}, {len(s['runs'])} runs, {s['wall_seconds'] / 60:.0f} "
+                     f"min: {one_line(s['hardware'])}")
+    lines += ["", "## Verdicts", "", "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(groups, scale)]
+    lines += ["", "*pending*: its runs are not all finished; the evidence so far is shown.", "",
+              "## Learning-rate selection (validation loss, seed 0)", "", *_lr_table(data, scale), "",
+              "## Causal LM, test split (at the chosen rate)", "",
+              *_result_table(groups, [f"lm-{m}-r{R}" for R in scale.ranks for m in ("lora", "rosa")] + ["lm-full"]),
+              "", "### Ablations (ROSA r=8, at ROSA r=8's chosen rate)", "",
+              *_result_table(groups, ["lm-rosa-r8"] + [f"lm-rosa-r8-{v}" for v in ("no-resample", "smallest",
+                                                                                     "init-lora")]),
+              "", "## Classification (test split)", "", *_cls_table(groups), ""]
+    if has_plot:
+        lines += [f"![test metrics vs trainable parameters]({stem.name}_rank.png)", ""]
+    lines += ["## Every run", "", *_run_table(data), ""]
+    md = stem.with_suffix(".md")
+    md.write_text("\n".join(lines))
+    return md

@@ -1,0 +1,202 @@
+"""The ROSA vs LoRA study's tooling: metrics against references, the scorer against one-sample
+forwards and unbatched generation, the resumable plan, the splits and the verdict rules."""
+import itertools
+import json
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import study, study_report  # noqa: E402
+from bench.study_eval import greedy, mean_target_loss  # noqa: E402
+from bench.textmetrics import corpus_bleu, corpus_rouge_l, lcs_length, rouge_l  # noqa: E402
+from rosa_ds.recipe.data.collate import PadCollator  # noqa: E402
+from tests.helpers.models import tiny_model  # noqa: E402
+
+# ---------------------------------------------------------------- metrics
+
+def _lcs_brute(a, b) -> int:
+    """Longest common subsequence by enumerating a's subsequences (tiny inputs only)."""
+    def is_subseq(s, t):
+        it = iter(t)
+        return all(x in it for x in s)
+
+    return max((k for k in range(len(a), -1, -1) for c in itertools.combinations(a, k) if is_subseq(c, b)),
+               default=0)
+
+
+def test_lcs_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        b = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        assert lcs_length(a, b) == _lcs_brute(a, b)
+
+
+def test_rouge_l_hand_computed():
+    # LCS "the cat on the mat" = 5 of 6 tokens each side: P = R = F = 5/6
+    assert rouge_l("The cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    # LCS "a c d" = 3: P = 3/4, R = 3/5 -> F = 2PR/(P+R) = 2/3
+    assert rouge_l("a c e d", "a b c d f") == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert rouge_l("Hello, World!", "hello world") == 1.0  # case and punctuation are not tokens
+    assert rouge_l("", "hello") == 0.0 and rouge_l("x y", "z") == 0.0
+    assert corpus_rouge_l(["a b", "c"], ["a b", "d"]) == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        corpus_rouge_l(["a"], [])
+
+
+def test_bleu_perfect_and_disjoint():
+    perfect = corpus_bleu(["the cat sat on the mat today"], ["the cat sat on the mat today"])
+    if perfect is None:
+        pytest.skip("sacrebleu not installed")
+    assert perfect == pytest.approx(100.0)
+    assert corpus_bleu(["xx yy zz ww"], ["the cat sat on the mat"]) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- the scorer
+
+def test_mean_target_loss_is_the_token_mean_of_one_sample_forwards():
+    torch.manual_seed(0)
+    model = tiny_model("llama", pad_token_id=0, eos_token_id=1, bos_token_id=2).eval()
+    rng = random.Random(1)
+    split = []
+    for n in (5, 9, 3, 12, 7):
+        ids = [rng.randrange(3, 60) for _ in range(n)]
+        labels = [-100] * (n // 2) + ids[n // 2:]
+        split.append({"input_ids": ids, "labels": labels})
+    total = count = 0.0
+    with torch.no_grad():
+        for s in split:
+            b = PadCollator(0)([s])
+            k = int((b["labels"][:, 1:] != -100).sum())
+            total += float(model(**b).loss) * k
+            count += k
+    assert mean_target_loss(model, split, pad_id=0, batch=3) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_batched_left_padded_greedy_equals_one_prompt_at_a_time():
+    torch.manual_seed(0)
+    model = tiny_model("llama", pad_token_id=0, eos_token_id=1, bos_token_id=2).eval()
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 60) for _ in range(n)] for n in (4, 11, 7, 2, 9)]
+    batched = greedy(model, prompts, pad_id=0, max_new_tokens=6, batch=4)
+    def upto_eos(ids):  # a batched row pads after its EOS; alone, generation stops there
+        return ids[:ids.index(1) + 1] if 1 in ids else ids
+
+    for p, got in zip(prompts, batched):
+        alone = greedy(model, [p], pad_id=0, max_new_tokens=6, batch=1)[0]
+        assert upto_eos(got) == upto_eos(alone) and len(upto_eos(got)) >= 1
+
+
+# ---------------------------------------------------------------- plan, resume, splits
+
+TINY = replace(study.SCALES["cpu"], lrs={"rosa": (1e-3, 2e-3), "lora": (1e-3, 2e-3), "full": (1e-5,)},
+               ranks=(2, 8), seeds=(0, 1))
+
+
+def _fake_runner(calls: list, fail: set = frozenset(), diverge: set = frozenset()):
+    def run(scale, r, splits, runs_dir):
+        calls.append(r.name)
+        rc = 1 if r.name in fail else 3 if r.name in diverge else 0
+        base = {"name": r.name, "task": r.task, "config": r.config, "method": r.method, "rank": r.rank, "seed": r.seed,
+                "lr": r.lr, "variant": r.variant, "phase": r.phase, "started": "2026-12-01T00:00:00",
+                "train_wall_seconds": 1.0, "returncode": rc, "trainable": 100 * max(r.rank, 1)}
+        if rc:
+            return base
+        if r.task == "cls":
+            return {**base, "accuracy_final": 0.9 + 0.001 * r.seed, "macro_f1_final": 0.9}
+        # lower validation loss at lr 1e-3; ROSA lower test loss than LoRA
+        val = 3.0 + (0.1 if r.lr == 2e-3 else 0.0) + 0.01 * r.seed
+        test = val - (0.2 if r.method == "rosa" else 0.0)
+        return {**base, "val_loss": val, "test_loss": test, "rouge_l": 30.0 - test, "bleu": 5.0,
+                "test_perplexity": 20.0, "eval_seconds": 1.0}
+    return run
+
+
+def test_drive_resumes_skips_finished_and_retries_failures_next_time(tmp_path):
+    path, runs = tmp_path / "study.json", tmp_path / "runs"
+    calls: list = []
+    study.drive(TINY, path, runs, max_runs=5, runner=_fake_runner(calls))
+    assert len(calls) == 5
+    first = list(calls)
+    bad = "lm-lora-r8-lr0.002-s0"
+    study.drive(TINY, path, runs, runner=_fake_runner(calls, fail={bad}))
+    assert not set(first) & set(calls[5:])  # finished runs are not run again
+    assert calls.count(bad) == 1  # a failure is not retried in the same sitting
+    data = json.loads(path.read_text())
+    assert not study.finished(data["runs"][bad])
+    assert "lm-lora-r8-lr0.001-s1" not in data["runs"]  # its grid is not finished: no seeds yet
+    assert data["runs"]["lm-rosa-r8-lr0.001-s1"]["phase"] == "seeds"  # ROSA r=8 grid chose 1e-3
+    n = len(calls)
+    study.drive(TINY, path, runs, runner=_fake_runner(calls))  # the failed run again, then its seeds
+    assert calls[n] == bad and "lm-lora-r8-lr0.001-s1" in calls[n:]
+    n = len(calls)
+    data = study.drive(TINY, path, runs, runner=_fake_runner(calls))
+    assert len(calls) == n  # everything finished: a rerun trains nothing
+    assert len(data["sittings"]) == 3  # the empty rerun is not a sitting
+    names = {r.name for r in study.plan(TINY, data["runs"])}
+    assert names == set(data["runs"])
+    assert {f"lm-rosa-r8-{v}-lr0.001-s{s}" for v in study.VARIANTS for s in (0, 1)} <= names
+
+
+def test_a_diverged_grid_run_is_finished_and_never_chosen(tmp_path):
+    calls: list = []
+    grid = [study.StudyRun("lm", "rosa", 8, 0, lr) for lr in TINY.lrs["rosa"]]
+    data = study.drive(TINY, tmp_path / "s.json", tmp_path / "r", max_runs=14,
+                       runner=_fake_runner(calls, diverge={grid[0].name}))
+    assert study.finished(data["runs"][grid[0].name])
+    assert study.chosen_lr(grid, data["runs"]) == 2e-3
+
+
+def test_splits_are_fixed_disjoint_and_sized(tmp_path):
+    out, desc = study.write_splits(TINY, tmp_path / "a")
+    _, again = study.write_splits(TINY, tmp_path / "b")
+    assert desc == again  # the same files from the same corpus, whoever writes them
+    keys = {p: [json.loads(x)["key"] for x in (out / f"{p}.jsonl").read_text().splitlines()]
+            for p in ("train", "val", "test", "cls_train", "cls_test")}
+    assert (len(keys["train"]), len(keys["val"]), len(keys["test"])) == (512, 150, 200)
+    assert not set(keys["train"]) & set(keys["val"]) and not set(keys["val"]) & set(keys["test"])
+    assert not set(keys["train"]) & set(keys["test"]) and not set(keys["cls_train"]) & set(keys["cls_test"])
+    row = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    assert row["prompt"].startswith("Article: ") and row["target"].startswith(" ")
+
+
+def test_run_flags_name_the_fixed_files_and_the_method():
+    r = study.StudyRun("lm", "rosa", 8, 1, 5e-4, "no-resample", "ablation")
+    flags = r.flags(TINY, Path("S"))
+    assert flags[flags.index("--dataset") + 1] == "S/train.jsonl" and "--eval-dataset" in flags
+    assert flags[-2:] == ("--resample-every", "never") and flags[flags.index("--lr") + 1] == "0.0005"
+    lora = study.StudyRun("lm", "lora", 8, 0, 1e-3).flags(TINY, Path("S"))
+    assert "--resample-every" not in lora
+
+
+# ---------------------------------------------------------------- verdicts and report
+
+def _groups(rosa: list, lora: list) -> dict:
+    return {"lm-rosa-r8": {"test_loss": rosa}, "lm-lora-r8": {"test_loss": lora}}
+
+
+def test_compare_separates_only_beyond_noise():
+    assert study_report.compare([2.0, 2.1, 2.05], [3.0, 3.1, 3.05])["better"] == "a"
+    assert study_report.compare([2.0, 2.5, 3.0], [2.1, 2.6, 3.1])["better"] == "tie"
+    assert study_report.compare([0.9, 0.91], [0.8, 0.81], lower_better=False)["better"] == "a"
+    assert study_report.compare([2.0], [3.0, 3.1]) is None
+
+
+def test_report_from_a_finished_fake_study_has_verdicts_tables_and_plot(tmp_path):
+    path = tmp_path / "study.json"
+    study.drive(TINY, path, tmp_path / "r", runner=_fake_runner([]))
+    md = study_report.write(path, TINY)
+    text = md.read_text()
+    verdict = {c: v for c, v, _ in study_report.verdicts(study_report.summary(json.loads(path.read_text()), TINY),
+                                                         TINY)}
+    # the fake ROSA is 0.2 lower on test loss at every rank, the same at every seed spread
+    assert verdict["ROSA beats LoRA at equal trainable parameters"] == "shown"
+    assert verdict["Resampling the subspace helps (vs one fixed subspace)"] == "not shown"  # identical fakes
+    assert "| lm-rosa-r8 | 800 | 0.001 |" in text and "**shown**" in text
+    assert (tmp_path / "study_rank.png").is_file()
