@@ -7,8 +7,9 @@
 
 Design (sizes per scale in ``SCALES``):
 
-- Fixed splits of the BBC corpus, drawn once from a seeded shuffle (``SPLIT_SEED``) and written as
-  JSONL: headline generation (lead -> headline) test / validation / training articles, and topic
+- Fixed splits of the BBC corpus, drawn once from a seeded shuffle (``SPLIT_SEED``) of whole
+  duplicate groups (articles sharing a lead or a headline stay in one split) and written as JSONL:
+  headline generation (lead -> headline) test / validation / training articles, and topic
   classification test / training articles. Every run of every seed sees the same articles; the
   run's ``--seed`` changes only the data order, initialisation and ROSA subspaces.
 - Causal LM (SmolLM2-135M, every projection of every block): LoRA and ROSA at R in ``ranks``
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -49,6 +51,7 @@ from bench.suites import Run, Suite  # noqa: E402
 
 SPLIT_SEED = 20261201  # the one shuffle the splits are cut from
 DIVERGED = 3  # the trainer's exit code for a non-finite loss (--nan-policy stop)
+MAX_ATTEMPTS = 2  # sittings that may try a failing (not diverged) run before it is given up
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ ADAPTER_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3)
 FULL_LRS = (1e-5, 2e-5, 5e-5, 1e-4)
 SCALES = {
     # 2 CPU ranks: 512 articles / (2 x 4) = 64 steps per epoch, 2 epochs, a resample every 32 steps
-    # (3 per run); ~6 min per adapter run on 2 cores, ~55 runs.
+    # (3 per run); ~7 min per adapter run on 2 cores, 60 runs.
     "cpu": Scale("cpu", train=512, val=150, test=200, epochs=2, micro_batch=4, nproc=2, resample_every=32,
                  lrs={"rosa": ADAPTER_LRS, "lora": ADAPTER_LRS, "full": FULL_LRS}, timeout_s=2400),
     # one 8-GPU node: every other article (1,875) / (8 x 4) = 58 steps per epoch, 3 epochs
@@ -133,17 +136,29 @@ class StudyRun:
 
 # ---------------------------------------------------------------- the plan
 
+def gave_up(rec: Optional[dict]) -> bool:
+    """A run that failed ``MAX_ATTEMPTS`` times (not diverged: crashed, timed out, unscored)."""
+    return bool(rec) and rec.get("returncode") not in (0, DIVERGED) and rec.get("attempts", 1) >= MAX_ATTEMPTS
+
+
 def finished(rec: Optional[dict]) -> bool:
-    """A run counts as done when it trained and was scored, or diverged (a grid outcome)."""
+    """A run counts as done when it trained and was scored, diverged (a grid outcome), or was
+    given up on after ``MAX_ATTEMPTS`` failures (so one broken run cannot hold the study)."""
     if not rec:
         return False
-    if rec.get("returncode") == DIVERGED:
+    if rec.get("returncode") == DIVERGED or gave_up(rec):
         return True
     return rec.get("returncode") == 0 and ("test_loss" in rec or rec.get("task") == "cls")
 
 
+def succeeded(rec: Optional[dict]) -> bool:
+    return finished(rec) and rec.get("returncode") == 0
+
+
 def selection_loss(rec: dict) -> float:
-    return float("inf") if rec.get("returncode") == DIVERGED else rec["val_loss"]
+    """Validation loss for the rate choice; a diverged, failed or non-finite run is infinite."""
+    loss = rec.get("val_loss") if rec.get("returncode") == 0 else None
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else float("inf")
 
 
 def chosen_lr(grid: list[StudyRun], records: dict) -> Optional[float]:
@@ -185,26 +200,64 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def duplicate_groups(recs: list) -> list[list]:
+    """Articles grouped so that no two groups share a lead paragraph or a headline (normalised:
+    lower-cased ``[a-z0-9]`` words). The BBC corpus repeats ~160 leads and ~130 headlines under
+    different file names; a split cut from whole groups cannot put one text in two splits."""
+    from bench.textmetrics import rouge_tokens
+
+    parent = list(range(len(recs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    seen: dict = {}
+    for i, r in enumerate(recs):
+        lead = r.fields["prompt"].split("\n")[0]
+        for text in (lead, r.fields["target"]):
+            key = " ".join(rouge_tokens(text))
+            if key in seen:
+                parent[root(i)] = root(seen[key])
+            else:
+                seen[key] = i
+    groups: dict = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(root(i), []).append(r.key)
+    return list(groups.values())
+
+
+def _cut(groups: list[list], sizes: list[tuple[str, Optional[int]]]) -> dict[str, list]:
+    """Fill each split in turn with whole groups (the shuffled order) until it holds >= its size."""
+    out, it = {}, iter(groups)
+    for name, size in sizes:
+        out[name] = []
+        for g in it:
+            out[name] += g
+            if size is not None and len(out[name]) >= size:
+                break
+    return out
+
+
 def write_splits(scale: Scale, root: Path) -> tuple[Path, dict]:
     """Write the scale's split files under ``root`` (idempotent); returns (dir, description)."""
     from rosa_ds.recipe.data.sources import read_bbc
 
     out = root / "splits"
     out.mkdir(parents=True, exist_ok=True)
-    desc = {"split_seed": SPLIT_SEED}
-    for task, name in (("lm", "bbc-headlines"), ("cls", "bbc-topics")):
-        recs = sorted(read_bbc(name).records, key=lambda r: r.key)
-        random.Random(SPLIT_SEED).shuffle(recs)
-        rows = [{"key": r.key, **r.fields} for r in recs]
-        if task == "lm":
-            test, val = rows[:scale.test], rows[scale.test:scale.test + scale.val]
-            rest = rows[scale.test + scale.val:]
-            parts = {"test": test, "val": val, "train": rest[:scale.train] if scale.train else rest}
-        else:
-            train = rows[scale.cls_test:scale.cls_test + scale.cls_train]
-            parts = {"cls_test": rows[:scale.cls_test], "cls_train": train}
-        for part, part_rows in parts.items():
-            desc[part] = {"articles": len(part_rows), "sha256_16": _write_jsonl(out / f"{part}.jsonl", part_rows)}
+    heads = sorted(read_bbc("bbc-headlines").records, key=lambda r: r.key)
+    groups = sorted(duplicate_groups(heads))
+    random.Random(SPLIT_SEED).shuffle(groups)
+    lm = _cut(groups, [("test", scale.test), ("val", scale.val), ("train", scale.train)])
+    cls = _cut(groups, [("cls_test", scale.cls_test), ("cls_train", scale.cls_train)])
+    desc = {"split_seed": SPLIT_SEED, "duplicate_groups": sum(len(g) > 1 for g in groups)}
+    for name, parts in (("bbc-headlines", lm), ("bbc-topics", cls)):
+        fields = {r.key: r.fields for r in read_bbc(name).records}
+        for part, keys in parts.items():
+            rows = [{"key": k, **fields[k]} for k in keys]
+            desc[part] = {"articles": len(rows), "sha256_16": _write_jsonl(out / f"{part}.jsonl", rows)}
     return out, desc
 
 
@@ -219,18 +272,23 @@ def _compact(rec: dict) -> dict:
     return out
 
 
+def describe_run(run: StudyRun) -> dict:
+    """The record's identity fields, stamped with the start time."""
+    return {"name": run.name, "task": run.task, "config": run.config, "method": run.method, "rank": run.rank,
+            "seed": run.seed, "lr": run.lr, "variant": run.variant, "phase": run.phase,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 def execute(scale: Scale, run: StudyRun, splits: Path, runs_dir: Path) -> dict:
     """Train (a real deepspeed launch, as bench/run.py does), score the export, drop the weights."""
     from bench.run import run_one
 
     suite = Suite(name=f"study-{scale.name}", description="study", flags=(), runs=(), nproc=scale.nproc,
                   timeout_s=scale.timeout_s, task="classification" if run.task == "cls" else "causal_lm")
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rec = describe_run(run)
     raw = run_one(suite, Run(run.name, run.method, run.rank, run.flags(scale, splits)), runs_dir)
-    rec = {"name": run.name, "task": run.task, "config": run.config, "method": run.method, "rank": run.rank,
-           "seed": run.seed, "lr": run.lr, "variant": run.variant, "phase": run.phase, "started": started,
-           "flags": list(run.flags(scale, splits)), "train_wall_seconds": raw["wall_seconds"],
-           "returncode": raw["returncode"]}
+    rec.update(flags=list(run.flags(scale, splits)), train_wall_seconds=raw["wall_seconds"],
+               returncode=raw["returncode"])
     out = Path(raw["output_dir"])
     if raw["returncode"] != 0:
         rec["error"] = raw.get("error", "")[-1500:]
@@ -262,6 +320,15 @@ def load(path: Path, scale: Scale) -> dict:
     return data
 
 
+def _commit() -> str:
+    """The code a sitting ran: HEAD, marked ``+dirty`` when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def save(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -278,7 +345,7 @@ def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float
                          "the corpus or the split code changed: start a new results file")
     data["splits"] = desc
     sitting = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": describe(),
-               "runs": [], "wall_seconds": 0.0}
+               "commit": _commit(), "runs": [], "wall_seconds": 0.0}
     data["sittings"].append(sitting)
     start, tried = time.perf_counter(), set()
     while True:
@@ -290,7 +357,12 @@ def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float
         run = todo[0]
         tried.add(run.name)
         print(f"[study {scale.name}] {run.name} ({len(todo)} named runs left)", flush=True)
-        rec = runner(scale, run, splits, runs_dir)
+        try:
+            rec = runner(scale, run, splits, runs_dir)
+        except Exception as exc:  # a scorer timeout, an unreadable output: recorded, not fatal to the sitting
+            rec = {**describe_run(run), "train_wall_seconds": None, "returncode": f"exception {type(exc).__name__}",
+                   "error": str(exc)[-1500:]}
+        rec["attempts"] = (data["runs"].get(run.name) or {}).get("attempts", 0) + 1
         rec["sitting"] = len(data["sittings"]) - 1
         data["runs"][run.name] = rec
         sitting["runs"].append(run.name)

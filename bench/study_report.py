@@ -1,10 +1,12 @@
 """The study's report: bench/results/study.md (tables, verdicts, every run) and study_rank.png.
 
 Statistics: per configuration (method, rank, variant at its chosen learning rate) the mean and
-the sample standard deviation (n - 1) over seeds. Two configurations differ "beyond noise" when
-|mean difference| > T x its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b) (Welch), T = 2.78:
-the two-sided 95% t quantile at 4 degrees of freedom (3 + 3 seeds). Fewer than 2 seeds on either
-side: no comparison.
+the sample standard deviation (n - 1) over its successful seeds. Two configurations differ
+"beyond noise" by Welch's two-sided t-test at 95%: |mean difference| > t(0.975, df) x
+sqrt(s_a^2 / n_a + s_b^2 / n_b), df by Welch-Satterthwaite (rounded down: conservative). With
+3 + 3 seeds df is 2-4, so t is 2.78-4.30. Fewer than 2 values on a side, or no spread at all:
+no decision. A verdict is given only when every run its claim rests on is finished ("pending"
+before), and a claim over several ranks is not corrected for the multiple comparisons.
 """
 from __future__ import annotations
 
@@ -13,8 +15,15 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-T_CRIT = 2.78
 LOSS, ROUGE = "test_loss", "rouge_l"
+# two-sided 95% quantiles of Student's t by degrees of freedom (floor); beyond 30: 1.96
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: float) -> float:
+    below = [k for k in T975 if k <= max(df, 1)]
+    return T975[max(below)] if df <= 30 else 1.96
 
 
 # ---------------------------------------------------------------- numbers
@@ -27,15 +36,19 @@ def stats(values: list[float]) -> Optional[tuple[float, float, int]]:
 
 
 def compare(a: list[float], b: list[float], lower_better: bool = True) -> Optional[dict]:
-    """a vs b: the mean difference, its standard error, and which is better beyond noise
-    ('a', 'b' or 'tie'); None with fewer than 2 values on a side."""
+    """a vs b by Welch's t-test: the mean difference, its standard error, df, and which is better
+    beyond noise ('a', 'b' or 'tie'); None with fewer than 2 values on a side."""
     if len(a) < 2 or len(b) < 2:
         return None
     d = statistics.mean(a) - statistics.mean(b)
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:  # identical values within each side: no spread to judge a difference against
+        return {"diff": d, "se": 0.0, "df": None, "better": "tie"}
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     better_a = d < 0 if lower_better else d > 0
-    beyond = abs(d) > T_CRIT * se
-    return {"diff": d, "se": se, "better": ("a" if better_a else "b") if beyond else "tie"}
+    beyond = abs(d) > t975(math.floor(df)) * se
+    return {"diff": d, "se": se, "df": df, "better": ("a" if better_a else "b") if beyond else "tie"}
 
 
 def _fmt(s: Optional[tuple], spec: str = ".3f") -> str:
@@ -66,27 +79,39 @@ def chosen(data: dict, scale) -> dict[str, Optional[float]]:
 
 
 def summary(data: dict, scale) -> dict[str, dict]:
-    """config -> its seeds' values at the chosen rate (LM) or the task default (cls)."""
+    """config -> its seeds' values at the chosen rate (LM) or the task default (cls); ``failed``
+    counts its seeds that diverged or were given up (left out of the statistics, shown)."""
     lrs = chosen(data, scale)
     rosa8 = lrs.get("lm-rosa-r8")
     groups: dict[str, dict] = {}
     for r in finished_runs(data):
-        if r.get("returncode") != 0:
-            continue
         if r["task"] == "lm":
             want = rosa8 if r["variant"] else lrs.get(r["config"])
             if want is None or r["lr"] != want:
                 continue
         g = groups.setdefault(r["config"], {"method": r["method"], "rank": r["rank"], "variant": r["variant"],
-                                            "task": r["task"], "lr": r["lr"], "trainable": r.get("trainable"),
-                                            "runs": []})
+                                            "task": r["task"], "lr": r["lr"], "trainable": None, "runs": [],
+                                            "failed": 0})
+        if r.get("returncode") != 0:
+            g["failed"] += 1
+            continue
         g["runs"].append(r)
+        g["trainable"] = g["trainable"] or r.get("trainable")
     for g in groups.values():
         for key in (LOSS, ROUGE, "bleu", "test_perplexity", "accuracy_final", "macro_f1_final", "train_wall_seconds",
                     "eval_seconds"):
-            vals = [r[key] for r in g["runs"] if r.get(key) is not None]
-            g[key] = vals
+            g[key] = [r[key] for r in g["runs"] if r.get(key) is not None]
     return groups
+
+
+def complete_configs(data: dict, scale) -> set[str]:
+    """Configs whose every named run is finished (main LM configs: grid and seeds)."""
+    from bench.study import finished, plan
+
+    state: dict[str, bool] = {}
+    for r in plan(scale, data["runs"]):
+        state[r.config] = state.get(r.config, True) and finished(data["runs"].get(r.name))
+    return {c for c, done in state.items() if done}
 
 
 # ---------------------------------------------------------------- verdicts
@@ -99,65 +124,58 @@ def _pair(groups: dict, a: str, b: str, key: str, lower_better: bool = True) -> 
 
 def _say(c: Optional[dict], a: str, b: str, spec: str = "+.3f") -> str:
     if c is None:
-        return f"{a} vs {b}: not enough seeds yet"
+        return f"{a} vs {b}: fewer than 2 seeds on a side"
     who = {"a": a, "b": b, "tie": "neither (within noise)"}[c["better"]]
     return f"{a} − {b} = {c['diff']:{spec}} (s.e. {c['se']:.3f}): better: {who}"
 
 
-def verdicts(groups: dict, scale) -> list[tuple[str, str, str]]:
+def decide(comparisons: list[Optional[dict]], done: bool) -> str:
+    """pending until done; then contradicted if any comparison goes against the claim beyond
+    noise, shown if all go for it, else not shown (ties, or too few seeds to compare)."""
+    if not done:
+        return "pending"
+    if any(c is not None and c["better"] == "b" for c in comparisons):
+        return "contradicted"
+    if comparisons and all(c is not None and c["better"] == "a" for c in comparisons):
+        return "shown"
+    return "not shown"
+
+
+def verdicts(groups: dict, scale, complete: set[str]) -> list[tuple[str, str, str]]:
     """(claim, shown | not shown | contradicted | pending, evidence) per claim of the papers."""
-    full_seeds = len(scale.seeds)
     out = []
 
-    def complete(*configs: str) -> bool:
-        return all(c in groups and len(groups[c][LOSS] or groups[c]["accuracy_final"]) >= full_seeds
-                   for c in configs)
+    def done(*configs: str) -> bool:
+        return all(c in complete for c in configs)
 
     # 1. ROSA > LoRA at equal trainable parameters (test loss; ROUGE-L as a second view)
     per_rank = {R: _pair(groups, f"lm-rosa-r{R}", f"lm-lora-r{R}", LOSS) for R in scale.ranks}
     evid = "; ".join(f"R={R}: {_say(c, 'ROSA', 'LoRA')} test loss, "
                      f"{_say(_pair(groups, f'lm-rosa-r{R}', f'lm-lora-r{R}', ROUGE, False), 'ROSA', 'LoRA', '+.2f')}"
                      f" ROUGE-L" for R, c in per_rank.items())
-    done = complete(*[f"lm-{m}-r{R}" for m in ("rosa", "lora") for R in scale.ranks])
-    better = [c["better"] for c in per_rank.values() if c]
-    if "b" in better:
-        status = "contradicted"
-    elif done and better and all(b == "a" for b in better):
-        status = "shown"
-    else:
-        status = "not shown" if done else "pending"
+    status = decide(list(per_rank.values()), done(*[f"lm-{m}-r{R}" for m in ("rosa", "lora") for R in scale.ranks]))
     out.append(("ROSA beats LoRA at equal trainable parameters", status, evid))
 
-    # 2. ROSA improves with rank (and LoRA plateaus)
+    # 2. ROSA improves with rank (LoRA's trend beside it)
     ranks = sorted(scale.ranks)
     steps = [(lo, hi, _pair(groups, f"lm-rosa-r{hi}", f"lm-rosa-r{lo}", LOSS)) for lo, hi in zip(ranks, ranks[1:])]
     lora_steps = [(lo, hi, _pair(groups, f"lm-lora-r{hi}", f"lm-lora-r{lo}", LOSS)) for lo, hi in zip(ranks, ranks[1:])]
     evid = "ROSA: " + "; ".join(_say(c, f"r{hi}", f"r{lo}") for lo, hi, c in steps) + \
         ". LoRA: " + "; ".join(_say(c, f"r{hi}", f"r{lo}") for lo, hi, c in lora_steps)
-    res = [c["better"] for _, _, c in steps if c]
-    done = complete(*[f"lm-rosa-r{R}" for R in ranks])
-    if "b" in res:
-        status = "contradicted"
-    elif done and len(res) == len(steps) and all(b == "a" for b in res):
-        status = "shown"
-    else:
-        status = "not shown" if done else "pending"
-    out.append(("ROSA improves with rank", status, evid))
+    out.append(("ROSA improves with rank", decide([c for _, _, c in steps], done(*[f"lm-rosa-r{R}" for R in ranks])),
+                evid))
 
     # 3. resampling helps; 4. random >= smallest (ablations at R = 8)
     for claim, other in (("Resampling the subspace helps (vs one fixed subspace)", "lm-rosa-r8-no-resample"),
                          ("Random subspaces are at least as good as the smallest singular triplets",
                           "lm-rosa-r8-smallest")):
         c = _pair(groups, "lm-rosa-r8", other, LOSS)
-        done = complete("lm-rosa-r8", other)
-        status = "pending" if not done else {"a": "shown", "b": "contradicted", "tie": "not shown"}[c["better"]]
-        out.append((claim, status, _say(c, "ROSA r=8", other.replace("lm-", "")) + " test loss"))
+        out.append((claim, decide([c], done("lm-rosa-r8", other)),
+                    _say(c, "ROSA r=8", other.replace("lm-", "")) + " test loss"))
 
     # 5. classification
     c = _pair(groups, "cls-rosa-r8", "cls-lora-r8", "accuracy_final", lower_better=False)
-    done = complete("cls-rosa-r8", "cls-lora-r8")
-    status = "pending" if not done else {"a": "shown", "b": "contradicted", "tie": "not shown"}[c["better"]]
-    out.append(("ROSA beats LoRA on classification (accuracy)", status,
+    out.append(("ROSA beats LoRA on classification (accuracy)", decide([c], done("cls-rosa-r8", "cls-lora-r8")),
                 _say(c, "ROSA r=8", "LoRA r=8", "+.4f") + " accuracy"))
     return out
 
@@ -175,8 +193,8 @@ def _lr_table(data: dict, scale) -> list[str]:
         cells = []
         for lr in grid:
             rec = data["runs"].get(StudyRun("lm", method, rank, scale.seeds[0], lr).name)
-            val = ("diverged" if selection_loss(rec) == float("inf") else f"{rec['val_loss']:.3f}") \
-                if finished(rec) else "–"
+            val = ("–" if not finished(rec) else f"{rec['val_loss']:.3f}" if selection_loss(rec) < float("inf")
+                   else "diverged" if rec.get("returncode") == 3 else "failed")
             cells.append(f"{lr:g}: {val}")
         edge = " (grid edge)" if pick is not None and pick in (grid[0], grid[-1]) else ""
         lines.append(f"| {config} | {', '.join(cells)} | {_lr(pick)}{edge} |")
@@ -195,11 +213,19 @@ def _result_table(groups: dict, configs: list[str]) -> list[str]:
             lines.append(f"| {c} | – | – | not run yet | | | | | |")
             continue
         g = groups[c]
-        lines.append(f"| {c} | {g['trainable']:,} | {g['lr']:g} | {_fmt(stats(g[LOSS]))} | "
+        lines.append(f"| {c} | {_int(g['trainable'])} | {g['lr']:g} | {_fmt(stats(g[LOSS]))}{_failed(g)} | "
                      f"{_fmt(stats(g['test_perplexity']), '.2f')} | {_fmt(stats(g[ROUGE]), '.2f')} | "
                      f"{_fmt(stats(g['bleu']), '.2f')} | {_mean(g['train_wall_seconds'])} | "
                      f"{_mean(g['eval_seconds'])} |")
     return lines
+
+
+def _int(x: Optional[int]) -> str:
+    return "–" if x is None else f"{x:,}"
+
+
+def _failed(g: dict) -> str:
+    return f" ({g['failed']} seed(s) diverged or failed, left out)" if g["failed"] else ""
 
 
 def _mean(values: list[float]) -> str:
@@ -213,8 +239,9 @@ def _cls_table(groups: dict) -> list[str]:
             lines.append(f"| {c} | – | – | not run yet | | |")
             continue
         g = groups[c]
-        lines.append(f"| {c} | {g['trainable']:,} | trainer default | {_fmt(stats(g['accuracy_final']), '.4f')} | "
-                     f"{_fmt(stats(g['macro_f1_final']), '.4f')} | {statistics.mean(g['train_wall_seconds']):.0f} |")
+        lines.append(f"| {c} | {_int(g['trainable'])} | trainer default | "
+                     f"{_fmt(stats(g['accuracy_final']), '.4f')}{_failed(g)} | "
+                     f"{_fmt(stats(g['macro_f1_final']), '.4f')} | {_mean(g['train_wall_seconds'])} |")
     return lines
 
 
@@ -227,7 +254,7 @@ def _run_table(data: dict) -> list[str]:
 
     for r in sorted(data["runs"].values(), key=lambda r: r["started"]):
         lines.append(f"| {r['name']} | {r.get('sitting', '–')} | {r['started'][:16]} | {r['returncode']} | "
-                     f"{r['train_wall_seconds']:.0f} | {f(r.get('eval_seconds'), '.0f')} | "
+                     f"{f(r.get('train_wall_seconds'), '.0f')} | {f(r.get('eval_seconds'), '.0f')} | "
                      f"{f(r.get('val_loss') if r['task'] == 'lm' else None)} | "
                      f"{f(r.get('test_loss'))} | {f(r.get('rouge_l'), '.2f')} | {f(r.get('bleu'), '.2f')} | "
                      f"{f(r.get('accuracy_final'), '.4f')} |")
@@ -244,7 +271,7 @@ def _commands(data: dict, scale) -> list[str]:
              "(test loss, greedy headlines, ROUGE-L, BLEU; the validation loss is the trainer's last evaluation). "
              "The exported weights and checkpoints are deleted after scoring; metrics stay in RUN."]
     if example:
-        lines += ["", f"For example `{example['name']}`: `{' '.join(example['flags'])}`"]
+        lines += ["", f"For example `{example['name']}`: `{' '.join(example.get('flags', []))}`"]
     return lines + [""]
 
 
@@ -278,11 +305,11 @@ def plot(groups: dict, scale, path: Path) -> bool:
     for ax, key, label in ((axes[0], LOSS, "test loss (lower is better)"), (axes[1], ROUGE, "test ROUGE-L")):
         for method, style in (("rosa", "o-"), ("lora", "s--")):
             pts = [(groups[c]["trainable"], stats(groups[c][key])) for c in (f"lm-{method}-r{R}" for R in scale.ranks)
-                   if c in groups and groups[c][key]]
+                   if c in groups and groups[c][key] and groups[c]["trainable"]]
             if pts:
                 drawn = True
                 ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], fmt=style,
-                            capsize=3, label=f"{method.upper() if method == 'rosa' else 'LoRA'} (R={scale.ranks})")
+                            capsize=3, label=f"{'ROSA' if method == 'rosa' else 'LoRA'}, R = {scale.ranks}")
         if "lm-full" in groups and groups["lm-full"][key]:
             m, s, _ = stats(groups["lm-full"][key])
             ax.axhline(m, color="gray", ls=":", label="full fine-tuning")
@@ -324,7 +351,8 @@ def write(path: Path, scale) -> Path:
              f"- Causal LM: SmolLM2-135M-Instruct (embedded GGUF, fp32), BBC lead → headline, every projection of "
              f"every block. Train {sp.get('train', {}).get('articles')} / validation "
              f"{sp.get('val', {}).get('articles')} / test {sp.get('test', {}).get('articles')} articles (fixed; "
-             f"split seed {sp.get('split_seed')}), `--seq-len {scale.seq_len}`, {scale.nproc} ranks × micro batch "
+             f"split seed {sp.get('split_seed')}; the {sp.get('duplicate_groups')} groups of articles sharing a "
+             f"lead or a headline are never split), `--seq-len {scale.seq_len}`, {scale.nproc} ranks × micro batch "
              f"{scale.micro_batch}, {scale.epochs} epochs, ROSA resamples every {scale.resample_every} optimizer "
              "steps.",
              f"- Learning rate per method and rank from {', '.join(f'{x:g}' for x in scale.lrs['rosa'])} "
@@ -340,10 +368,14 @@ def write(path: Path, scale) -> Path:
              "## Hardware (per sitting)", ""]
     for i, s in enumerate(data["sittings"]):
         lines.append(f"- sitting {i}: started {s['started']}, {len(s['runs'])} runs, {s['wall_seconds'] / 60:.0f} "
-                     f"min: {one_line(s['hardware'])}")
+                     f"min, code {s.get('commit', 'not recorded')}: {one_line(s['hardware'])}")
     lines += ["", "## Verdicts", "", "| claim | verdict | evidence |", "|---|---|---|"]
-    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(groups, scale)]
+    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(groups, scale, complete_configs(data, scale))]
     lines += ["", "*pending*: its runs are not all finished; the evidence so far is shown.", "",
+              "Caveats of the design: the seed-0 run of each configuration both chose its learning rate (on "
+              "validation) and counts as one of its three test seeds (a small optimistic bias, the same for every "
+              "method); the ablations run at ROSA r=8's chosen rate, not at rates tuned for themselves, which "
+              "favours the default configuration (ROSA r=8) in claims 3 and 4.", "",
               "## Learning-rate selection (validation loss, seed 0)", "", *_lr_table(data, scale), "",
               "## Causal LM, test split (at the chosen rate)", "",
               *_result_table(groups, [f"lm-{m}-r{R}" for R in scale.ranks for m in ("lora", "rosa")] + ["lm-full"]),
