@@ -15,7 +15,8 @@ Design (sizes per scale in ``SCALES``):
 - Causal LM (SmolLM2-135M, every projection of every block): LoRA and ROSA at R in ``ranks``
   (equal trainable counts at equal R) and full fine-tuning. Per method and rank, the learning rate
   is the one of ``lrs`` with the lowest validation loss at seed 0 (a diverged run counts as
-  infinite loss); then seeds 1 and 2 run at that rate, and the test split scores all three.
+  infinite loss; a best rate at the grid's edge extends the grid past it); then seeds 1 and 2
+  run at that rate, and the test split scores all three.
   Ablations of ROSA at R = 8, three seeds at ROSA r=8's chosen rate: ``--strategy smallest``,
   ``--resample-every never``, ``--init lora``.
 - Classification (MiniLM-L6, BBC topics): ROSA r=8, LoRA r=8 and full fine-tuning at the trainer's
@@ -51,6 +52,7 @@ from bench.suites import Run, Suite  # noqa: E402
 
 SPLIT_SEED = 20261201  # the one shuffle the splits are cut from
 DIVERGED = 3  # the trainer's exit code for a non-finite loss (--nan-policy stop)
+MAX_GRID_STEPS = 2  # factor-2 extensions of a learning-rate grid whose best rate is at its edge
 MAX_ATTEMPTS = 2  # sittings that may try a failing (not diverged) run before it is given up
 
 
@@ -171,12 +173,28 @@ def chosen_lr(grid: list[StudyRun], records: dict) -> Optional[float]:
     return lr if loss != float("inf") else None
 
 
+def grid(scale: Scale, method: str, rank: int, records: dict) -> list[StudyRun]:
+    """The seed-0 learning-rate grid of one method and rank. A best rate at the grid's edge is not
+    a tuned rate: the grid grows by one factor-2 step past that edge (up to ``MAX_GRID_STEPS``
+    times), so the choice is bracketed by a worse rate on each side, or the limit is reached."""
+    lrs = list(scale.lrs[method])
+    for _ in range(MAX_GRID_STEPS):
+        lr = chosen_lr([StudyRun("lm", method, rank, scale.seeds[0], x) for x in lrs], records)
+        if lr is None or lr not in (lrs[0], lrs[-1]):
+            break
+        if lr == lrs[-1]:
+            lrs.append(lr * 2)
+        else:
+            lrs.insert(0, lr / 2)
+    return [StudyRun("lm", method, rank, scale.seeds[0], x) for x in lrs]
+
+
 def lm_block(scale: Scale, method: str, rank: int, records: dict) -> list[StudyRun]:
     """The grid at seed 0, then the other seeds at the chosen rate once the grid is done."""
-    grid = [StudyRun("lm", method, rank, scale.seeds[0], lr) for lr in scale.lrs[method]]
-    lr = chosen_lr(grid, records)
+    grid_runs = grid(scale, method, rank, records)
+    lr = chosen_lr(grid_runs, records)
     seeds = [] if lr is None else [StudyRun("lm", method, rank, s, lr, phase="seeds") for s in scale.seeds[1:]]
-    return grid + seeds
+    return grid_runs + seeds
 
 
 def plan(scale: Scale, records: dict) -> list[StudyRun]:
@@ -186,7 +204,7 @@ def plan(scale: Scale, records: dict) -> list[StudyRun]:
     order = [8] + [r for r in scale.ranks if r != 8]
     for rank in order:
         runs += lm_block(scale, "rosa", rank, records) + lm_block(scale, "lora", rank, records)
-    rosa8 = chosen_lr([StudyRun("lm", "rosa", 8, scale.seeds[0], lr) for lr in scale.lrs["rosa"]], records)
+    rosa8 = chosen_lr(grid(scale, "rosa", 8, records), records)
     if rosa8 is not None:
         runs += [StudyRun("lm", "rosa", 8, s, rosa8, v, "ablation") for v in VARIANTS for s in scale.seeds]
     return runs + lm_block(scale, "full", 0, records)

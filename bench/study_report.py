@@ -68,13 +68,13 @@ def finished_runs(data: dict) -> list[dict]:
 
 def chosen(data: dict, scale) -> dict[str, Optional[float]]:
     """config -> chosen learning rate (None while its grid is unfinished)."""
-    from bench.study import StudyRun, chosen_lr
+    from bench.study import chosen_lr, grid
 
     out = {}
     for method, ranks in (("rosa", scale.ranks), ("lora", scale.ranks), ("full", (0,))):
         for rank in ranks:
-            grid = [StudyRun("lm", method, rank, scale.seeds[0], lr) for lr in scale.lrs[method]]
-            out[grid[0].config] = chosen_lr(grid, data["runs"])
+            runs = grid(scale, method, rank, data["runs"])
+            out[runs[0].config] = chosen_lr(runs, data["runs"])
     return out
 
 
@@ -126,7 +126,8 @@ def _say(c: Optional[dict], a: str, b: str, spec: str = "+.3f") -> str:
     if c is None:
         return f"{a} vs {b}: fewer than 2 seeds on a side"
     who = {"a": a, "b": b, "tie": "neither (within noise)"}[c["better"]]
-    return f"{a} − {b} = {c['diff']:{spec}} (s.e. {c['se']:.3f}): better: {who}"
+    t = f", t = {abs(c['diff']) / c['se']:.2f} at df {c['df']:.1f}" if c["se"] else ""
+    return f"{a} − {b} = {c['diff']:{spec}} (s.e. {c['se']:.3f}{t}): better: {who}"
 
 
 def decide(comparisons: list[Optional[dict]], done: bool) -> str:
@@ -183,20 +184,25 @@ def verdicts(groups: dict, scale, complete: set[str]) -> list[tuple[str, str, st
 # ---------------------------------------------------------------- the document
 
 def _lr_table(data: dict, scale) -> list[str]:
-    from bench.study import StudyRun, finished, selection_loss
+    from bench.study import MAX_GRID_STEPS, finished, grid, selection_loss
 
     lines = ["| config | validation loss per learning rate | chosen |", "|---|---|---|"]
     for config, pick in chosen(data, scale).items():
         method = config.split("-")[1]
         rank = 0 if method == "full" else int(config.rsplit("r", 1)[1])
-        grid = scale.lrs[method]
+        runs = grid(scale, method, rank, data["runs"])
         cells = []
-        for lr in grid:
-            rec = data["runs"].get(StudyRun("lm", method, rank, scale.seeds[0], lr).name)
+        for r in runs:
+            rec = data["runs"].get(r.name)
             val = ("–" if not finished(rec) else f"{rec['val_loss']:.3f}" if selection_loss(rec) < float("inf")
                    else "diverged" if rec.get("returncode") == 3 else "failed")
-            cells.append(f"{lr:g}: {val}")
-        edge = " (grid edge)" if pick is not None and pick in (grid[0], grid[-1]) else ""
+            cells.append(f"{r.lr:g}: {val}")
+        lrs = [r.lr for r in runs]
+        edge = ""
+        if pick is not None and pick in (lrs[0], lrs[-1]):
+            edge = f" (grid edge after {MAX_GRID_STEPS} extensions)"
+        elif len(lrs) > len(scale.lrs[method]):
+            edge = " (grid extended)"
         lines.append(f"| {config} | {', '.join(cells)} | {_lr(pick)}{edge} |")
     return lines
 
@@ -317,7 +323,8 @@ def plot(groups: dict, scale, path: Path) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     if drawn:
         fig.savefig(path, dpi=110)
@@ -363,7 +370,8 @@ def write(path: Path, scale) -> Path:
              f"- Classification: MiniLM-L6 on BBC topics, train {sp.get('cls_train', {}).get('articles')} / test "
              f"{sp.get('cls_test', {}).get('articles')} articles, the trainer's classification rates (2e-3 "
              "adapters, 1e-4 full), not tuned here.",
-             "- Mean ± sample std over seeds; \"beyond noise\": |Δ| > 2.78 × Welch standard error.", "",
+             "- Mean ± sample std over seeds; \"beyond noise\": Welch's two-sided t-test at 95% "
+             "(Welch–Satterthwaite degrees of freedom, rounded down).", "",
              *_commands(data, scale), *_full_plan(), "",
              "## Hardware (per sitting)", ""]
     for i, s in enumerate(data["sittings"]):

@@ -2,6 +2,7 @@
 forwards and unbatched generation, the resumable plan, the splits and the verdict rules."""
 import itertools
 import json
+import math
 import random
 import sys
 from dataclasses import replace
@@ -97,7 +98,7 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time():
 
 # ---------------------------------------------------------------- plan, resume, splits
 
-TINY = replace(study.SCALES["cpu"], lrs={"rosa": (1e-3, 2e-3), "lora": (1e-3, 2e-3), "full": (1e-5,)},
+TINY = replace(study.SCALES["cpu"], lrs={"rosa": (5e-4, 1e-3, 2e-3), "lora": (5e-4, 1e-3, 2e-3), "full": (1e-5, 2e-5)},
                ranks=(2, 8), seeds=(0, 1))
 
 
@@ -112,8 +113,9 @@ def _fake_runner(calls: list, fail: set = frozenset(), diverge: set = frozenset(
             return base
         if r.task == "cls":
             return {**base, "accuracy_final": 0.9 + 0.001 * r.seed, "macro_f1_final": 0.9}
-        # lower validation loss at lr 1e-3; ROSA lower test loss than LoRA
-        val = 3.0 + (0.1 if r.lr == 2e-3 else 0.0) + 0.01 * r.seed
+        # validation loss lowest at lr 1e-3 (full: 1e-5 ... 2e-5 tie -> 1e-5, then 5e-6 below it);
+        # ROSA lower test loss than LoRA
+        val = 3.0 + 0.1 * abs(math.log2(r.lr / (1e-3 if r.method != "full" else 1e-5))) + 0.01 * r.seed
         test = val - (0.2 if r.method == "rosa" else 0.0)
         return {**base, "val_loss": val, "test_loss": test, "rouge_l": 30.0 - test, "bleu": 5.0,
                 "test_perplexity": 20.0, "eval_seconds": 1.0}
@@ -148,11 +150,13 @@ def test_drive_resumes_skips_finished_and_retries_failures_next_time(tmp_path):
 
 def test_a_diverged_grid_run_is_finished_and_never_chosen(tmp_path):
     calls: list = []
-    grid = [study.StudyRun("lm", "rosa", 8, 0, lr) for lr in TINY.lrs["rosa"]]
+    one = study.StudyRun("lm", "rosa", 8, 0, 1e-3).name
     data = study.drive(TINY, tmp_path / "s.json", tmp_path / "r", max_runs=14,
-                       runner=_fake_runner(calls, diverge={grid[0].name}))
-    assert study.finished(data["runs"][grid[0].name])
-    assert study.chosen_lr(grid, data["runs"]) == 2e-3
+                       runner=_fake_runner(calls, diverge={one}))
+    assert study.finished(data["runs"][one])
+    grid = study.grid(TINY, "rosa", 8, data["runs"])
+    assert study.chosen_lr(grid, data["runs"]) == 5e-4  # 5e-4 and 2e-3 tie: the lower, then bracketed by 2.5e-4
+    assert [r.lr for r in study.grid(TINY, "rosa", 8, data["runs"])] == [2.5e-4, 5e-4, 1e-3, 2e-3]
 
 
 def test_splits_are_fixed_disjoint_and_sized(tmp_path):
@@ -235,7 +239,7 @@ def test_report_from_a_finished_fake_study_has_verdicts_tables_and_plot(tmp_path
 
 def test_report_on_partial_data_with_a_diverged_seed_and_a_crash(tmp_path):
     path = tmp_path / "study.json"
-    diverged, crashed = "lm-rosa-r8-lr0.001-s1", "lm-lora-r2-lr0.001-s0"
+    diverged, crashed = "lm-rosa-r8-lr0.001-s1", "lm-rosa-r2-lr0.001-s0"
 
     def runner(scale, r, splits, runs_dir):
         if r.name == crashed:
@@ -260,3 +264,19 @@ def test_resample_every_and_sizes_of_the_cpu_scale():
     steps = cpu.train // (cpu.nproc * cpu.micro_batch) * cpu.epochs
     assert steps == 128 and steps // cpu.resample_every == 4
     assert min(cpu.val, cpu.test) >= 150 and cpu.seeds == (0, 1, 2) and cpu.ranks == (2, 8, 32)
+
+
+def test_a_best_rate_at_the_grid_edge_extends_the_grid(tmp_path):
+    def runner(scale, r, splits, runs_dir):  # validation loss falls with the rate: the edge is never the optimum
+        rec = _fake_runner([])(scale, r, splits, runs_dir)
+        if r.task == "lm" and r.phase == "grid":
+            rec["val_loss"] = 3.0 - r.lr
+        return rec
+
+    path = tmp_path / "s.json"
+    data = study.drive(TINY, path, tmp_path / "r", runner=runner)
+    grid = study.grid(TINY, "rosa", 8, data["runs"])
+    assert [r.lr for r in grid] == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]  # two factor-2 steps past the edge, then stop
+    assert study.chosen_lr(grid, data["runs"]) == 8e-3
+    assert data["runs"]["lm-rosa-r8-lr0.008-s1"]["phase"] == "seeds"
+    assert "(grid edge after 2 extensions)" in study_report.write(path, TINY).read_text()
