@@ -365,12 +365,13 @@ def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float
     sitting = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": describe(),
                "commit": _commit(), "runs": [], "wall_seconds": 0.0}
     data["sittings"].append(sitting)
-    start, tried = time.perf_counter(), set()
+    # wall clock, not perf_counter: a suspended VM's monotonic clock stops, and --stop-after means wall time
+    start, tried = time.time(), set()
     while True:
         todo = [r for r in plan(scale, data["runs"]) if not finished(data["runs"].get(r.name)) and r.name not in tried]
         if not todo or (max_runs is not None and len(sitting["runs"]) >= max_runs):
             break
-        if stop_after_s is not None and time.perf_counter() - start > stop_after_s:
+        if stop_after_s is not None and time.time() - start > stop_after_s:
             break
         run = todo[0]
         tried.add(run.name)
@@ -384,7 +385,7 @@ def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float
         rec["sitting"] = len(data["sittings"]) - 1
         data["runs"][run.name] = rec
         sitting["runs"].append(run.name)
-        sitting["wall_seconds"] = round(time.perf_counter() - start, 1)
+        sitting["wall_seconds"] = round(time.time() - start, 1)
         save(path, data)
         print(f"  rc={rec['returncode']} val={rec.get('val_loss')} test={rec.get('test_loss')} "
               f"rouge_l={rec.get('rouge_l')} acc={rec.get('accuracy_final')}", flush=True)
