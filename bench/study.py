@@ -97,6 +97,7 @@ SCALES = {
 }
 VARIANTS = {"smallest": ("--strategy", "smallest"), "no-resample": ("--resample-every", "never"),
             "init-lora": ("--init", "lora")}
+CLAIM_VARIANTS = ("no-resample", "smallest")  # "resampling helps", "random >= smallest"
 CLS_METHODS = (("full", 0), ("lora", 8), ("rosa", 8))
 
 
@@ -198,15 +199,23 @@ def lm_block(scale: Scale, method: str, rank: int, records: dict) -> list[StudyR
 
 
 def plan(scale: Scale, records: dict) -> list[StudyRun]:
-    """Every run that can be named from what is finished, most informative first: classification
-    (cheap), R = 8, then R = 2 and 32, the R = 8 ablations, full fine-tuning."""
+    """Every run that can be named from what is finished, most informative first, so a sitting
+    cut short still settles whole claims: classification (cheap), R = 8, the ablations that test
+    a claim (``CLAIM_VARIANTS``: three seeds each, one verdict each), R = 2 and 32, the other
+    ablations, full fine-tuning (a reference, no verdict rests on it alone)."""
     runs = [StudyRun("cls", m, r, s, phase="cls") for s in scale.seeds for m, r in CLS_METHODS]
-    order = [8] + [r for r in scale.ranks if r != 8]
-    for rank in order:
-        runs += lm_block(scale, "rosa", rank, records) + lm_block(scale, "lora", rank, records)
     rosa8 = chosen_lr(grid(scale, "rosa", 8, records), records)
-    if rosa8 is not None:
-        runs += [StudyRun("lm", "rosa", 8, s, rosa8, v, "ablation") for v in VARIANTS for s in scale.seeds]
+
+    def ablations(variants: list[str]) -> list[StudyRun]:
+        return [] if rosa8 is None else [StudyRun("lm", "rosa", 8, s, rosa8, v, "ablation")
+                                         for v in variants for s in scale.seeds]
+
+    order = [8] + [r for r in scale.ranks if r != 8]
+    for i, rank in enumerate(order):
+        runs += lm_block(scale, "rosa", rank, records) + lm_block(scale, "lora", rank, records)
+        if i == 0:
+            runs += ablations(list(CLAIM_VARIANTS))
+    runs += ablations([v for v in VARIANTS if v not in CLAIM_VARIANTS])
     return runs + lm_block(scale, "full", 0, records)
 
 

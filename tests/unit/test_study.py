@@ -246,9 +246,9 @@ def test_report_on_partial_data_with_a_diverged_seed_and_a_crash(tmp_path):
             raise TimeoutError("scorer timed out")
         return _fake_runner([], diverge={diverged})(scale, r, splits, runs_dir)
 
-    data = study.drive(TINY, path, tmp_path / "r", max_runs=16, runner=runner)
+    data = study.drive(TINY, path, tmp_path / "r", max_runs=20, runner=runner)
     assert data["runs"][crashed]["returncode"] == "exception TimeoutError"  # recorded; the sitting went on
-    assert study.finished(data["runs"][diverged]) and len(data["runs"]) == 16
+    assert study.finished(data["runs"][diverged]) and len(data["runs"]) == 20
     data = study.drive(TINY, path, tmp_path / "r", max_runs=1, runner=runner)  # the crash, retried once
     assert data["runs"][crashed]["attempts"] == 2 and study.gave_up(data["runs"][crashed])
     groups = study_report.summary(data, TINY)
@@ -280,3 +280,12 @@ def test_a_best_rate_at_the_grid_edge_extends_the_grid(tmp_path):
     assert study.chosen_lr(grid, data["runs"]) == 8e-3
     assert data["runs"]["lm-rosa-r8-lr0.008-s1"]["phase"] == "seeds"
     assert "(grid edge after 2 extensions)" in study_report.write(path, TINY).read_text()
+
+
+def test_the_plan_puts_claim_ablations_before_other_ranks_and_full_last(tmp_path):
+    data = study.drive(TINY, tmp_path / "s.json", tmp_path / "r", runner=_fake_runner([]))
+    phases = [(r.config, r.phase) for r in study.plan(TINY, data["runs"])]
+    first = {c: i for i, (c, _) in reversed(list(enumerate(phases)))}
+    claims = [first[f"lm-rosa-r8-{v}"] for v in study.CLAIM_VARIANTS]
+    assert max(claims) < first["lm-rosa-r2"] < first["lm-rosa-r8-init-lora"] < first["lm-full"]
+    assert first["lm-lora-r8"] < min(claims)
