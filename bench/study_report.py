@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -211,19 +212,31 @@ def _lr(x: Optional[float]) -> str:
     return "pending" if x is None else f"{x:g}"
 
 
-def _result_table(groups: dict, configs: list[str]) -> list[str]:
-    lines = ["| config | trainable | lr | test loss | test ppl | ROUGE-L | BLEU | train s / run | eval s / run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def _table(groups: dict, configs: list[str], columns: list[tuple[str, Callable[[dict], str]]]) -> list[str]:
+    """One row per config: its name, then each column's cell from its group ("not run yet" if none)."""
+    lines = ["| config | " + " | ".join(h for h, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for c in configs:
-        if c not in groups:
-            lines.append(f"| {c} | – | – | not run yet | | | | | |")
-            continue
-        g = groups[c]
-        lines.append(f"| {c} | {_int(g['trainable'])} | {g['lr']:g} | {_fmt(stats(g[LOSS]))}{_failed(g)} | "
-                     f"{_fmt(stats(g['test_perplexity']), '.2f')} | {_fmt(stats(g[ROUGE]), '.2f')} | "
-                     f"{_fmt(stats(g['bleu']), '.2f')} | {_mean(g['train_wall_seconds'])} | "
-                     f"{_mean(g['eval_seconds'])} |")
+        cells = [f(groups[c]) for _, f in columns] if c in groups else ["not run yet"] + [""] * (len(columns) - 1)
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _result_table(groups: dict, configs: list[str]) -> list[str]:
+    return _table(groups, configs, [
+        ("trainable", lambda g: _int(g["trainable"])), ("lr", lambda g: f"{g['lr']:g}"),
+        ("test loss", lambda g: _fmt(stats(g[LOSS])) + _failed(g)),
+        ("test ppl", lambda g: _fmt(stats(g["test_perplexity"]), ".2f")),
+        ("ROUGE-L", lambda g: _fmt(stats(g[ROUGE]), ".2f")), ("BLEU", lambda g: _fmt(stats(g["bleu"]), ".2f")),
+        ("train s / run", lambda g: _mean(g["train_wall_seconds"])),
+        ("eval s / run", lambda g: _mean(g["eval_seconds"]))])
+
+
+def _cls_table(groups: dict) -> list[str]:
+    return _table(groups, ["cls-full", "cls-lora-r8", "cls-rosa-r8"], [
+        ("trainable", lambda g: _int(g["trainable"])), ("lr", lambda g: "trainer default"),
+        ("test accuracy", lambda g: _fmt(stats(g["accuracy_final"]), ".4f") + _failed(g)),
+        ("test macro-F1", lambda g: _fmt(stats(g["macro_f1_final"]), ".4f")),
+        ("train s / run", lambda g: _mean(g["train_wall_seconds"]))])
 
 
 def _int(x: Optional[int]) -> str:
@@ -236,19 +249,6 @@ def _failed(g: dict) -> str:
 
 def _mean(values: list[float]) -> str:
     return f"{statistics.mean(values):.0f}" if values else "–"
-
-
-def _cls_table(groups: dict) -> list[str]:
-    lines = ["| config | trainable | lr | test accuracy | test macro-F1 | train s / run |", "|---|---|---|---|---|---|"]
-    for c in ("cls-full", "cls-lora-r8", "cls-rosa-r8"):
-        if c not in groups:
-            lines.append(f"| {c} | – | – | not run yet | | |")
-            continue
-        g = groups[c]
-        lines.append(f"| {c} | {_int(g['trainable'])} | trainer default | "
-                     f"{_fmt(stats(g['accuracy_final']), '.4f')}{_failed(g)} | "
-                     f"{_fmt(stats(g['macro_f1_final']), '.4f')} | {_mean(g['train_wall_seconds'])} |")
-    return lines
 
 
 def _run_table(data: dict) -> list[str]:
