@@ -131,14 +131,17 @@ def _say(c: Optional[dict], a: str, b: str, spec: str = "+.3f") -> str:
     return f"{a} − {b} = {c['diff']:{spec}} (s.e. {c['se']:.3f}{t}): better: {who}"
 
 
-def decide(comparisons: list[Optional[dict]], done: bool) -> str:
-    """pending until done; then contradicted if any comparison goes against the claim beyond
-    noise, shown if all go for it, else not shown (ties, or too few seeds to compare)."""
-    if not done:
-        return "pending"
-    if any(c is not None and c["better"] == "b" for c in comparisons):
+def decide(comparisons: list[tuple[Optional[dict], bool]]) -> str:
+    """Verdict from (comparison, its configs all finished) pairs. A finished comparison that goes
+    against the claim beyond noise contradicts it for good (no other rank can undo that): then
+    contradicted; else pending until every comparison is finished; then shown if all go for the
+    claim beyond noise, else not shown (ties, or too few seeds to compare). An unfinished
+    comparison never decides: its learning rate may not be chosen yet."""
+    if any(done and c is not None and c["better"] == "b" for c, done in comparisons):
         return "contradicted"
-    if comparisons and all(c is not None and c["better"] == "a" for c in comparisons):
+    if not all(done for _, done in comparisons):
+        return "pending"
+    if comparisons and all(c is not None and c["better"] == "a" for c, _ in comparisons):
         return "shown"
     return "not shown"
 
@@ -155,7 +158,7 @@ def verdicts(groups: dict, scale, complete: set[str]) -> list[tuple[str, str, st
     evid = "; ".join(f"R={R}: {_say(c, 'ROSA', 'LoRA')} test loss, "
                      f"{_say(_pair(groups, f'lm-rosa-r{R}', f'lm-lora-r{R}', ROUGE, False), 'ROSA', 'LoRA', '+.2f')}"
                      f" ROUGE-L" for R, c in per_rank.items())
-    status = decide(list(per_rank.values()), done(*[f"lm-{m}-r{R}" for m in ("rosa", "lora") for R in scale.ranks]))
+    status = decide([(c, done(f"lm-rosa-r{R}", f"lm-lora-r{R}")) for R, c in per_rank.items()])
     out.append(("ROSA beats LoRA at equal trainable parameters", status, evid))
 
     # 2. ROSA improves with rank (LoRA's trend beside it)
@@ -164,20 +167,20 @@ def verdicts(groups: dict, scale, complete: set[str]) -> list[tuple[str, str, st
     lora_steps = [(lo, hi, _pair(groups, f"lm-lora-r{hi}", f"lm-lora-r{lo}", LOSS)) for lo, hi in zip(ranks, ranks[1:])]
     evid = "ROSA: " + "; ".join(_say(c, f"r{hi}", f"r{lo}") for lo, hi, c in steps) + \
         ". LoRA: " + "; ".join(_say(c, f"r{hi}", f"r{lo}") for lo, hi, c in lora_steps)
-    out.append(("ROSA improves with rank", decide([c for _, _, c in steps], done(*[f"lm-rosa-r{R}" for R in ranks])),
-                evid))
+    status = decide([(c, done(f"lm-rosa-r{lo}", f"lm-rosa-r{hi}")) for lo, hi, c in steps])
+    out.append(("ROSA improves with rank", status, evid))
 
     # 3. resampling helps; 4. random >= smallest (ablations at R = 8)
     for claim, other in (("Resampling the subspace helps (vs one fixed subspace)", "lm-rosa-r8-no-resample"),
                          ("Random subspaces are at least as good as the smallest singular triplets",
                           "lm-rosa-r8-smallest")):
         c = _pair(groups, "lm-rosa-r8", other, LOSS)
-        out.append((claim, decide([c], done("lm-rosa-r8", other)),
+        out.append((claim, decide([(c, done("lm-rosa-r8", other))]),
                     _say(c, "ROSA r=8", other.replace("lm-", "")) + " test loss"))
 
     # 5. classification
     c = _pair(groups, "cls-rosa-r8", "cls-lora-r8", "accuracy_final", lower_better=False)
-    out.append(("ROSA beats LoRA on classification (accuracy)", decide([c], done("cls-rosa-r8", "cls-lora-r8")),
+    out.append(("ROSA beats LoRA on classification (accuracy)", decide([(c, done("cls-rosa-r8", "cls-lora-r8"))]),
                 _say(c, "ROSA r=8", "LoRA r=8", "+.4f") + " accuracy"))
     return out
 
@@ -379,7 +382,9 @@ def write(path: Path, scale) -> Path:
                      f"min, code {s.get('commit', 'not recorded')}: {one_line(s['hardware'])}")
     lines += ["", "## Verdicts", "", "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(groups, scale, complete_configs(data, scale))]
-    lines += ["", "*pending*: its runs are not all finished; the evidence so far is shown.", "",
+    lines += ["", "*pending*: its runs are not all finished; the evidence so far is shown. *contradicted* is final "
+              "as soon as one finished comparison (both configurations' grid and seeds done) goes against the claim "
+              "beyond noise, even while other ranks are still to run: no later run can undo it.", "",
               "Caveats of the design: the seed-0 run of each configuration both chose its learning rate (on "
               "validation) and counts as one of its three test seeds (a small optimistic bias, the same for every "
               "method); the ablations run at ROSA r=8's chosen rate, not at rates tuned for themselves, which "

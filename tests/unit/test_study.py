@@ -215,11 +215,19 @@ def test_compare_is_welchs_t_test():
 
 def test_decide_waits_for_complete_evidence():
     a, b, tie = {"better": "a"}, {"better": "b"}, {"better": "tie"}
-    assert study_report.decide([b], done=False) == "pending"  # never "contradicted" before the runs are done
-    assert study_report.decide([a, a, a], True) == "shown"
-    assert study_report.decide([a, b, a], True) == "contradicted"
-    assert study_report.decide([a, tie, a], True) == "not shown"
-    assert study_report.decide([a, None], True) == "not shown"
+
+    def done(*cs):
+        return [(c, True) for c in cs]
+
+    assert study_report.decide([(b, False)]) == "pending"  # never "contradicted" before its runs are done
+    assert study_report.decide(done(a, a, a)) == "shown"
+    assert study_report.decide(done(a, b, a)) == "contradicted"
+    assert study_report.decide(done(a, tie, a)) == "not shown"
+    assert study_report.decide(done(a, None)) == "not shown"
+    # a finished rank against the claim settles it while another rank is still running; a win does not
+    assert study_report.decide([(b, True), (a, False)]) == "contradicted"
+    assert study_report.decide([(a, True), (b, False)]) == "pending"
+    assert study_report.decide([(a, True), (a, False)]) == "pending"
 
 
 def test_report_from_a_finished_fake_study_has_verdicts_tables_and_plot(tmp_path):
