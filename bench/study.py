@@ -206,16 +206,17 @@ def plan(scale: Scale, records: dict) -> list[StudyRun]:
     runs = [StudyRun("cls", m, r, s, phase="cls") for s in scale.seeds for m, r in CLS_METHODS]
     rosa8 = chosen_lr(grid(scale, "rosa", 8, records), records)
 
-    def ablations(variants: list[str]) -> list[StudyRun]:
+    def ablations(variants) -> list[StudyRun]:
         return [] if rosa8 is None else [StudyRun("lm", "rosa", 8, s, rosa8, v, "ablation")
                                          for v in variants for s in scale.seeds]
 
-    order = [8] + [r for r in scale.ranks if r != 8]
-    for i, rank in enumerate(order):
-        runs += lm_block(scale, "rosa", rank, records) + lm_block(scale, "lora", rank, records)
-        if i == 0:
-            runs += ablations(list(CLAIM_VARIANTS))
-    runs += ablations([v for v in VARIANTS if v not in CLAIM_VARIANTS])
+    def both(rank: int) -> list[StudyRun]:
+        return lm_block(scale, "rosa", rank, records) + lm_block(scale, "lora", rank, records)
+
+    runs += both(8) + ablations(CLAIM_VARIANTS)
+    for rank in (r for r in scale.ranks if r != 8):
+        runs += both(rank)
+    runs += ablations(v for v in VARIANTS if v not in CLAIM_VARIANTS)
     return runs + lm_block(scale, "full", 0, records)
 
 

@@ -292,8 +292,8 @@ def test_a_best_rate_at_the_grid_edge_extends_the_grid(tmp_path):
 
 def test_the_plan_puts_claim_ablations_before_other_ranks_and_full_last(tmp_path):
     data = study.drive(TINY, tmp_path / "s.json", tmp_path / "r", runner=_fake_runner([]))
-    phases = [(r.config, r.phase) for r in study.plan(TINY, data["runs"])]
-    first = {c: i for i, (c, _) in reversed(list(enumerate(phases)))}
+    configs = [r.config for r in study.plan(TINY, data["runs"])]
+    first = {c: i for i, c in reversed(list(enumerate(configs)))}
     claims = [first[f"lm-rosa-r8-{v}"] for v in study.CLAIM_VARIANTS]
     assert max(claims) < first["lm-rosa-r2"] < first["lm-rosa-r8-init-lora"] < first["lm-full"]
     assert first["lm-lora-r8"] < min(claims)
