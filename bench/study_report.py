@@ -123,12 +123,14 @@ def _pair(groups: dict, a: str, b: str, key: str, lower_better: bool = True) -> 
     return compare(groups[a][key], groups[b][key], lower_better)
 
 
-def _say(c: Optional[dict], a: str, b: str, spec: str = "+.3f") -> str:
+def _say(c: Optional[dict], a: str, b: str, spec: str = "+.3f", metric: str = "test loss") -> str:
+    """One comparison in words: "test loss: a − b = +0.075 (s.e., t, df), better: b"."""
     if c is None:
-        return f"{a} vs {b}: fewer than 2 seeds on a side"
+        return f"{metric}: {a} vs {b}: fewer than 2 seeds on a side"
     who = {"a": a, "b": b, "tie": "neither (within noise)"}[c["better"]]
     t = f", t = {abs(c['diff']) / c['se']:.2f} at df {c['df']:.1f}" if c["se"] else ""
-    return f"{a} − {b} = {c['diff']:{spec}} (s.e. {c['se']:.3f}{t}): better: {who}"
+    diff = f"{c['diff']:{spec}}".replace("-", "−")
+    return f"{metric}: {a} − {b} = {diff} (s.e. {c['se']:.3f}{t}), better: {who}"
 
 
 def decide(comparisons: list[tuple[Optional[dict], bool]]) -> str:
@@ -155,9 +157,9 @@ def verdicts(groups: dict, scale, complete: set[str]) -> list[tuple[str, str, st
 
     # 1. ROSA > LoRA at equal trainable parameters (test loss; ROUGE-L as a second view)
     per_rank = {R: _pair(groups, f"lm-rosa-r{R}", f"lm-lora-r{R}", LOSS) for R in scale.ranks}
-    evid = "; ".join(f"R={R}: {_say(c, 'ROSA', 'LoRA')} test loss, "
-                     f"{_say(_pair(groups, f'lm-rosa-r{R}', f'lm-lora-r{R}', ROUGE, False), 'ROSA', 'LoRA', '+.2f')}"
-                     f" ROUGE-L" for R, c in per_rank.items())
+    evid = ". ".join(f"R={R}: {_say(c, 'ROSA', 'LoRA')}; "
+                     + _say(_pair(groups, f"lm-rosa-r{R}", f"lm-lora-r{R}", ROUGE, False), "ROSA", "LoRA", "+.2f",
+                            "ROUGE-L") for R, c in per_rank.items())
     status = decide([(c, done(f"lm-rosa-r{R}", f"lm-lora-r{R}")) for R, c in per_rank.items()])
     out.append(("ROSA beats LoRA at equal trainable parameters", status, evid))
 
@@ -176,12 +178,12 @@ def verdicts(groups: dict, scale, complete: set[str]) -> list[tuple[str, str, st
                           "lm-rosa-r8-smallest")):
         c = _pair(groups, "lm-rosa-r8", other, LOSS)
         out.append((claim, decide([(c, done("lm-rosa-r8", other))]),
-                    _say(c, "ROSA r=8", other.replace("lm-", "")) + " test loss"))
+                    _say(c, "ROSA r=8", other.replace("lm-", ""))))
 
     # 5. classification
     c = _pair(groups, "cls-rosa-r8", "cls-lora-r8", "accuracy_final", lower_better=False)
     out.append(("ROSA beats LoRA on classification (accuracy)", decide([(c, done("cls-rosa-r8", "cls-lora-r8"))]),
-                _say(c, "ROSA r=8", "LoRA r=8", "+.4f") + " accuracy"))
+                _say(c, "ROSA r=8", "LoRA r=8", "+.4f", "accuracy")))
     return out
 
 

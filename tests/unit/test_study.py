@@ -213,6 +213,16 @@ def test_compare_is_welchs_t_test():
     assert study_report.compare([0.96] * 3, [0.9575] * 3)["better"] == "tie"  # no spread: no decision
 
 
+def test_evidence_names_the_metric_and_keeps_config_names_intact():
+    c = study_report.compare([3.22, 3.20, 3.25], [3.17, 3.18, 3.175])
+    said = study_report._say(c, "ROSA r=8", "rosa-r8-no-resample")
+    assert said.startswith("test loss: ROSA r=8 − rosa-r8-no-resample = +0.048 (s.e. ")
+    assert said.endswith("better: neither (within noise)")
+    c = study_report.compare([24.0, 24.2, 24.1], [25.0, 25.1, 25.2], lower_better=False)
+    said = study_report._say(c, "ROSA", "LoRA", "+.2f", "ROUGE-L")
+    assert said.startswith("ROUGE-L: ROSA − LoRA = −1.00 (") and said.endswith("better: LoRA")
+
+
 def test_decide_waits_for_complete_evidence():
     a, b, tie = {"better": "a"}, {"better": "b"}, {"better": "tie"}
 
