@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .dist import rank_and_world
+from .zero_init import ZeroInit
 
 # safetensors dtype names -> torch dtypes (the ones transformers checkpoints use)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -83,7 +84,7 @@ def fill_partition(param: torch.Tensor, index: TensorIndex, key: str) -> None:
     local[count:].zero_()
 
 
-class _InitWithoutSync(deepspeed.zero.Init):
+class _InitWithoutSync(ZeroInit):
     """``zero.Init`` that does not broadcast every new parameter from rank 0 before partitioning it:
     each value is overwritten from the checkpoint (or initialized on rank 0 and scattered by
     ``_init_missing``), so the broadcast would only cost a full-size transfer and buffer per

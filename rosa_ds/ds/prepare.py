@@ -16,6 +16,7 @@ from .config import precision
 from .dist import device, rank_and_world
 from .params import gathered, is_zero3
 from .resample import distributed_resample, uses_frozen_masters
+from .zero_init import ZeroInit
 
 
 def resolve_frozen_master(config: RosaConfig, ds_config: dict) -> RosaConfig:
@@ -49,10 +50,8 @@ def _apply_unfactorized(model: nn.Module, config: RosaConfig, ds_config: dict) -
     if not any(is_zero3(p) for p in model.parameters()):
         apply_rosa(model, config, factorize=False)
         return
-    import deepspeed
-
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    with ZeroInit(config_dict_or_path=ds_config, dtype=dtype):
         apply_rosa(model, config, factorize=False, gather=lambda module: gathered(list(module.parameters())))
 
 

@@ -83,3 +83,21 @@ def test_safetensors_writer_matches_the_library(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("fp16_supported", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_init_builds_parameters_in_the_dtype_asked_for(monkeypatch, fp16_supported, dtype):
+    """ZeRO-3 loading and factor creation build under ``ZeroInit(dtype=model dtype)``: the dtype holds
+    whether or not the accelerator supports fp16 (DeepSpeed's own choice turns an explicit fp32 into
+    bf16 where fp16 is unsupported, as on the CPU accelerator on AMD EPYC). ``__init__`` sets
+    ``self.dtype`` through ``_set_dtype`` only; the rest of it needs a process group."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    from rosa_ds.ds.zero_init import ZeroInit
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: fp16_supported)
+    init = object.__new__(ZeroInit)
+    init._set_dtype(None, dtype)
+    assert init.dtype == dtype
