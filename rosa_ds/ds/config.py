@@ -27,7 +27,8 @@ from typing import Any, Union
 
 import torch
 
-AUTO = "auto"
+from ..memory.ds_json import AUTO, batch_sizes, offload_device, offload_optimizer, offload_param, precision, zero_stage  # noqa: F401
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMS = ("adamw", "adamw8bit")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -144,34 +145,6 @@ def load_template(template: Union[str, Path, dict]) -> tuple[dict, str]:
     if not isinstance(cfg, dict):
         raise ValueError(f"DeepSpeed config {path} must hold a JSON object at top level")
     return cfg, str(path)
-
-
-def zero_stage(cfg: dict) -> int:
-    """ZeRO stage of a config (DeepSpeed's default is 0 when absent)."""
-    return (cfg.get("zero_optimization") or {}).get("stage", 0)
-
-
-def precision(cfg: dict) -> str:
-    """``bf16``, ``fp16`` or ``fp32`` of a filled config."""
-    for name in ("bf16", "fp16"):
-        if (cfg.get(name) or {}).get("enabled") is True:
-            return name
-    return "fp32"
-
-
-def offload_optimizer(cfg: dict) -> bool:
-    """True if optimizer state (and fp32 master weights) live off-device (cpu or nvme)."""
-    return _offload_device(cfg, "offload_optimizer") in ("cpu", "nvme")
-
-
-def offload_param(cfg: dict) -> bool:
-    """True if ZeRO-3 parameters are offloaded (cpu or nvme)."""
-    return _offload_device(cfg, "offload_param") in ("cpu", "nvme")
-
-
-def batch_sizes(cfg: dict) -> tuple[int, int, int]:
-    """(micro-batch per rank, accumulation steps, global train batch) of a filled config."""
-    return (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"])
 
 
 def client_optimizer_config(cfg: dict) -> tuple[dict, dict]:
@@ -335,7 +308,7 @@ def check_ds_config(cfg: dict, source: str = "<dict>", client_optimizer: bool = 
 
 def _offload_problems(cfg: dict, stage: Any, source: str, client_optimizer: bool) -> list[str]:
     out = []
-    opt_dev = _offload_device(cfg, "offload_optimizer")
+    opt_dev = offload_device(cfg, "offload_optimizer")
     if opt_dev not in ("none", "cpu", "nvme"):
         out.append(f"zero_optimization.offload_optimizer.device={opt_dev!r} in {source}; fix: use cpu or none")
     if opt_dev == "nvme":
@@ -344,7 +317,7 @@ def _offload_problems(cfg: dict, stage: Any, source: str, client_optimizer: bool
     if offload_optimizer(cfg) and _is_int(stage) and stage < 1:
         out.append(f"zero_optimization.offload_optimizer needs ZeRO stage >= 1 but stage is {stage} in {source}; "
                    "fix: set stage 1, 2 or 3, or remove offload_optimizer")
-    if _offload_device(cfg, "offload_param") == "nvme":
+    if offload_device(cfg, "offload_param") == "nvme":
         out.append(f"zero_optimization.offload_param.device=nvme in {source} is not supported by rosa_ds (its "
                    "checkpoints and resamples read the partitions in memory); fix: use cpu")
     if offload_param(cfg) and stage != 3:
@@ -377,11 +350,6 @@ def _contradiction(key: str, json_value: Any, source: str, flag: str, flag_value
     shown = json.dumps(json_value)
     return (f"{key}={shown} in {source} contradicts {flag} {flag_value}; fix: drop {flag}, or set "
             f'{key} to "auto" (or to {json.dumps(flag_value)}) in the JSON')
-
-
-def _offload_device(cfg: dict, key: str) -> str:
-    off = (cfg.get("zero_optimization") or {}).get(key)
-    return off.get("device", "none") if isinstance(off, dict) else "none"
 
 
 def _get(cfg: dict, path: tuple) -> Any:

@@ -19,8 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .counts import counts_from_config, load_config
+from .ds_json import declared_dtype
 from .phases import phase_peaks, phases_markdown
-from .plan import MemoryPlan, ds_dtype
+from .plan import MemoryPlan
 from .predict import exact_reduction, paper_reduction, predict
 from .report import bar_chart, breakdown_markdown, legend_markdown
 
@@ -73,7 +74,7 @@ def build_plan(args: argparse.Namespace) -> MemoryPlan:
             raise FileNotFoundError(f"--ds-config {path} does not exist; give a DeepSpeed JSON such as "
                                     "ds_configs/zero2.json")
         ds = json.loads(path.read_text())
-        fixed = ("zero_stage", "offload_optimizer") + (("dtype",) if ds_dtype(ds) else ())
+        fixed = ("zero_stage", "offload_optimizer") + (("dtype",) if declared_dtype(ds) else ())
         return MemoryPlan.from_ds_config(ds, **{k: v for k, v in fields.items() if k not in fixed})
     return MemoryPlan(**fields)
 

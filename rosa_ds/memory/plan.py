@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .ds_json import declared_dtype, offload_optimizer, zero_knobs, zero_stage
+
 METHODS = ("full", "lora", "rosa")
 STAGES = (0, 1, 2, 3)
 DTYPES = ("fp32", "bf16", "fp16")
@@ -48,14 +50,6 @@ def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"MemoryPlan.{name} {value!r} is not supported; choose one of "
                          f"{', '.join(map(str, choices))}")
-
-
-def ds_dtype(ds_config: dict) -> Optional[str]:
-    """Precision a DeepSpeed config fixes: bf16 / fp16 / fp32, or None while it says "auto"."""
-    flags = {k: (ds_config.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16")}
-    if any(v == "auto" for v in flags.values()) and not any(v is True for v in flags.values()):
-        return None
-    return "bf16" if flags["bf16"] is True else ("fp16" if flags["fp16"] is True else "fp32")
 
 
 @dataclass
@@ -141,21 +135,11 @@ class MemoryPlan:
     def from_ds_config(cls, ds_config: dict, **kwargs) -> MemoryPlan:
         """Plan fields taken from a DeepSpeed config dict (stage, precision, offload, buckets);
         ``kwargs`` give the rest (method, rank, world_size, ...) and win over the config."""
-        zero = ds_config.get("zero_optimization", {}) or {}
-        off = (zero.get("offload_optimizer") or {}).get("device", "none")
-        fields = {"zero_stage": int(zero.get("stage", 0)), "offload_optimizer": off == "cpu"}
-        dtype = ds_dtype(ds_config)
+        fields = {"zero_stage": int(zero_stage(ds_config)), "offload_optimizer": offload_optimizer(ds_config),
+                  **zero_knobs(ds_config)}
+        dtype = declared_dtype(ds_config)
         if dtype is not None:
             fields["dtype"] = dtype
-        for key, name in (("reduce_bucket_size", "reduce_bucket_size"),
-                          ("allgather_bucket_size", "allgather_bucket_size"),
-                          ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),
-                          ("stage3_max_live_parameters", "max_live_parameters"),
-                          ("stage3_param_persistence_threshold", "param_persistence_threshold")):
-            if isinstance(zero.get(key), (int, float)) and not isinstance(zero.get(key), bool):
-                fields[name] = int(zero[key])
-        if "overlap_comm" in zero:
-            fields["overlap_comm"] = bool(zero["overlap_comm"])
         fields.update(kwargs)
         return cls(**fields)
 

@@ -10,17 +10,17 @@ from ..memory.counts import ModelCounts
 from ..memory.plan import MemoryPlan
 from ..memory.predict import activation_prediction, model_reduction, predict
 from ..memory.report import write_memory_report
+from .preflight import run_plan
 
 
 def plan_for_run(trainer) -> MemoryPlan:
-    """MemoryPlan from a Trainer's resolved DeepSpeed config and settings."""
+    """The run's ``MemoryPlan`` (``preflight.run_plan``) for this rank and the engine's choice of
+    W_f masters."""
     import torch
 
-    cfg = trainer.cfg
-    return MemoryPlan.from_ds_config(
-        trainer.ds_config, method=cfg.method, rank=cfg.rosa.rank, world_size=int(trainer.world),
-        dp_rank=int(trainer.rank), micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len, optimizer=cfg.optim,
-        accelerator="cuda" if torch.cuda.is_available() else "cpu", frozen_master=frozen_master(trainer))
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    return run_plan(trainer.cfg, trainer.ds_config, int(trainer.world), accelerator,
+                    dp_rank=int(trainer.rank), frozen_master=frozen_master(trainer))
 
 
 def frozen_master(trainer) -> Optional[bool]:

@@ -51,12 +51,18 @@ def meta_counts(cfg, model_config):
     return counts
 
 
-def run_plan(cfg, ds_config: dict, world: int, accelerator: str) -> MemoryPlan:
-    # With --pack a row holds at most seq_len tokens and transformers still builds a (block-diagonal)
-    # mask per layer, so micro_batch x seq_len with a mask stays an upper bound.
+def run_plan(cfg, ds_config: dict, world: int, accelerator: str, dp_rank: int = 0,
+             frozen_master: Optional[bool] = None) -> MemoryPlan:
+    """The run as the memory accountant sees it: the one translation of a run's settings into a
+    ``MemoryPlan`` (preflight and the run's memory report both use it, so they predict alike).
+
+    With --pack a row holds at most seq_len tokens and transformers still builds a (block-diagonal)
+    mask per layer, so micro_batch x seq_len with a mask stays an upper bound.
+    """
     return MemoryPlan.from_ds_config(ds_config, method=cfg.method, rank=cfg.rosa.rank, world_size=world,
-                                     micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len, optimizer=cfg.optim,
-                                     accelerator=accelerator, activation_checkpointing=cfg.gradient_checkpointing)
+                                     dp_rank=dp_rank, micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len,
+                                     optimizer=cfg.optim, accelerator=accelerator, frozen_master=frozen_master,
+                                     activation_checkpointing=cfg.gradient_checkpointing)
 
 
 def available_bytes(cfg, accelerator: str) -> Optional[int]:

@@ -205,3 +205,13 @@ def test_zero_warmup_is_clamped_for_deepspeed():
     # DeepSpeed's WarmupDecayLR raises on warmup_num_steps=0 (and treats values below 2 as 2).
     cfg = build_ds_config("zero2", run(warmup_steps=0), 2)
     assert cfg["scheduler"]["params"]["warmup_num_steps"] == 1
+
+
+@pytest.mark.parametrize("device", ["none", "cpu", "nvme"])
+def test_planner_and_seam_read_offload_alike(device):
+    """One reader (rosa_ds.memory.ds_json): the memory plan and the seam agree on offload targets."""
+    from rosa_ds.memory import MemoryPlan
+
+    cfg = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": device}}}
+    assert MemoryPlan.from_ds_config(cfg, accelerator="cpu").offload_optimizer is dc.offload_optimizer(cfg)
+    assert dc.offload_optimizer(cfg) is (device != "none")

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -261,3 +262,22 @@ def test_cli_bad_input(tmp_path, capsys, args, msg):
     assert main(["--model", str(cfg), *args]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_run_report_plans_like_preflight(checkpointing):
+    """The run's memory report and preflight translate a run into the same plan, so a
+    --gradient-checkpointing run's report predicts activations with checkpointing."""
+    from types import SimpleNamespace
+
+    from rosa_ds.ds.config import load_template
+    from rosa_ds.recipe.config import parse_args
+    from rosa_ds.recipe.memory_report import plan_for_run
+    from rosa_ds.recipe.preflight import run_plan
+
+    cfg = parse_args(["--gradient-checkpointing"] if checkpointing else [])
+    ds_config, _ = load_template("zero2")
+    trainer = SimpleNamespace(cfg=cfg, ds_config=ds_config, world=2, rank=1, engine=SimpleNamespace())
+    plan = plan_for_run(trainer)
+    assert plan.activation_checkpointing is checkpointing
+    assert plan == replace(run_plan(cfg, ds_config, 2, plan.accelerator), dp_rank=1)
