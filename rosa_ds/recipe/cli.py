@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..ds.write_guard import CheckpointWriteError
 from ..utils.dist import global_rank
+from ..utils.log import setup_logging
 from .faults import Diverged, Preempted
 
 # Errors that describe bad input (the project's own error types subclass ValueError); anything
@@ -20,6 +21,7 @@ def main(argv: Optional[list] = None) -> int:
     from .config import parse_args
     from .trainer import Trainer
 
+    setup_logging()
     try:
         cfg = parse_args(argv)
         Trainer(cfg).run()

@@ -12,7 +12,6 @@ file lock, so ranks launched together convert once and never read a half-written
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -24,11 +23,10 @@ from typing import Optional
 import torch
 
 from ..utils.io import atomic_dir, cache_root, exclusive, stable_hash
+from ..utils.log import log_rank0, log_this_rank
 from ..utils.packages import DEFAULT_GGUF, MINILM, SMOLLM2, install_hint, package_dir
 from ..utils.safetensors_io import check_safetensors
 from .data.config import TASKS
-
-log = logging.getLogger(__name__)
 
 # What ``default`` means per task: a 6-layer encoder classifies BBC topics on 2 CPU cores in minutes,
 # where the 135M-parameter decoder would take several times longer for no gain in accuracy.
@@ -192,10 +190,10 @@ def ensure_plain_copy(source: ModelSource) -> Path:
     with exclusive(target):
         if not (target / "config.json").is_file():  # another rank may have finished while we waited
             start = time.perf_counter()
-            log.info("converting %s to a plain safetensors copy in %s (once)", source.location, target)
+            log_this_rank(f"converting {source.location} to a plain safetensors copy in {target} (once)")
             with atomic_dir(target, replace=True) as tmp:  # an entry without config.json is incomplete
                 _convert_gguf(Path(source.location), tmp)
-            log.info("converted %s in %.1f s", source.spec, time.perf_counter() - start)
+            log_this_rank(f"converted {source.spec} in {time.perf_counter() - start:.1f} s")
     return target
 
 
@@ -276,7 +274,7 @@ def load_model_and_tokenizer(spec: str, task: str = "causal_lm", num_labels: Opt
         model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    log.info("loaded %s (%s) in %.1f s", source.describe(), task, time.perf_counter() - start)
+    log_rank0(f"loaded {source.describe()} ({task}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
 
 

@@ -1,20 +1,50 @@
-"""Rank-aware logging: rank 0 speaks, other ranks stay quiet unless asked."""
+"""Rank-aware logging: rank 0 speaks, other ranks speak only about what happened to them alone.
+
+The library only emits records on the ``rosa_ds`` logger (with a ``NullHandler``, as a library
+should: configuring handlers is the application's choice). Entry points (the CLI, ``python -m
+rosa_ds.memory``, the examples) call ``setup_logging`` once to print ``[rosa_ds] ...`` lines on
+stderr; an application that configures logging itself sees the same records through its own
+handlers.
+"""
 from __future__ import annotations
 
 import logging
+import sys
 
 from .dist import global_rank
 
 logger = logging.getLogger("rosa_ds")
+logger.addHandler(logging.NullHandler())
+FORMAT = "[rosa_ds] %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Print the ``rosa_ds`` logger's records on stderr, unless the application already configured
+    the root logger (then its handlers print them). Idempotent; the root logger is left alone.
+
+    Each record goes out as one whole line (the stream is flushed per record), so a progress bar
+    that redraws with carriage returns cannot glue itself to it when stderr is a file."""
+    logger.setLevel(level)
+    if logging.getLogger().handlers or any(getattr(h, "_rosa_ds", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler._rosa_ds = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
 
 
 def log_rank0(message: str, level: int = logging.INFO) -> None:
+    """Log ``message`` on global rank 0 only (what every rank would say alike)."""
     if global_rank() == 0:
-        if not logger.handlers and not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="[rosa_ds] %(message)s")
         logger.log(level, message)
 
 
 def warn_rank0(message: str) -> None:
     log_rank0(message, logging.WARNING)
 
+
+def log_this_rank(message: str, level: int = logging.INFO) -> None:
+    """Log what only this rank did (e.g. it converted a shared cache entry), naming the rank when
+    it is not rank 0."""
+    rank = global_rank()
+    logger.log(level, message if rank == 0 else f"(rank {rank}) {message}")

@@ -23,16 +23,15 @@ in order. A sample whose assistant tokens were all cut off by ``seq_len`` is dro
 """
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Optional
 
+from ...utils.log import warn_rank0
 from .config import DataConfig, DataError
 from .encode import IGNORE_INDEX, EvalPrompt, fit_prompt
 from .prepare import Example
 
-log = logging.getLogger(__name__)
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
@@ -151,8 +150,8 @@ def encode_chat(tokenizer, examples: list[Example], cfg: DataConfig, template: O
         all_ids.append(ids)
         all_labels.append(labels)
     if dropped:
-        log.warning("%d conversation(s) lost all assistant tokens to --seq-len %d and are left out (first: %s); "
-                    "raise --seq-len to keep them", len(dropped), cfg.seq_len, ", ".join(dropped[:3]))
+        warn_rank0(f"{len(dropped)} conversation(s) lost all assistant tokens to --seq-len {cfg.seq_len} and are "
+                   f"left out (first: {', '.join(dropped[:3])}); raise --seq-len to keep them")
     return all_ids, all_labels, truncated, dropped
 
 

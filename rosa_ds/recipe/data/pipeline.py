@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ...utils.io import atomic_file, cache_root, exclusive, stable_hash
+from ...utils.log import log_rank0, log_this_rank
 from .config import DataConfig, DataError
 from .encode import (
     EvalPrompt,
@@ -31,7 +32,6 @@ from .encode import (
 from .encode_chat import chat_eval_prompts, chat_template, encode_chat
 from .prepare import Example, RawData, check_data
 
-log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # bump when the encoding changes, to invalidate old cache entries
 
 
@@ -156,11 +156,11 @@ def tokenize_data(raw: RawData, tokenizer) -> TokenizedData:
             try:
                 return _load(path)
             except Exception as exc:  # unreadable entry (e.g. written by another torch): rebuild it
-                log.warning("tokenized cache %s unreadable (%s); rebuilding", path, exc)
+                log_this_rank(f"tokenized cache {path} unreadable ({exc}); rebuilding", logging.WARNING)
         data = build(raw, tokenizer)
         _save(data, path)
     data.cache_path = path
-    log.info("tokenized %s: %s (cached at %s)", raw.cfg.dataset, data.stats, path)
+    log_rank0(f"tokenized {raw.cfg.dataset}: {data.stats} (cached at {path})")
     return data
 
 
