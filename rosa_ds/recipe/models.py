@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..utils.io import atomic_dir, cache_root, exclusive, stable_hash
+from ..utils.io import atomic_dir, cache_root, exclusive, file_digest
 from ..utils.log import log_rank0, log_this_rank
 from ..utils.packages import DEFAULT_GGUF, MINILM, SMOLLM2, install_hint, package_dir
 from ..utils.safetensors_io import check_safetensors
@@ -158,10 +158,8 @@ def model_max_length(config) -> Optional[int]:
 # ---------------------------------------------------------------- GGUF -> plain safetensors
 
 def converted_dir(source: ModelSource) -> Path:
-    """Cache directory of a GGUF's plain copy, keyed by the file's path, size and mtime."""
-    st = os.stat(source.location)
-    key = stable_hash([os.path.abspath(source.location), st.st_size, st.st_mtime_ns], 16)
-    return cache_root() / "models" / f"{Path(source.location).stem}-{key}"
+    """Cache directory of a GGUF's plain copy, keyed by the file's content (``file_digest``)."""
+    return cache_root() / "models" / f"{Path(source.location).stem}-{file_digest(Path(source.location))}"
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -122,3 +122,25 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def file_digest(path: Path, n: int = 16) -> str:
+    """First ``n`` hex digits of the sha256 of a file's bytes: a cache key that names the content,
+    so the same model file reached through another path (another virtualenv's copy) shares one
+    cache entry. Reading a large file takes a second or so, hence the memo under ``cache_root()``,
+    keyed by path, size and mtime: a changed file (new mtime) is hashed again."""
+    st = os.stat(path)
+    memo = cache_root() / "digests" / stable_hash([os.path.abspath(path), st.st_size, st.st_mtime_ns], 24)
+    try:
+        return memo.read_text().strip()[:n]
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    try:
+        atomic_write_text(memo, h.hexdigest())
+    except OSError:  # a read-only cache still gets the right key, just recomputed next time
+        pass
+    return h.hexdigest()[:n]

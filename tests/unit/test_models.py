@@ -199,3 +199,19 @@ def test_default_smollm2_loads_and_knows_english():
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert loss < 5.0  # a pretrained model (random init: ln(49152) = 10.8)
+
+
+def test_gguf_cache_entry_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    """Two virtualenvs' copies of the same GGUF share one converted entry; changed bytes do not."""
+    monkeypatch.setenv("ROSA_DS_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "venv1" / "model.gguf", tmp_path / "venv2" / "model.gguf"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+
+    def source(path):
+        return models.ModelSource(spec=str(path), kind="gguf", location=str(path))
+
+    assert models.converted_dir(source(a)) == models.converted_dir(source(b))
+    b.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)
+    assert models.converted_dir(source(a)) != models.converted_dir(source(b))
