@@ -30,7 +30,7 @@ import torch
 from ..memory.ds_json import AUTO, batch_sizes, offload_device, offload_optimizer, offload_param, precision, zero_stage  # noqa: F401
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OPTIMS = ("adamw", "adamw8bit")
+OPTIMS = ("adamw", "adamw8bit", "sgd")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_NAMES = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
@@ -75,7 +75,8 @@ class RunValues:
         warmup_steps: optimizer steps of linear warmup from 0 to ``lr``.
         weight_decay: decoupled (AdamW) weight decay.
         precision: ``auto`` (bf16 on CUDA with bf16 support, else fp32), ``fp32``, ``bf16``, ``fp16``.
-        optim: ``adamw`` (from the JSON) or ``adamw8bit`` (bitsandbytes client optimizer).
+        optim: ``adamw`` (from the JSON), ``adamw8bit`` (bitsandbytes client optimizer) or ``sgd``
+            (plain SGD without momentum, as the ROSA paper's code trains: ``plain_sgd``).
         explicit: names of the fields above that the user set explicitly; only these can
             contradict an explicit JSON value (otherwise the JSON value wins).
     """
@@ -162,6 +163,18 @@ def client_optimizer_config(cfg: dict) -> tuple[dict, dict]:
     return out, params
 
 
+def plain_sgd(cfg: dict) -> None:
+    """Replace a filled config's optimizer by ``torch.optim.SGD`` without momentum (in place):
+    θ ← θ − η·(g + λθ), no state at all, so a resample has nothing to reset. The learning rate and
+    weight decay stay those the run filled; the scheduler is kept. DeepSpeed builds any
+    ``torch.optim`` class named in ``optimizer.type`` but asks for ``zero_allow_untested_optimizer``
+    before ZeRO wraps one it has not tested."""
+    params = (cfg.get("optimizer") or {}).get("params") or {}
+    cfg["optimizer"] = {"type": "SGD", "params": {"lr": params.get("lr"), "momentum": 0.0,
+                                                  "weight_decay": params.get("weight_decay", 0.0)}}
+    cfg["zero_allow_untested_optimizer"] = True
+
+
 # ---------------------------------------------------------------- the builder
 
 def build_ds_config(template: Union[str, Path, dict], run: RunValues, world_size: int) -> dict:
@@ -181,6 +194,8 @@ def build_ds_config(template: Union[str, Path, dict], run: RunValues, world_size
     _resolve_batch(cfg, values, accum_pinned, world_size, problems, source)
     _resolve_precision(cfg, run, problems, source)
     _fill_derived(cfg)
+    if run.optim == "sgd":
+        plain_sgd(cfg)
     problems += problems_of(cfg, source, client_optimizer=run.optim == "adamw8bit")
     if problems:
         raise DSConfigError(source, problems)

@@ -14,7 +14,7 @@ from .ds_json import declared_dtype, offload_optimizer, zero_knobs, zero_stage
 METHODS = ("full", "lora", "rosa")
 STAGES = (0, 1, 2, 3)
 DTYPES = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 ACCELERATORS = ("cuda", "cpu")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -64,7 +64,8 @@ class MemoryPlan:
         dtype: compute precision of weights and gradients: fp32, bf16 or fp16.
         offload_optimizer: ZeRO ``offload_optimizer.device = cpu``: masters, moments and fp32
             gradient partitions live in host RAM.
-        optimizer: ``adamw`` (fp32 moments) or ``adamw8bit`` (bitsandbytes blockwise 8-bit).
+        optimizer: ``adamw`` (fp32 moments), ``adamw8bit`` (bitsandbytes blockwise 8-bit) or ``sgd``
+            (plain SGD without momentum: no state).
         micro_batch: sequences per rank per micro step (activation estimate).
         seq_len: tokens per sequence (activation estimate).
         activation_checkpointing: each layer keeps only its input; backward recomputes one layer

@@ -34,6 +34,8 @@ ADAM_STEP_BYTES = 4  # torch AdamW keeps `step` as a float32 scalar tensor per p
 BNB_BLOCK = 256  # bitsandbytes blockwise quantization: one fp32 absmax per 256 elements per moment
 BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit states (bitsandbytes min_8bit_size)
 BNB_QMAP_BYTES = 2 * 256 * 4  # two 256-entry fp32 code books, shared by all tensors
+# optimizer-state bytes per trainable element, ignoring scalars (the closed forms)
+STATE_BYTES_PER_ELEMENT = {"adamw": 8, "adamw8bit": 2 + 8 / BNB_BLOCK, "sgd": 0}
 
 
 def padded(numel: int, world_size: int) -> int:
@@ -61,7 +63,10 @@ def zero2_grad_partition(sizes: list, world_size: int, dp_rank: int) -> int:
 
 
 def optimizer_state_bytes(tensor_sizes: list, plan: MemoryPlan, step_scalars: bool = True) -> int:
-    """Moments for tensors the inner optimizer holds (flat partitions under ZeRO)."""
+    """Moments for tensors the inner optimizer holds (flat partitions under ZeRO); plain SGD
+    without momentum keeps none."""
+    if plan.optimizer == "sgd":
+        return 0
     if plan.optimizer == "adamw":
         return sum(8 * n for n in tensor_sizes) + (ADAM_STEP_BYTES * len(tensor_sizes) if step_scalars else 0)
     total, any8 = 0, False
@@ -197,7 +202,7 @@ def owned_elements(adapted: list, world_size: int, rank: int) -> int:
 def coefficients(plan: MemoryPlan, where: str = "all") -> tuple[float, float]:
     """(c_f, c_t): resident bytes per frozen and per trainable element, ignoring padding,
     persistence, buckets and scalars. ``where``: ``device``, ``host`` or ``all``."""
-    w, n, k = plan.weight_bytes, plan.world_size, (8 if plan.optimizer == "adamw" else 2 + 8 / BNB_BLOCK)
+    w, n, k = plan.weight_bytes, plan.world_size, STATE_BYTES_PER_ELEMENT[plan.optimizer]
     off = plan.offload_optimizer
     if plan.zero_stage == 0:
         dev = (w, 2 * w + k + (0 if plan.dtype == "fp32" else 4))

@@ -92,7 +92,8 @@ class TrainConfig:
                                           "host RAM on the CPU; a run predicted not to fit stops before loading "
                                           "weights and names a configuration that fits")
     precision: str = opt("auto", "auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16 or fp16", PRECISIONS)
-    optim: str = opt("adamw", "adamw (from the DeepSpeed JSON) or adamw8bit (bitsandbytes)", OPTIMS)
+    optim: str = opt("adamw", "adamw (from the DeepSpeed JSON), adamw8bit (bitsandbytes) or sgd (plain SGD, no "
+                             "momentum, as the ROSA paper's code)", OPTIMS)
     seed: int = opt(0, "seed of data order and split, initialisation and ROSA subspaces")
     # -- evaluation, checkpoints, logging
     eval_every: int = opt(0, "evaluate every N optimizer steps (0 = at the end of each epoch)", minimum=0)

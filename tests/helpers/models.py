@@ -43,18 +43,22 @@ def no_dropout_gpt2(seed: int = 0):
     return tiny_model("gpt2", seed=seed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def adamw_reference(model, batch_fn, steps_per_epoch: int, epochs: int, lr: float, weight_decay: float = 0.01):
-    """The single-process reference multi-rank runs are compared with: plain torch AdamW on the
-    global batch ``batch_fn(step)``, a resample after every epoch but the last with the factors'
-    optimizer state cleared (zero moments AND step counter, as the engine does). Returns (per-step losses,
-    the merged plain model's state dict)."""
+def adamw_reference(model, batch_fn, steps_per_epoch: int, epochs: int, lr: float, weight_decay: float = 0.01,
+                    optimizer: str = "adamw"):
+    """The single-process reference multi-rank runs are compared with: plain torch AdamW (or, with
+    ``optimizer="sgd"``, SGD without momentum) on the global batch ``batch_fn(step)``, a resample
+    after every epoch but the last with the factors' optimizer state cleared (zero moments AND
+    step counter, as the engine does). Returns (per-step losses, the merged plain model's state dict)."""
     import torch
 
     from rosa_ds.inject import merge_and_unload, resample
     from rosa_ds.layer import is_adapter_param
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
-                            eps=1e-8, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     losses = []
     for step in range(steps_per_epoch * epochs):
         loss = model(**batch_fn(step)).loss

@@ -96,6 +96,20 @@ def test_fp32_matches_single_process_adamw_and_resumes_exactly(tmp_path, stage, 
     assert all(torch.equal(merged[k], merged_resumed[k]) for k in merged)
 
 
+def test_plain_sgd_matches_single_process_torch_sgd(tmp_path):
+    """--optim sgd (the paper's optimizer, no momentum) on 2 ZeRO-2 ranks equals torch.optim.SGD in
+    one process, across resamples (SGD keeps no state: nothing to reset, the step is exact)."""
+    results, merged = run(tmp_path, 2, extra=["--sgd"])
+    torch.manual_seed(1234)
+    model = apply_rosa(no_dropout_gpt2(), RosaConfig(rank=3, seed=7))
+    ref_losses, ref_state = adamw_reference(model, lambda step: lm_batch(step, WORLD, MICRO), STEPS_PER_EPOCH,
+                                            EPOCHS, LR, optimizer="sgd")
+    losses = mean_losses(results)
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)) <= 1e-5, (losses, ref_losses)
+    assert max(rel(merged[k], ref_state[k]) for k in merged if merged[k].is_floating_point()) <= 1e-5
+    assert len(results[0]["resamples"]) == EPOCHS - 1
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_activation_checkpointing_gives_the_same_gradients_across_a_resample(tmp_path, stage):
     """Non-reentrant checkpointing on the frozen-base model under ZeRO-2/3: every factor's reduced

@@ -1,6 +1,7 @@
 """DeepSpeed templates: "auto" filling, contradictions reported together, batch identity, checks."""
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -215,3 +216,18 @@ def test_planner_and_seam_read_offload_alike(device):
     cfg = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": device}}}
     assert MemoryPlan.from_ds_config(cfg, accelerator="cpu").offload_optimizer is dc.offload_optimizer(cfg)
     assert dc.offload_optimizer(cfg) is (device != "none")
+
+
+def test_optim_sgd_is_plain_sgd_without_state():
+    """--optim sgd: torch.optim.SGD, no momentum, the run's lr and weight decay, scheduler kept;
+    the memory plan predicts no optimizer state for it."""
+    from rosa_ds.memory import MemoryPlan
+    from rosa_ds.memory.predict import optimizer_state_bytes
+
+    run = dc.RunValues(micro_batch=4, grad_accum=1, lr=0.05, total_steps=10, weight_decay=0.0, optim="sgd")
+    cfg = dc.build_ds_config("zero2", run, world_size=2)
+    assert cfg["optimizer"] == {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0}}
+    assert cfg["zero_allow_untested_optimizer"] is True and cfg["scheduler"]["params"]["warmup_max_lr"] == 0.05
+    plan = MemoryPlan.from_ds_config(cfg, optimizer="sgd", accelerator="cpu")
+    assert optimizer_state_bytes([1000, 24], plan) == 0
+    assert optimizer_state_bytes([1000], replace(plan, optimizer="adamw")) > 0

@@ -30,6 +30,7 @@ p.add_argument("--ckpt", default="")
 p.add_argument("--merged-out", default="")
 p.add_argument("--offload", action="store_true")
 p.add_argument("--client-adamw", action="store_true", help="torch AdamW as a client optimizer factory")
+p.add_argument("--sgd", action="store_true", help="plain SGD without momentum (--optim sgd's config)")
 p.add_argument("--grad-accum-fp32", action="store_true",
                help="data_types.grad_accum_dtype fp32 (ZeRO-1 + bf16: DeepSpeed's BF16_Optimizer)")
 p.add_argument("--frozen-master", choices=["auto", "on", "off"], default="auto")
@@ -49,6 +50,10 @@ cfg = ds_test_config(a.stage, a.dtype, a.micro_batch, offload=a.offload)
 if a.grad_accum_fp32:
     cfg["data_types"] = {"grad_accum_dtype": "fp32"}
 optimizer = None
+if a.sgd:
+    from rosa_ds.ds.config import plain_sgd
+
+    plain_sgd(cfg)
 if a.client_adamw:
     kw = cfg.pop("optimizer")["params"]
     kw.pop("torch_adam", None)
