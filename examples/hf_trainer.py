@@ -9,7 +9,7 @@ What ROSA changes in a Trainer script is marked ``# ROSA``: the import, and ``Ro
 model (``from_pretrained`` loads it) to ``DIR/merged``.
 
 The defaults (the first 128 training and 32 eval headlines, 64 tokens, 2 epochs, one resample
-between them) finish in about 4 minutes on 2 CPU ranks (see the README); raise
+between them) finish in about 4 minutes on 2 CPU ranks (see docs/trainer.md); raise
 ``--max-train-samples`` for a real run. bf16 is used on a GPU that supports it, fp32 elsewhere.
 """
 import argparse

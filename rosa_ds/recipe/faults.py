@@ -1,6 +1,6 @@
 """Stopping safely: preemption signals, a vanished launcher, non-finite steps, one run per directory.
 
-Exit codes of a rank (``launch/train.py``; README "Faults and preemption"):
+Exit codes of a rank (``launch/train.py``; docs/faults.md, "Faults and preemption"):
 
     0   finished                      2   bad input (one line)
     1   a bug (traceback)             3   diverged: non-finite loss or gradients, or a non-finite export
