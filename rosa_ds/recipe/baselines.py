@@ -14,18 +14,46 @@ from ..config import RosaConfig
 from ..inject import find_targets
 
 PEFT_PREFIX = "base_model.model."
+LORA_INITS = ("peft", "paper")
 
 
-def apply_lora(model: nn.Module, rank: int, target_modules=None, modules_to_save=(), alpha: float | None = None):
-    """PEFT LoRA on the modules ROSA would adapt (same targets, same validation and errors)."""
+def apply_lora(model: nn.Module, rank: int, target_modules=None, modules_to_save=(), alpha: float | None = None,
+               init: str = "peft"):
+    """PEFT LoRA on the modules ROSA would adapt (same targets, same validation and errors).
+
+    ``init``: ``peft`` is PEFT's default (down projection A kaiming-uniform, up projection B = 0)
+    with scale alpha / r = 2; ``paper`` is LoRA as the ROSA paper's released code builds it
+    (``peftnet``'s ``PeftLinear``: y = x W + (x a) b with a = 0 (in × r), b ~ N(0, 1) (r × out), no
+    scale), i.e. PEFT's A = 0, B ~ N(0, 1), alpha = r. Under that init the first gradient reaches
+    only A and is scaled by B's unit-variance entries whatever R, which is one reason the paper's
+    LoRA looks flat in R under plain SGD at a shared learning rate; it exists to reproduce that
+    protocol, not as a recommended setting.
+    """
     from peft import LoraConfig, get_peft_model
 
+    if init not in LORA_INITS:
+        raise ValueError(f"LoRA init {init!r} is not known; use one of {', '.join(LORA_INITS)}")
     targets = [n for n, _ in find_targets(model, RosaConfig(rank=rank, target_modules=target_modules,
                                                                   modules_to_save=tuple(modules_to_save)))]
     fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=targets,
+    alpha = rank if init == "paper" else (alpha or 2 * rank)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         fan_in_fan_out=fan_in_fan_out, modules_to_save=list(modules_to_save) or None)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if init == "paper":
+        paper_lora_init(peft_model)
+    return peft_model
+
+
+@torch.no_grad()
+def paper_lora_init(peft_model: nn.Module) -> None:
+    """A = 0, B ~ N(0, 1) on every LoRA layer (the ROSA paper code's LoRA; the product is 0, so
+    the model starts as the pretrained one)."""
+    for module in peft_model.modules():
+        if is_lora_layer(module):
+            for adapter in module.lora_A:
+                module.lora_A[adapter].weight.zero_()
+                module.lora_B[adapter].weight.normal_(0.0, 1.0)
 
 
 def lora_merged_state_dict(state: dict[str, torch.Tensor], peft_model) -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ from ..utils.options import (
 )
 from ..utils.packages import is_installed
 from ..utils.sizes import parse_size
+from .baselines import LORA_INITS
 from .data.config import DataConfig
 
 # The components a run is made of: (attribute of TrainConfig, config class).
@@ -77,6 +78,8 @@ class TrainConfig:
     model: str = opt("default", "hub name, local directory, or .gguf file; 'default' = the embedded model of the task")
     method: str = opt("rosa", "rosa (random subspace adaptation), lora (peft baseline) or full fine-tuning",
                       tuple(sorted(METHODS, key=("rosa", "lora", "full").index)))
+    lora_init: str = opt("peft", "--method lora only: peft (PEFT's default init, scale 2) or paper (the ROSA paper "
+                                 "code's LoRA: A = 0, B ~ N(0, 1), scale 1; for reproducing its protocol)", LORA_INITS)
     # -- optimization
     epochs: int = opt(2, "passes over the training samples", minimum=1)
     max_steps: Optional[int] = opt(None, "stop after N optimizer steps (none = run all epochs)", minimum=1)
@@ -137,6 +140,9 @@ class TrainConfig:
         if self.rosa.quantize_base is not None and self.method != "rosa":
             raise ValueError(f"--quantize-base applies to --method rosa only (got --method {self.method}); "
                              "fix: drop --quantize-base or use --method rosa")
+        if self.lora_init != "peft" and self.method != "lora":
+            raise ValueError(f"--lora-init applies to --method lora only (got --method {self.method}); "
+                             "fix: drop --lora-init or use --method lora")
         if self.optim == "adamw8bit" and not is_installed("bitsandbytes"):
             raise ValueError("--optim adamw8bit needs bitsandbytes; fix: pip install bitsandbytes or use --optim adamw")
         resolve_template(self.deepspeed)

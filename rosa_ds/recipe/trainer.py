@@ -127,7 +127,7 @@ class Trainer:
         if cfg.method == "rosa":
             rosa_config = dataclasses.replace(cfg.rosa, modules_to_save=keep)
         elif cfg.method == "lora":
-            model = apply_lora(model, cfg.rosa.rank, cfg.rosa.target_modules, keep)
+            model = apply_lora(model, cfg.rosa.rank, cfg.rosa.target_modules, keep, init=cfg.lora_init)
         if cfg.optim == "adamw8bit":
             self.ds_config, kwargs = dsconfig.client_optimizer_config(self.ds_config)
             optimizer = _bnb_factory(kwargs)
