@@ -109,6 +109,22 @@ class RosaEngine:
             return self.resample()
         return None
 
+    def grad_norm(self) -> Optional[float]:
+        """L2 norm of the whole (all-reduced, unscaled) gradient at the last optimizer step, before
+        clipping; None where DeepSpeed did not compute one. A float on the host: DeepSpeed has
+        already synchronized to compute it."""
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def write_scalars(self, values: dict[str, float]) -> None:
+        """Add scalars to DeepSpeed's monitor (TensorBoard / CSV / W&B as the config enables them),
+        beside its own ``Train/Samples/*`` curves and on the same x axis (samples seen)."""
+        monitor = getattr(self.ds, "monitor", None)
+        if monitor is None or not monitor.enabled or self.ds.global_rank != 0:
+            return
+        monitor.write_events([(f"Train/Samples/{k}", float(v), self.ds.global_samples)
+                              for k, v in values.items() if v is not None])
+
     def end_epoch(self, epoch: int, num_epochs: int) -> Optional[dict]:
         """Call after the last step of epoch ``epoch`` (0-based): resamples if the schedule says so."""
         self.state.epoch = epoch + 1

@@ -258,7 +258,8 @@ class Trainer:
         loss, tokens_all, stops = all_reduce(stats).tolist()
         rec = {"step": eng.global_step, "epoch": epoch, "loss": loss / self.world,
                "lr": eng.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_all / max(seconds, 1e-9),
-               "step_seconds": round(seconds, 4)}
+               "step_seconds": round(seconds, 4), **grad_norm_record(eng.grad_norm(), self.ds_config)}
+        eng.write_scalars({"grad_norm": rec["grad_norm"]})
         diverged = self.check_finite_step(rec)
         self.metrics.write(rec)
         if diverged is not None:
@@ -436,6 +437,13 @@ class Trainer:
                             "predicted_phase": self.fit.phase, "available_bytes": self.fit.available})
         log_rank0(f"peak RSS per rank: {', '.join(format_size(p) for p in peaks)} "
                   f"(predicted {format_size(self.fit.need)} at {self.fit.phase})")
+
+
+def grad_norm_record(norm: Optional[float], ds_config: dict) -> dict:
+    """The step's gradient norm before clipping and whether clipping scaled it down (DeepSpeed
+    clips to ``gradient_clipping`` when the norm exceeds it; 0 turns clipping off)."""
+    clip = float(ds_config.get("gradient_clipping") or 0.0)
+    return {"grad_norm": norm, "clipped": bool(norm is not None and clip > 0 and norm > clip)}
 
 
 def _bnb_factory(kwargs: dict):

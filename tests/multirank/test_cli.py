@@ -53,7 +53,10 @@ def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage, e
     resamples = [r for r in recs if r.get("event") == "resample"]
     assert [e["step"] for e in evals] == [0, spe, 2 * spe]
     assert [r["step"] for r in resamples] == ([spe] if method == "rosa" else [])
-    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 2 * spe + 1))  # one record per optimizer step
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 2 * spe + 1))  # one record per optimizer step
+    # the template clips at 1.0: each step records its gradient norm before clipping and whether it was clipped
+    assert all(r["grad_norm"] > 0 and r["clipped"] == (r["grad_norm"] > 1.0) for r in steps), steps
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals  # it learned
     saved = json.loads((out / "config.json").read_text())
     assert saved["method"] == method

@@ -72,6 +72,16 @@ def assert_resample_invariants(results):
         assert sum(svds) == n_layers and min(svds) > 0, f"each layer's SVD once in the world, balanced: {svds}"
 
 
+def assert_grad_norms_are_the_full_gradients(results):
+    """The engine's per-step gradient norm (metrics.jsonl's ``grad_norm``) is the L2 norm of the
+    whole reduced gradient before clipping, the same on every rank."""
+    for step in GRADS_AT:
+        full = torch.tensor([g for factor in results[0]["grads"][step] for g in factor], dtype=torch.float64)
+        norms = [r["grad_norms"][step] for r in results]
+        assert all(n == norms[0] for n in norms), norms
+        assert abs(norms[0] - float(full.norm())) <= 1e-5 * float(full.norm()), (norms[0], float(full.norm()))
+
+
 @pytest.mark.parametrize("stage, nodes", [(1, 2), (2, 1), (3, 1)])
 def test_fp32_matches_single_process_adamw_and_resumes_exactly(tmp_path, stage, nodes):
     ckpt = tmp_path / "ckpt"
@@ -85,6 +95,7 @@ def test_fp32_matches_single_process_adamw_and_resumes_exactly(tmp_path, stage, 
     worst = max(rel(merged[k], ref_state[k]) for k in merged if merged[k].is_floating_point())
     assert worst <= 1e-5, worst
     assert_resample_invariants(results)
+    assert_grad_norms_are_the_full_gradients(results)
     if stage == 1:
         return  # resume is required on ZeRO-2 and ZeRO-3; stage 1 shows the 2-node layout
     assert_checkpoint_holds_no_full_frozen_copy(ckpt, stage)

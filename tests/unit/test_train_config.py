@@ -207,3 +207,12 @@ def test_an_error_is_one_line_from_rank_0_and_not_lost_on_another_rank(capsys, m
     monkeypatch.setenv("RANK", "0")
     assert cli.main(["--lr", "0"]) == 2
     assert capsys.readouterr().err.startswith("rosa_ds: error: --lr must be a positive number")
+
+
+def test_grad_norm_record_says_whether_clipping_acted():
+    from rosa_ds.recipe.trainer import grad_norm_record
+
+    assert grad_norm_record(2.0, {"gradient_clipping": 1.0}) == {"grad_norm": 2.0, "clipped": True}
+    assert grad_norm_record(0.5, {"gradient_clipping": 1.0})["clipped"] is False
+    assert grad_norm_record(2.0, {"gradient_clipping": 0.0})["clipped"] is False  # 0 turns clipping off
+    assert grad_norm_record(None, {})["clipped"] is False

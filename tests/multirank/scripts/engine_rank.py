@@ -114,7 +114,7 @@ if a.resume:
     client = engine.load_checkpoint(a.resume)
     start_step = client["step"]
 total = a.steps_per_epoch * a.epochs
-losses, resamples, svd_before, grads = {}, [], SVD_CALLS["count"], {}
+losses, resamples, svd_before, grads, grad_norms = {}, [], SVD_CALLS["count"], {}, {}
 for step in range(start_step, total):
     engine.train()
     batch = lm_batch(step, world, a.micro_batch, rank)
@@ -126,6 +126,7 @@ for step in range(start_step, total):
         grads[step] = [safe_get_full_grad(p).float().flatten().tolist() for p in engine.factor_params]
     engine.step()
     losses[step] = float(loss.detach().float())
+    grad_norms[step] = engine.grad_norm()
     done = step + 1
     if done % a.steps_per_epoch == 0:
         epoch = done // a.steps_per_epoch - 1
@@ -149,6 +150,7 @@ merged = engine.merged_state_dict()
 if rank == 0 and a.merged_out:
     torch.save(merged, a.merged_out)
 result = {"rank": rank, "world": world, "losses": losses, "resamples": resamples, "grads": grads,
+          "grad_norms": grad_norms,
           "svds_total_here": SVD_CALLS["count"] - svd_before, "n_layers": len(list(iter_rosa_layers(engine.module))),
           "trainable_state_groups": len(engine.optimizer.optimizer.param_groups)}
 with open(a.result, "w") as f:
