@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..ds.write_guard import CheckpointWriteError
 from ..utils.dist import global_rank
-from ..utils.log import setup_logging
+from ..utils.log import log_rank0, setup_logging
 from .faults import Diverged, Preempted
 
 # Errors that describe bad input (the project's own error types subclass ValueError); anything
@@ -22,8 +22,10 @@ def main(argv: Optional[list] = None) -> int:
     from .trainer import Trainer
 
     setup_logging()
+    quiet_progress_bars()
     try:
         cfg = parse_args(argv)
+        log_rank0(f"accelerator: {accelerator_name()}")
         Trainer(cfg).run()
     except (Preempted, Diverged, CheckpointWriteError) as exc:  # agreed by every rank: rank 0 says it
         if global_rank() == 0:
@@ -43,6 +45,27 @@ def main(argv: Optional[list] = None) -> int:
                             f"({' '.join(str(exc).split())[:160]})"), global_rank(), grace=0.0)
         return 1
     return 0
+
+
+def accelerator_name() -> str:
+    """What the ranks train on, said once (DeepSpeed's own guess is silenced on every rank)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"CUDA ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} visible per process)"
+    return "CPU (DeepSpeed's CPU accelerator; no CUDA device found)"
+
+
+def quiet_progress_bars() -> None:
+    """transformers' and huggingface_hub's own bars (loading weights, writing shards) only where a
+    person watches: on rank 0 with a terminal. Elsewhere each redraw would become a log line."""
+    if global_rank() == 0 and sys.stderr.isatty():
+        return
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def collective_failure(exc: BaseException) -> Optional[str]:

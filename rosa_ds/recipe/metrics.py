@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 from ..utils.io import atomic_file
+from ..utils.log import log_rank0, logger
 
 
 class MetricsWriter:
@@ -75,13 +77,70 @@ class _NoBar:
     def close(self) -> None: ...
 
 
+class LineProgress(_NoBar):
+    """Progress as whole log lines, for a stderr that is a file or a pipe (a batch job's log): a
+    redrawing bar writes carriage returns there, and every other line ends up glued to it. One
+    line per ``every`` steps (about 20 in a run) and at the last step."""
+
+    def __init__(self, total: int, initial: int = 0) -> None:
+        self.total, self.n, self.postfix, self.pending = total, initial, {}, False
+        self.every = max(1, total // 20)
+        self.start, self.start_n = time.perf_counter(), initial
+
+    def update(self, n: int = 1) -> None:
+        """Count steps; a due line waits for the step's fields (``set_postfix`` follows ``update``)."""
+        self.n += n
+        self.pending = self.n % self.every == 0 or self.n >= self.total
+
+    def set_postfix(self, **kwargs) -> None:
+        self.postfix = kwargs
+        self.close()
+
+    def close(self) -> None:
+        if self.pending:
+            log_rank0(self.line())
+            self.pending = False
+
+    def line(self) -> str:
+        done = self.n - self.start_n
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total - self.n) if done else float("nan")
+        fields = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+        return (f"train {self.n}/{self.total} ({self.n / max(self.total, 1):.0%}) {fields} "
+                f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+
+
+class _TerminalBar:
+    """tqdm on a terminal, with the ``rosa_ds`` logger written through ``tqdm.write`` while it is
+    drawn, so a log line appears above the bar instead of after its last redraw."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self.redirect = logging_redirect_tqdm(loggers=[logger])
+        self.redirect.__enter__()
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, **kwargs) -> None:
+        self.bar.set_postfix(**kwargs)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.redirect.__exit__(None, None, None)
+
+
 def progress(total: int, initial: int = 0, enabled: bool = True):
-    """tqdm on rank 0 (loss, tokens/s, ETA); silent elsewhere."""
+    """Rank 0's progress (loss, tokens/s, ETA): a bar on a terminal, whole lines in a log file;
+    silent on other ranks."""
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    if sys.stderr.isatty():
+        return _TerminalBar(total, initial)
+    return LineProgress(total, initial)
 
 
 def classification_metrics(preds: list[int], golds: list[int], num_labels: int) -> dict:

@@ -48,3 +48,33 @@ def log_this_rank(message: str, level: int = logging.INFO) -> None:
     it is not rank 0."""
     rank = global_rank()
     logger.log(level, message if rank == 0 else f"(rank {rank}) {message}")
+
+
+# Third-party lines that every rank prints and that say nothing a user can act on: DeepSpeed's
+# accelerator guess (rosa_ds says once which accelerator it trains on), its scheduler asking for a
+# learning rate before the first step (DeepSpeed's own initialize does), and torch's deprecation of a
+# collective DeepSpeed still calls.
+DEEPSPEED_NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
+WARNING_NOISE = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Silence the known third-party noise above (idempotent). Installed on the ``DeepSpeed``
+    logger by name, so it holds for records DeepSpeed emits while it is first imported."""
+    import warnings
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessages) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropMessages(DEEPSPEED_NOISE))
+    for pattern in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)

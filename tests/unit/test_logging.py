@@ -28,3 +28,12 @@ def test_library_is_silent_until_an_entry_point_sets_up_logging():
 def test_rank0_speaks_once_and_other_ranks_name_themselves():
     assert run(0, setup=True).splitlines() == ["[rosa_ds] everyone says this", "[rosa_ds] only I did this"]
     assert run(1, setup=True).splitlines() == ["[rosa_ds] (rank 1) only I did this"]
+
+
+def test_the_recipe_silences_deepspeeds_accelerator_guess():
+    """Importing the CLI imports DeepSpeed, which guesses its accelerator on every rank; the recipe
+    says once which accelerator it uses instead (``cli.accelerator_name``)."""
+    out = subprocess.run([sys.executable, "-c", "import rosa_ds.recipe.cli"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Setting accelerator" not in out.stderr, out.stderr
