@@ -53,7 +53,10 @@ def log_this_rank(message: str, level: int = logging.INFO) -> None:
 # Third-party lines that every rank prints and that say nothing a user can act on: DeepSpeed's
 # accelerator guess (rosa_ds says once which accelerator it trains on), its scheduler asking for a
 # learning rate before the first step (DeepSpeed's own initialize does), and torch's deprecation of a
-# collective DeepSpeed still calls.
+# collective DeepSpeed still calls; bitsandbytes' attempt (on CPUs with AVX512-BF16) to fetch a
+# faster 4-bit kernel from a hub, which fails offline and leaves its own working CPU kernel in use.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_NOISE = ("Failed to load CPU gemm_4bit_forward from kernels-community",)
 DEEPSPEED_NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
 WARNING_NOISE = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
 
@@ -73,8 +76,9 @@ def quiet_third_party() -> None:
     logger by name, so it holds for records DeepSpeed emits while it is first imported."""
     import warnings
 
-    ds_logger = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _DropMessages) for f in ds_logger.filters):
-        ds_logger.addFilter(_DropMessages(DEEPSPEED_NOISE))
+    for name, fragments in (("DeepSpeed", DEEPSPEED_NOISE), (BNB_CPU_LOGGER, BNB_NOISE)):
+        third = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in third.filters):
+            third.addFilter(_DropMessages(fragments))
     for pattern in WARNING_NOISE:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
