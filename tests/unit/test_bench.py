@@ -1,15 +1,12 @@
 """The benchmark tooling on synthetic run outputs: what it reads, how it checks targets."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.collect import collect  # noqa: E402
-from bench.report import targets, write  # noqa: E402
-from bench.suites import SUITES  # noqa: E402
+from bench.collect import collect
+from bench.report import targets, write
+from bench.suites import SUITES
 
 
 def _write_run(out: Path, step_s: float, resample_s: float, losses: list[float], trainable: int) -> None:
