@@ -32,12 +32,13 @@ def _mem_gib() -> float | None:
     return None
 
 
-def code_commit() -> str:
-    """``git rev-parse HEAD`` of the repository, with ``+dirty`` when tracked files differ from it
-    (untracked files, such as results being written, do not count); ``unknown`` outside a git checkout."""
+def code_commit(repo: Path = ROOT) -> str:
+    """``git rev-parse HEAD`` of ``repo``, with ``+dirty`` when tracked files differ from it (untracked
+    files, such as results being written, do not count); ``unknown`` outside a git checkout."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.strip()
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  timeout=60).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
