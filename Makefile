@@ -38,7 +38,7 @@ lint: setup
 
 # The CUDA path on one GPU (bench/results/gpu_check.md); on a machine without CUDA: says so, exits 0.
 gpu-check: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/gpu_check.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m bench.gpu_check
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
@@ -53,11 +53,11 @@ memory-report: setup
 
 SUITE ?= quick
 bench: setup
-	$(BIN)/python bench/run.py --suite $(SUITE)
+	$(BIN)/python -m bench.run --suite $(SUITE)
 
 bench-micro: setup
-	$(BIN)/python bench/micro.py
-	$(BIN)/python bench/solvers.py
+	$(BIN)/python -m bench.micro
+	$(BIN)/python -m bench.solvers
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

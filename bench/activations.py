@@ -1,6 +1,6 @@
 """Activation census vs the accountant's prediction on three real architectures.
 
-    python bench/activations.py      # writes bench/results/activations.{json,md}
+    python -m bench.activations      # writes bench/results/activations.{json,md}
 
 Models: the default SmolLM2-135M (Llama-style, its real weights), GPT-2 small (124M, the
 transformers default config, random weights) and the packaged MiniLM-L6 (BERT) as a 5-way
@@ -12,17 +12,15 @@ implementation is transformers' default (``sdpa``) for each model.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.hardware import describe, one_line
+from bench.report import save_results
 
-from bench.hardware import describe, one_line  # noqa: E402
-from bench.report import save_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 B, RANK = 2, 8
 MiB = 2**20
@@ -82,7 +80,7 @@ def one(build, classification: bool, seq: int, checkpointing: bool) -> dict:
 
 def markdown(r: dict) -> str:
     lines = ["# Activations: census vs prediction", "",
-             f"Machine: {one_line(r['hardware'])}. Command: `python bench/activations.py`. ROSA r = {RANK}, fp32, "
+             f"Machine: {one_line(r['hardware'])}. Command: `python -m bench.activations`. ROSA r = {RANK}, fp32, "
              f"batch {B} (one sequence half padding), one process. Measured: bytes autograd keeps for backward in "
              "one micro step (saved-tensor hooks, deduplicated by storage); predicted: "
              "`rosa_ds.memory.activation_terms`. With checkpointing, backward adds one layer's recompute "

@@ -20,17 +20,15 @@ fraction of the update learned so far, ||W - W_ref|| / ||W_ref - W_0||.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.hardware import describe, one_line
+from bench.report import save_results
 
-from bench.hardware import describe, one_line  # noqa: E402
-from bench.report import save_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("fp32", "bf16", "bf16+master")
 CHECKPOINTS = (1, 2, 4)

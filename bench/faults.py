@@ -17,17 +17,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from bench.hardware import describe, one_line
+from bench.report import save_results
+from tests.helpers.launch import cli_command
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.hardware import describe, one_line  # noqa: E402
-from bench.report import save_results  # noqa: E402
-from tests.helpers.launch import cli_command  # noqa: E402
-
 FAULT_SCRIPT = ROOT / "tests" / "multirank" / "scripts" / "fault_train.py"
 SHIM = ROOT / "tests" / "helpers" / "enospc"
 WORK = ROOT / "runs" / "faults"

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.hardware import describe, one_line
 
-from bench.hardware import describe, one_line  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FULL = {"shapes": [(4096, 4096), (4096, 11008)], "quant_shape": (4096, 4096), "cli_steps": 12}
 QUICK = {"shapes": [(512, 512), (512, 1376)], "quant_shape": (256, 512), "cli_steps": 4}

@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import rosa_ds  # noqa: E402
-from rosa_ds import RosaConfig  # noqa: E402
-from rosa_ds.ds.census import counts_from_engine  # noqa: E402
-from rosa_ds.ds.dist import PeakMemory, device, shutdown_distributed  # noqa: E402
-from rosa_ds.ds.optim import factor_state  # noqa: E402
-from rosa_ds.ds.params import full_fp32, gathered  # noqa: E402
-from rosa_ds.inject import iter_rosa_layers  # noqa: E402
-from rosa_ds.memory import MemoryPlan, predict  # noqa: E402
-from rosa_ds.utils.dist import exit_now  # noqa: E402
-from tests.helpers.models import ds_test_config, lm_batch, no_dropout_gpt2  # noqa: E402
+import rosa_ds
+from rosa_ds import RosaConfig
+from rosa_ds.ds.census import counts_from_engine
+from rosa_ds.ds.dist import PeakMemory, device, shutdown_distributed
+from rosa_ds.ds.optim import factor_state
+from rosa_ds.ds.params import full_fp32, gathered
+from rosa_ds.inject import iter_rosa_layers
+from rosa_ds.memory import MemoryPlan, predict
+from rosa_ds.utils.dist import exit_now
+from tests.helpers.models import ds_test_config, lm_batch, no_dropout_gpt2
 
 
 def build(stage: int, dtype: str):

@@ -1,10 +1,15 @@
-"""The machine a benchmark ran on, recorded next to every figure (absolute times mean nothing
-without it)."""
+"""What a benchmark ran: the machine, the package versions and the code commit, recorded next to
+every figure (absolute times mean nothing without the machine, and any figure is stale without the
+commit that produced it). Every results file holds a ``describe()`` record."""
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cpu_model() -> str:
@@ -27,6 +32,22 @@ def _mem_gib() -> float | None:
     return None
 
 
+def code_commit(repo: Path = ROOT) -> str:
+    """``git rev-parse HEAD`` of ``repo``, with ``+dirty`` when tracked files differ from it (untracked
+    files, such as results being written, do not count); ``unknown`` outside a git checkout."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  timeout=60).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def describe() -> dict:
     import torch
 
@@ -39,10 +60,12 @@ def describe() -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"cpu": _cpu_model(), "cpu_cores": cores, "memory_gib": _mem_gib(), "gpu": gpu,
-            "gpus": torch.cuda.device_count() if gpu else 0, "python": platform.python_version(), **versions}
+            "gpus": torch.cuda.device_count() if gpu else 0, "python": platform.python_version(), **versions,
+            "commit": code_commit()}
 
 
 def one_line(hw: dict) -> str:
     where = f"{hw['gpus']}x {hw['gpu']}" if hw.get("gpu") else "no GPU"
+    code = f"; code {hw['commit']}" if hw.get("commit") else ""
     return f"{hw['cpu']}, {hw['cpu_cores']} cores, {hw['memory_gib']} GiB RAM, {where}; torch {hw['torch']}, " \
-           f"deepspeed {hw['deepspeed']}, transformers {hw['transformers']}, peft {hw['peft']}"
+           f"deepspeed {hw['deepspeed']}, transformers {hw['transformers']}, peft {hw['peft']}{code}"

@@ -1,7 +1,7 @@
 """A model two CPU ranks could not each load whole, fine-tuned under ZeRO-3 end to end.
 
-    python bench/large_model.py                 # writes bench/results/large_model.{json,md}
-    python bench/large_model.py --old-loading   # also: every rank loads the whole model (from_pretrained)
+    python -m bench.large_model                 # writes bench/results/large_model.{json,md}
+    python -m bench.large_model --old-loading   # also: every rank loads the whole model (from_pretrained)
 
 A Llama-shaped model (hidden 2560, 30 layers, MLP 6912, vocab 32000: 2.54B parameters, 10.2 GB in
 fp32) with random weights is saved once as bf16 safetensors under runs/large/model. Two CPU ranks
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.hardware import describe, one_line
+from bench.report import save_results
+from tests.helpers.launch import launch_ranks
 
-from bench.hardware import describe, one_line  # noqa: E402
-from bench.report import save_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = {"hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 30, "num_attention_heads": 20,
          "num_key_value_heads": 20, "vocab_size": 32000, "max_position_embeddings": 512, "tie_word_embeddings": False}
@@ -88,7 +88,7 @@ def markdown(r: dict) -> str:
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     lines = [f"# Large model under ZeRO-3 on 2 CPU ranks ({r['params'] / 1e9:.2f}B parameters, "
              f"{r['params'] * 4 / GIB:.1f} GiB in fp32)", "",
-             f"Machine: {one_line(r['hardware'])}. Command: `python bench/large_model.py"
+             f"Machine: {one_line(r['hardware'])}. Command: `python -m bench.large_model"
              f"{' --old-loading' if 'old_loading' in r else ''}`, {r['seconds'] / 60:.1f} min.", "",
              f"Process baseline RSS before loading (Python, torch, DeepSpeed): {gib(r['ranks'][0]['baseline_rss'])} / "
              f"{gib(r['ranks'][1]['baseline_rss'])} GiB. Peak RSS per phase (GiB), rank 0 / rank 1, and the "
@@ -120,8 +120,6 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "large"))
     ap.add_argument("--dry-run", action="store_true", help="a small model, results in the work directory only")
     args = ap.parse_args()
-    from tests.helpers.launch import launch_ranks
-
     shape = DRY if args.dry_run else SHAPE
     work, start = Path(args.work) / ("dry" if args.dry_run else "full"), time.perf_counter()
     params = make_model(work / "model", shape)

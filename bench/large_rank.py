@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from rosa_ds.ds.dist import init_distributed, shutdown_distributed  # noqa: E402
-from rosa_ds.utils.dist import exit_now  # noqa: E402
-from tests.helpers.memory import RssSampler, rss_bytes  # noqa: E402
+from rosa_ds.ds.dist import init_distributed, shutdown_distributed
+from rosa_ds.utils.dist import exit_now
+from tests.helpers.memory import RssSampler, rss_bytes
 
 SEQ, MICRO = 32, 1
 

@@ -1,6 +1,6 @@
 """Micro-benchmarks on the default model (SmolLM2-135M, 210 adapted matrices, R = 8).
 
-    python bench/micro.py            # writes bench/results/micro.json and micro.md
+    python -m bench.micro            # writes bench/results/micro.json and micro.md
 
 1. Resampling all layers under ZeRO-2 fp32 (bench/resample_rank.py on real processes):
    1 rank; 2 ranks with owner-rank SVDs (each layer's SVD once in the world, A', B' broadcast);
@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.hardware import describe, one_line
+from bench.report import save_results
+from tests.helpers.launch import launch_ranks
 
-from bench.hardware import describe, one_line  # noqa: E402
-from bench.report import save_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def resample_bench(repeats: int, rank: int, solvers: tuple[str, ...]) -> dict:
     """Resample timings per solver: 1 rank, and 2 ranks with owner-rank vs every-rank SVDs.
 
     The top-level owner_1 / owner_2 / every_2 are the first (default) solver's."""
-    from tests.helpers.launch import launch_ranks
-
     script = ROOT / "bench/resample_rank.py"
     common = ["--solvers", ",".join(solvers), "--repeats", str(repeats), "--rank", str(rank)]
     one = launch_ranks(script, ["--modes", "owner", *common], world_size=1, timeout=900)[0]
@@ -83,7 +80,7 @@ def markdown(data: dict) -> str:
     ok = lambda f: "met" if f else "**NOT met**"  # noqa: E731
     lines = [
         "# Micro-benchmarks (default model: SmolLM2-135M, 210 adapted matrices)", "",
-        f"Hardware: {one_line(data['hardware'])}. Command: `python bench/micro.py`.", "",
+        f"Hardware: {one_line(data['hardware'])}. Command: `python -m bench.micro`.", "",
         "## Resampling every layer (ZeRO-2 fp32, R = 8, best of "
         f"{data['repeats']}; slowest rank)", "",
         "Solver of the singular directions (`RosaConfig.solver`): `gram` (default) = eigenvectors of the "

@@ -1,7 +1,7 @@
 """Padding in the default job's batches, padded vs ``--pack``, beside the timed runs.
 
-    python bench/run.py --suite pack   # the timed runs (bench/results/pack.json, pack.md)
-    python bench/packing.py            # padding from the data + the runs -> bench/results/pack_notes.md
+    python -m bench.run --suite pack   # the timed runs (bench/results/pack.json, pack.md)
+    python -m bench.packing            # padding from the data + the runs -> bench/results/pack_notes.md
 
 For each variant (BBC headlines as prompt/target, and as conversations with ``--chat``): samples,
 training rows (samples, or packs), optimizer steps per epoch and the share of the tokens the model
@@ -13,15 +13,14 @@ times the epochs, over the sum of ``epoch_train_seconds``).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.hardware import describe
+from rosa_ds.recipe.config import TrainConfig
+from rosa_ds.recipe.data import BatchOrder, PackedSplit, check_data, tokenize_data
+from rosa_ds.recipe.models import load_tokenizer
 
-from rosa_ds.recipe.config import TrainConfig  # noqa: E402
-from rosa_ds.recipe.data import BatchOrder, PackedSplit, check_data, tokenize_data  # noqa: E402
-from rosa_ds.recipe.models import load_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WORLD = 2  # the default job's ranks
 
@@ -66,7 +65,8 @@ def main() -> None:
         pads[name] = padding(TrainConfig.from_flat(flags), tokenizer)
         print(name, pads[name])
     results = ROOT / "bench" / "results"
-    (results / "pack_padding.json").write_text(json.dumps(pads, indent=2) + "\n")
+    record = {"hardware": describe(), "variants": pads}  # the machine and the code commit counted on
+    (results / "pack_padding.json").write_text(json.dumps(record, indent=2) + "\n")
     runs = {r["name"]: r for r in json.loads((results / "pack.json").read_text())["runs"]}
     lines = ["| run | samples | rows | steps/epoch (planned) | steps per epoch (run) | padding share of computed "
              "tokens | tokens/s (real) | step s (median) | training s | held-out loss start → final | wall s |",

@@ -1,6 +1,6 @@
 """Planner tables: Llama-2-shaped 7B / 13B / 70B on 1 x 24 GB, 1 x 80 GB and 8 x 80 GB GPUs.
 
-    python bench/planner.py     # writes bench/results/planner.{json,md}
+    python -m bench.planner     # writes bench/results/planner.{json,md}
 
 Each plan is ``python -m rosa_ds.memory --model bench/configs/llama-<size>.json --budget B
 --gpus-per-node G --global-batch 64 --seq-len 4096 --rank 16`` (bf16, padded batches), timed as a
@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.hardware import describe, one_line
+from bench.report import save_results
 
-from bench.hardware import describe, one_line  # noqa: E402
-from bench.report import save_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ("7b", "13b", "70b")
 CLUSTERS = (("1 x 24 GB", "24GB", 1), ("1 x 80 GB", "80GB", 1), ("8 x 80 GB", "80GB", 8))
@@ -46,7 +45,7 @@ def main() -> None:
             results[f"{size} on {name}"] = plan(size, budget, gpus, tmp / f"{size}-{gpus}x{budget}.json")
             print(size, name, results[f"{size} on {name}"]["seconds"], "s", flush=True)
     lines = ["# Planner: Llama-2-shaped 7B / 13B / 70B", "",
-             f"Machine: {one_line(describe())}. Command: `python bench/planner.py` "
+             f"Machine: {one_line(describe())}. Command: `python -m bench.planner` "
              f"({(time.perf_counter() - start) / 60:.1f} min). Global batch 64 x 4096 tokens, bf16, R = 16, padded "
              "batches; budgets in decimal GB per GPU. Peaks include the 2 GiB runtime reserve. Relative cost is the "
              "planner's nominal step-time model (not measured). Wall time per plan: a new process, as a user runs it.",

@@ -163,7 +163,10 @@ def plots(data: dict, stem: Path) -> list[str]:
 
 
 def save_results(results: Path, stem: str, data: dict, text: str) -> None:
-    """``<results>/<stem>.json`` (the numbers) and ``<stem>.md`` (``text``); prints the Markdown."""
+    """``<results>/<stem>.json`` (the numbers) and ``<stem>.md`` (``text``); prints the Markdown.
+    ``data["hardware"]`` must be a ``describe()`` record: a results file always names its machine and commit."""
+    if "commit" not in data.get("hardware", {}):
+        raise ValueError(f"bench: results {stem!r} lack data['hardware'] = bench.hardware.describe() (machine, commit)")
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(data, indent=1))
     (results / f"{stem}.md").write_text(text)
@@ -179,7 +182,7 @@ def write(path: Path) -> Path:
     md = [f"# Benchmark suite `{data['suite']}`", "",
           f"{data['description']}.", "",
           f"Hardware: {one_line(data['hardware'])}.", "",
-          f"Command: `python bench/run.py --suite {data['suite']}` (started {data['started']}, "
+          f"Command: `python -m bench.run --suite {data['suite']}` (started {data['started']}, "
           f"{data.get('suite_wall_seconds', 0) / 60:.1f} min for all runs). Shared flags: "
           f"`{' '.join(data['flags'])}`, DeepSpeed `{data['deepspeed']}`, {data['nproc']} ranks.", "",
           "All runs: same model, data, seed, steps and DeepSpeed config, run one after another in one "

@@ -56,7 +56,7 @@ def main() -> None:
     out = {"initial_factorization_s": time.perf_counter() - t0,
            "layers": sum(1 for _ in rosa_ds.iter_rosa_layers(model))}
     for solver in a.solvers.split(","):
-        engine.rosa_config = dataclasses.replace(engine.rosa_config, solver=solver)
+        engine.state.rosa_config = dataclasses.replace(engine.rosa_config, solver=solver)  # what resamples read
         out[solver] = {mode: time_mode(engine, mode, a.repeats) for mode in a.modes.split(",")}
     with open(a.result, "w") as f:
         json.dump(out, f)

@@ -1,6 +1,6 @@
 """Accuracy and speed of the two solvers of the singular directions on the default model.
 
-    python bench/solvers.py        # writes bench/results/solvers.json and solvers.md
+    python -m bench.solvers        # writes bench/results/solvers.json and solvers.md
 
 For each of SmolLM2-135M's 210 adapted matrices (one thread, what each CPU rank runs):
   * time of ``singular_directions`` with ``gram`` and ``svd`` (the work a resample does per layer);
@@ -13,18 +13,16 @@ For each of SmolLM2-135M's 210 adapted matrices (one thread, what each CPU rank 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+from bench.hardware import describe, one_line
+from bench.report import save_results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bench.hardware import describe, one_line  # noqa: E402
-from bench.report import save_results  # noqa: E402
 
 
 def backward_error(x, v) -> float:
@@ -68,7 +66,7 @@ def measure(rank: int) -> dict:
 def markdown(data: dict) -> str:
     r = data["results"]
     lines = ["# Solvers of the singular directions (default model: SmolLM2-135M)", "",
-             f"Hardware: {one_line(data['hardware'])}. Command: `python bench/solvers.py`. One thread; "
+             f"Hardware: {one_line(data['hardware'])}. Command: `python -m bench.solvers`. One thread; "
              f"{r['matrices']} adapted matrices, R = {r['rank']}.", "",
              "| solver | seconds, all matrices | backward error, random | backward error, smallest |",
              "|---|---|---|---|"]

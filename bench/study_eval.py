@@ -1,6 +1,6 @@
 """Score one exported model of the study on its test split (one process, CPU or GPU).
 
-    python bench/study_eval.py --model RUN/final_model --split-dir SPLITS --out RUN/study_eval.json
+    python -m bench.study_eval --model RUN/final_model --split-dir SPLITS --out RUN/study_eval.json
 
 The model is the trainer's merged export, loaded as a plain ``AutoModelForCausalLM`` (so the score
 is what a user gets, and the export is checked on the way). Splits are the study's fixed JSONL
@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.textmetrics import corpus_bleu, corpus_rouge_l  # noqa: E402
-from rosa_ds.recipe.data import check_data, tokenize_data  # noqa: E402
-from rosa_ds.recipe.data.collate import PadCollator  # noqa: E402
-from rosa_ds.recipe.data.config import DataConfig  # noqa: E402
+from bench.textmetrics import corpus_bleu, corpus_rouge_l
+from rosa_ds.recipe.data import check_data, tokenize_data
+from rosa_ds.recipe.data.collate import PadCollator
+from rosa_ds.recipe.data.config import DataConfig
 
 
 def split_data(tokenizer, split_dir: Path, seq_len: int):

@@ -10,11 +10,15 @@ before), and a claim over several ranks is not corrected for the multiple compar
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
+
+from bench.hardware import one_line
+from bench.study_plan import MAX_GRID_STEPS, SCALES, chosen_lr, finished, grid, plan, selection_loss
 
 LOSS, ROUGE = "test_loss", "rouge_l"
 # two-sided 95% quantiles of Student's t by degrees of freedom (floor); beyond 30: 1.96
@@ -62,15 +66,11 @@ def _fmt(s: Optional[tuple], spec: str = ".3f") -> str:
 # ---------------------------------------------------------------- grouping
 
 def finished_runs(data: dict) -> list[dict]:
-    from bench.study import finished
-
     return [r for r in data["runs"].values() if finished(r)]
 
 
 def chosen(data: dict, scale) -> dict[str, Optional[float]]:
     """config -> chosen learning rate (None while its grid is unfinished)."""
-    from bench.study import chosen_lr, grid
-
     out = {}
     for method, ranks in (("rosa", scale.ranks), ("lora", scale.ranks), ("full", (0,))):
         for rank in ranks:
@@ -107,8 +107,6 @@ def summary(data: dict, scale) -> dict[str, dict]:
 
 def complete_configs(data: dict, scale) -> set[str]:
     """Configs whose every named run is finished (main LM configs: grid and seeds)."""
-    from bench.study import finished, plan
-
     state: dict[str, bool] = {}
     for r in plan(scale, data["runs"]):
         state[r.config] = state.get(r.config, True) and finished(data["runs"].get(r.name))
@@ -190,8 +188,6 @@ def verdicts(groups: dict, scale, complete: set[str]) -> list[tuple[str, str, st
 # ---------------------------------------------------------------- the document
 
 def _lr_table(data: dict, scale) -> list[str]:
-    from bench.study import MAX_GRID_STEPS, finished, grid, selection_loss
-
     lines = ["| config | validation loss per learning rate | chosen |", "|---|---|---|"]
     for config, pick in chosen(data, scale).items():
         method = config.split("-")[1]
@@ -278,7 +274,7 @@ def _commands(data: dict, scale) -> list[str]:
     lines = ["## Commands", "",
              f"Each run: `deepspeed --num_gpus {scale.nproc} launch/train.py --deepspeed ds_configs/zero2.json "
              "FLAGS --output-dir RUN` (FLAGS: the run's `flags` in the JSON), then, for the causal LM, "
-             "`python bench/study_eval.py --model RUN/final_model --split-dir SPLITS --out RUN/study_eval.json` "
+             "`python -m bench.study_eval --model RUN/final_model --split-dir SPLITS --out RUN/study_eval.json` "
              "(test loss, greedy headlines, ROUGE-L, BLEU; the validation loss is the trainer's last evaluation). "
              "The exported weights and checkpoints are deleted after scoring; metrics stay in RUN."]
     if example:
@@ -287,12 +283,10 @@ def _commands(data: dict, scale) -> list[str]:
 
 
 def _full_plan() -> list[str]:
-    from bench.study import SCALES
-
     f, c = SCALES["full"], SCALES["cpu"]
     steps = (2225 - f.val - f.test) // (f.nproc * f.micro_batch)
     return ["## The `--scale full` plan (one 8-GPU node)", "",
-            f"`python bench/run.py --suite study --scale full` (results in `bench/results/study_full.*`): the same "
+            f"`python -m bench.run --suite study --scale full` (results in `bench/results/study_full.*`): the same "
             f"runs and validation / test articles, training on all {2225 - f.val - f.test:,} other articles, "
             f"{f.nproc} ranks × micro batch {f.micro_batch} = {steps} optimizer steps per epoch, {f.epochs} epochs, "
             f"ROSA resampling every {f.resample_every} steps, precision `auto` (bf16). "
@@ -338,11 +332,6 @@ def plot(groups: dict, scale, path: Path) -> bool:
 
 
 def write(path: Path, scale) -> Path:
-    import json
-
-    from bench.hardware import one_line
-    from bench.study import plan
-
     data = json.loads(path.read_text())
     groups = summary(data, scale)
     named = plan(scale, data["runs"])
@@ -352,9 +341,9 @@ def write(path: Path, scale) -> Path:
     has_plot = plot(groups, scale, stem.parent / f"{stem.name}_rank.png")
     total_s = sum(s.get("wall_seconds", 0) for s in data["sittings"])
     lines = [f"# ROSA vs LoRA: tuned, multi-seed study (scale `{scale.name}`)", "",
-             f"Command: `python bench/run.py --suite study{' --scale ' + scale.name if scale.name != 'cpu' else ''}` "
-             "(resumable; `--plan` lists what is left). Design and statistics: `bench/study.py`, "
-             "`bench/study_report.py`.", "",
+             f"Command: `python -m bench.run --suite study{' --scale ' + scale.name if scale.name != 'cpu' else ''}` "
+             "(resumable; `--plan` lists what is left). Design and plan: `bench/study.py`, `bench/study_plan.py`; "
+             "statistics: `bench/study_report.py`.", "",
              f"**Progress: {done} of the {len(named)} runs named so far are finished** "
              f"({sum(len(s['runs']) for s in data['sittings'])} launches in {len(data['sittings'])} sitting(s), "
              f"{total_s / 3600:.1f} h). Seeds at the chosen rate and the ablations are named once the grids they "
@@ -379,9 +368,10 @@ def write(path: Path, scale) -> Path:
              "(Welch–Satterthwaite degrees of freedom, rounded down).", "",
              *_commands(data, scale), *_full_plan(), "",
              "## Hardware (per sitting)", ""]
-    for i, s in enumerate(data["sittings"]):
+    for i, s in enumerate(data["sittings"]):  # the commit: in the hardware record, or beside it in older sittings
+        hw = {**s["hardware"], "commit": s["hardware"].get("commit") or s.get("commit", "not recorded")}
         lines.append(f"- sitting {i}: started {s['started']}, {len(s['runs'])} runs, {s['wall_seconds'] / 60:.0f} "
-                     f"min, code {s.get('commit', 'not recorded')}: {one_line(s['hardware'])}")
+                     f"min: {one_line(hw)}")
     lines += ["", "## Verdicts", "", "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(groups, scale, complete_configs(data, scale))]
     lines += ["", "*pending*: its runs are not all finished; the evidence so far is shown. *contradicted* is final "

@@ -1,15 +1,24 @@
-"""The benchmark tooling on synthetic run outputs: what it reads, how it checks targets."""
+"""The benchmark tooling on synthetic run outputs: what it reads, how it checks targets; the package's
+shape (``python -m bench.<name>``: no sys.path edits, no import cycle) and the commit every results file records."""
+import ast
+import graphlib
+import importlib
 import json
-import sys
+import subprocess
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.collect import collect
+from bench.hardware import code_commit
+from bench.report import save_results, targets, write
+from bench.suites import SUITES
 
-from bench.collect import collect  # noqa: E402
-from bench.report import targets, write  # noqa: E402
-from bench.suites import SUITES  # noqa: E402
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+MODULES = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "__init__")
+# scripts that write their launcher's per-rank or per-run scratch JSON (``--result`` / ``--out``), which the
+# launcher folds into a results file of its own
+SCRATCH_WRITERS = {"resample_rank", "large_rank", "gpu_engine_rank", "study_eval"}
 
 
 def _write_run(out: Path, step_s: float, resample_s: float, losses: list[float], trainable: int) -> None:
@@ -99,3 +108,67 @@ def test_resample_share_is_against_the_epoch_it_closes(tmp_path):
     rec = collect(out)
     assert rec["epoch_train_seconds"] == [10.0, 2.0] and rec["epoch_steps"] == [10, 2]
     assert rec["resample_share_of_epoch"] == pytest.approx(0.05)  # 0.5 s of the 10 s epoch, not of the mean 6 s
+
+
+# ---------------------------------------------------------------- the package
+
+def _bench_imports(name: str) -> list[tuple[str, bool]]:
+    """(bench module imported, whether the import is at module level) for every import in bench/<name>.py."""
+    tree = ast.parse((BENCH / f"{name}.py").read_text())
+    top = {id(node) for node in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets_ = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            targets_ = [f"{node.module}.{a.name}" if node.module == "bench" else node.module for a in node.names]
+        else:
+            continue
+        out += [(t.split(".")[1], id(node) in top) for t in targets_ if t.startswith("bench.")]
+    return out
+
+
+def test_bench_imports_form_no_cycle_and_none_hides_in_a_function():
+    graph = {name: {dep for dep, _ in _bench_imports(name)} for name in MODULES}
+    assert graph["run"] >= {"study", "train_run"} and graph["study_report"] >= {"study_plan"}  # the graph is read
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+    hidden = {name: dep for name in MODULES for dep, top in _bench_imports(name) if not top}
+    assert not hidden, f"bench imports inside functions (they hide cycles): {hidden}"
+
+
+def test_bench_edits_no_sys_path_and_every_module_imports_as_a_package():
+    for name in MODULES:
+        src = (BENCH / f"{name}.py").read_text()
+        edits = [n.lineno for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Attribute) and n.attr == "path"
+                 and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+        assert not edits and "noqa: E402" not in src, f"bench/{name}.py touches sys.path (lines {edits})"
+        importlib.import_module(f"bench.{name}")
+
+
+def test_every_results_writer_records_machine_and_commit():
+    """A module that writes JSON builds a describe() record (machine + commit) or is a scratch writer;
+    save_results, the shared writer, refuses a record without one."""
+    for name in set(MODULES) - SCRATCH_WRITERS - {"report"}:
+        src = (BENCH / f"{name}.py").read_text()
+        if "json.dump" in src:
+            assert "describe()" in src, f"bench/{name}.py writes JSON without a bench.hardware.describe() record"
+    with pytest.raises(ValueError, match="describe"):
+        save_results(Path("unused"), "x", {"hardware": {"cpu": "c"}}, "")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_code_commit_is_head_and_marks_changed_tracked_files(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "a.py")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    (tmp_path / "new.json").write_text("{}")  # an untracked file (a results file being written) is not a change
+    assert code_commit(tmp_path) == head and len(head) == 40
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) == head + "+dirty"
+    assert code_commit(tmp_path / "not-a-repo") == "unknown"

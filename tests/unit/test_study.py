@@ -4,20 +4,17 @@ import itertools
 import json
 import math
 import random
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench import study, study_report  # noqa: E402
-from bench.study_eval import greedy, mean_target_loss  # noqa: E402
-from bench.textmetrics import corpus_bleu, corpus_rouge_l, lcs_length, rouge_l  # noqa: E402
-from rosa_ds.recipe.data.collate import PadCollator  # noqa: E402
-from tests.helpers.models import tiny_model  # noqa: E402
+from bench import study, study_plan, study_report
+from bench.study_eval import greedy, mean_target_loss
+from bench.textmetrics import corpus_bleu, corpus_rouge_l, lcs_length, rouge_l, rouge_tokens
+from rosa_ds.recipe.data.collate import PadCollator
+from tests.helpers.models import tiny_model
 
 # ---------------------------------------------------------------- metrics
 
@@ -98,7 +95,8 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time():
 
 # ---------------------------------------------------------------- plan, resume, splits
 
-TINY = replace(study.SCALES["cpu"], lrs={"rosa": (5e-4, 1e-3, 2e-3), "lora": (5e-4, 1e-3, 2e-3), "full": (1e-5, 2e-5)},
+TINY = replace(study_plan.SCALES["cpu"],
+               lrs={"rosa": (5e-4, 1e-3, 2e-3), "lora": (5e-4, 1e-3, 2e-3), "full": (1e-5, 2e-5)},
                ranks=(2, 8), seeds=(0, 1))
 
 
@@ -133,7 +131,7 @@ def test_drive_resumes_skips_finished_and_retries_failures_next_time(tmp_path):
     assert not set(first) & set(calls[5:])  # finished runs are not run again
     assert calls.count(bad) == 1  # a failure is not retried in the same sitting
     data = json.loads(path.read_text())
-    assert not study.finished(data["runs"][bad])
+    assert not study_plan.finished(data["runs"][bad])
     assert "lm-lora-r8-lr0.001-s1" not in data["runs"]  # its grid is not finished: no seeds yet
     assert data["runs"]["lm-rosa-r8-lr0.001-s1"]["phase"] == "seeds"  # ROSA r=8 grid chose 1e-3
     n = len(calls)
@@ -143,20 +141,20 @@ def test_drive_resumes_skips_finished_and_retries_failures_next_time(tmp_path):
     data = study.drive(TINY, path, runs, runner=_fake_runner(calls))
     assert len(calls) == n  # everything finished: a rerun trains nothing
     assert len(data["sittings"]) == 3  # the empty rerun is not a sitting
-    names = {r.name for r in study.plan(TINY, data["runs"])}
+    names = {r.name for r in study_plan.plan(TINY, data["runs"])}
     assert names == set(data["runs"])
-    assert {f"lm-rosa-r8-{v}-lr0.001-s{s}" for v in study.VARIANTS for s in (0, 1)} <= names
+    assert {f"lm-rosa-r8-{v}-lr0.001-s{s}" for v in study_plan.VARIANTS for s in (0, 1)} <= names
 
 
 def test_a_diverged_grid_run_is_finished_and_never_chosen(tmp_path):
     calls: list = []
-    one = study.StudyRun("lm", "rosa", 8, 0, 1e-3).name
+    one = study_plan.StudyRun("lm", "rosa", 8, 0, 1e-3).name
     data = study.drive(TINY, tmp_path / "s.json", tmp_path / "r", max_runs=14,
                        runner=_fake_runner(calls, diverge={one}))
-    assert study.finished(data["runs"][one])
-    grid = study.grid(TINY, "rosa", 8, data["runs"])
-    assert study.chosen_lr(grid, data["runs"]) == 5e-4  # 5e-4 and 2e-3 tie: the lower, then bracketed by 2.5e-4
-    assert [r.lr for r in study.grid(TINY, "rosa", 8, data["runs"])] == [2.5e-4, 5e-4, 1e-3, 2e-3]
+    assert study_plan.finished(data["runs"][one])
+    grid = study_plan.grid(TINY, "rosa", 8, data["runs"])
+    assert study_plan.chosen_lr(grid, data["runs"]) == 5e-4  # 5e-4 and 2e-3 tie: the lower, then bracketed by 2.5e-4
+    assert [r.lr for r in study_plan.grid(TINY, "rosa", 8, data["runs"])] == [2.5e-4, 5e-4, 1e-3, 2e-3]
 
 
 def test_splits_are_fixed_disjoint_and_sized(tmp_path):
@@ -169,7 +167,6 @@ def test_splits_are_fixed_disjoint_and_sized(tmp_path):
     assert not set(keys["train"]) & set(keys["val"]) and not set(keys["val"]) & set(keys["test"])
     assert not set(keys["train"]) & set(keys["test"]) and not set(keys["cls_train"]) & set(keys["cls_test"])
     # the corpus repeats leads and headlines under other file names: no text may cross a split
-    from bench.textmetrics import rouge_tokens
 
     def texts(part):
         rows = [json.loads(x) for x in (out / f"{part}.jsonl").read_text().splitlines()]
@@ -185,11 +182,11 @@ def test_splits_are_fixed_disjoint_and_sized(tmp_path):
 
 
 def test_run_flags_name_the_fixed_files_and_the_method():
-    r = study.StudyRun("lm", "rosa", 8, 1, 5e-4, "no-resample", "ablation")
+    r = study_plan.StudyRun("lm", "rosa", 8, 1, 5e-4, "no-resample", "ablation")
     flags = r.flags(TINY, Path("S"))
     assert flags[flags.index("--dataset") + 1] == "S/train.jsonl" and "--eval-dataset" in flags
     assert flags[-2:] == ("--resample-every", "never") and flags[flags.index("--lr") + 1] == "0.0005"
-    lora = study.StudyRun("lm", "lora", 8, 0, 1e-3).flags(TINY, Path("S"))
+    lora = study_plan.StudyRun("lm", "lora", 8, 0, 1e-3).flags(TINY, Path("S"))
     assert "--resample-every" not in lora
 
 
@@ -266,9 +263,9 @@ def test_report_on_partial_data_with_a_diverged_seed_and_a_crash(tmp_path):
 
     data = study.drive(TINY, path, tmp_path / "r", max_runs=20, runner=runner)
     assert data["runs"][crashed]["returncode"] == "exception TimeoutError"  # recorded; the sitting went on
-    assert study.finished(data["runs"][diverged]) and len(data["runs"]) == 20
+    assert study_plan.finished(data["runs"][diverged]) and len(data["runs"]) == 20
     data = study.drive(TINY, path, tmp_path / "r", max_runs=1, runner=runner)  # the crash, retried once
-    assert data["runs"][crashed]["attempts"] == 2 and study.gave_up(data["runs"][crashed])
+    assert data["runs"][crashed]["attempts"] == 2 and study_plan.gave_up(data["runs"][crashed])
     groups = study_report.summary(data, TINY)
     assert groups["lm-rosa-r8"]["failed"] == 1 and len(groups["lm-rosa-r8"]["test_loss"]) == 1
     v = {c: s for c, s, _ in study_report.verdicts(groups, TINY, study_report.complete_configs(data, TINY))}
@@ -278,7 +275,7 @@ def test_report_on_partial_data_with_a_diverged_seed_and_a_crash(tmp_path):
 
 
 def test_resample_every_and_sizes_of_the_cpu_scale():
-    cpu = study.SCALES["cpu"]
+    cpu = study_plan.SCALES["cpu"]
     steps = cpu.train // (cpu.nproc * cpu.micro_batch) * cpu.epochs
     assert steps == 128 and steps // cpu.resample_every == 4
     assert min(cpu.val, cpu.test) >= 150 and cpu.seeds == (0, 1, 2) and cpu.ranks == (2, 8, 32)
@@ -293,17 +290,17 @@ def test_a_best_rate_at_the_grid_edge_extends_the_grid(tmp_path):
 
     path = tmp_path / "s.json"
     data = study.drive(TINY, path, tmp_path / "r", runner=runner)
-    grid = study.grid(TINY, "rosa", 8, data["runs"])
+    grid = study_plan.grid(TINY, "rosa", 8, data["runs"])
     assert [r.lr for r in grid] == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]  # two factor-2 steps past the edge, then stop
-    assert study.chosen_lr(grid, data["runs"]) == 8e-3
+    assert study_plan.chosen_lr(grid, data["runs"]) == 8e-3
     assert data["runs"]["lm-rosa-r8-lr0.008-s1"]["phase"] == "seeds"
     assert "(grid edge after 2 extensions)" in study_report.write(path, TINY).read_text()
 
 
 def test_the_plan_puts_claim_ablations_before_other_ranks_and_full_last(tmp_path):
     data = study.drive(TINY, tmp_path / "s.json", tmp_path / "r", runner=_fake_runner([]))
-    configs = [r.config for r in study.plan(TINY, data["runs"])]
+    configs = [r.config for r in study_plan.plan(TINY, data["runs"])]
     first = {c: i for i, c in reversed(list(enumerate(configs)))}
-    claims = [first[f"lm-rosa-r8-{v}"] for v in study.CLAIM_VARIANTS]
+    claims = [first[f"lm-rosa-r8-{v}"] for v in study_plan.CLAIM_VARIANTS]
     assert max(claims) < first["lm-rosa-r2"] < first["lm-rosa-r8-init-lora"] < first["lm-full"]
     assert first["lm-lora-r8"] < min(claims)
