@@ -1,7 +1,7 @@
 """Faults on the default job, as a cluster user meets them: what each costs in time, steps and data.
 
-    python bench/faults.py                  # writes bench/results/faults.{json,md}
-    python bench/faults.py --only hang      # reruns the named faults, keeps the other rows
+    python -m bench.faults                  # writes bench/results/faults.{json,md}
+    python -m bench.faults --only hang      # reruns the named faults, keeps the other rows
 
 The default job (SmolLM2-135M, ZeRO-2, 2 ranks under the ``deepspeed`` launcher, fp32 on the CPU),
 cut to ``--max-steps 6 --save-every 2``. Each fault is injected at step 4 by
@@ -200,7 +200,7 @@ def markdown(r: dict) -> str:
     out = ["# Faults on the default job", "",
            f"{r['job']}, `{' '.join(r['args'])}`, each fault at step {r['fault_step']}; "
            f"{r['hardware_line']}; wall time of the whole benchmark {r['wall_s']} s. "
-           "`python bench/faults.py` reruns it.", "",
+           "`python -m bench.faults` reruns it.", "",
            "| fault | exit code | fault to job end (s) | newest checkpoint | steps lost | resumed run equals the "
            "uninterrupted one bit for bit | each step once in metrics.jsonl |",
            "|---|---|---|---|---|---|---|"]

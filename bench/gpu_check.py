@@ -1,9 +1,9 @@
 """The CUDA path, checked on one GPU in one command (``make gpu-check``, at most ~8 minutes).
 
-    python bench/gpu_check.py                  # on a GPU node: bench/results/gpu_check.{json,md}
-    python bench/gpu_check.py --simulate-cpu   # the same script end to end on the CPU accelerator
+    python -m bench.gpu_check                  # on a GPU node: bench/results/gpu_check.{json,md}
+    python -m bench.gpu_check --simulate-cpu   # the same script end to end on the CPU accelerator
                                                # (small sizes, no fp16): runs/gpu_check_sim/
-    python bench/gpu_check.py --quick          # small sizes on the GPU: runs/gpu_check/
+    python -m bench.gpu_check --quick          # small sizes on the GPU: runs/gpu_check/
 
 Without CUDA (and without --simulate-cpu) it says so and exits 0. Each check records its numbers
 and passes or fails; the exit code is 1 if any failed. Checks:
@@ -170,7 +170,7 @@ def main() -> int:
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.simulate_cpu:
         print("gpu-check: no CUDA device on this machine; nothing checked (run `make gpu-check` on a GPU node, "
-              "or `python bench/gpu_check.py --simulate-cpu` to exercise the script on the CPU)")
+              "or `python -m bench.gpu_check --simulate-cpu` to exercise the script on the CPU)")
         return 0
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.simulate_cpu else "cpu")
     sizes = QUICK if (args.quick or args.simulate_cpu) else FULL
@@ -190,7 +190,7 @@ def main() -> int:
         checks[name]["seconds"] = round(seconds, 1)
         print(f"gpu-check: {name}: {'passed' if checks[name]['ok'] else 'FAILED'} ({seconds:.0f} s)", flush=True)
     data = {"device_name": torch.cuda.get_device_name(0) if dev.type == "cuda" else "CPU (simulated accelerator)",
-            "hardware": describe(), "command": " ".join(["python bench/gpu_check.py", *sys.argv[1:]]),
+            "hardware": describe(), "command": " ".join(["python -m bench.gpu_check", *sys.argv[1:]]),
             "seconds": time.perf_counter() - start, "ok": all(c["ok"] for c in checks.values()), "checks": checks}
     full_run = dev.type == "cuda" and sizes is FULL and not skip  # only a complete GPU run is a committed result
     out = ROOT / ("bench/results" if full_run else "runs/gpu_check_sim" if dev.type == "cpu" else "runs/gpu_check")

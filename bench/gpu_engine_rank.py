@@ -1,7 +1,7 @@
 """One rank of ``bench/gpu_check.py``'s engine check: a tiny GPT-2 through rosa_ds.initialize on the
 accelerator, two steps, a resample, a checkpoint round trip; writes what it saw as JSON.
 
-    python bench/gpu_engine_rank.py --stage 3 --dtype bf16 --result out.json   (via launch_ranks)
+    python -m bench.gpu_engine_rank --stage 3 --dtype bf16 --result out.json   (via launch_ranks)
 
 Checks (each a JSON field the caller asserts): the resample preserves the logits (to the rounding
 of the stored W_f), every factor's module value is its fp32 master rounded, the factors' optimizer
