@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .config import RosaConfig
 
@@ -136,7 +138,7 @@ def select_indices(singular_values: torch.Tensor, rank: int, strategy: str,
     """
     k = singular_values.shape[-1]
     if not 1 <= rank <= k:
-        raise ValueError(f"rank {rank} is outside [1, {k}] for a matrix with {k} singular values")
+        raise ConfigError(f"rank {rank} is outside [1, {k}] for a matrix with {k} singular values")
     if strategy == "largest":
         idx = torch.arange(rank)
     elif strategy == "smallest":
@@ -144,7 +146,7 @@ def select_indices(singular_values: torch.Tensor, rank: int, strategy: str,
     elif strategy == "random":
         idx = torch.randperm(k, generator=generator)[:rank]
     else:
-        raise ValueError(f"unknown strategy {strategy!r}")
+        raise ConfigError(f"unknown strategy {strategy!r}")
     return torch.sort(idx).values
 
 
@@ -155,7 +157,7 @@ def singular_directions(x: torch.Tensor, solver: str) -> tuple[torch.Tensor, tor
         _, s, vh = torch.linalg.svd(x, full_matrices=False)
         return s, vh.t()
     if solver != "gram":
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        raise ConfigError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     lam, v = torch.linalg.eigh(x.t() @ x)  # ascending
     lam, v = lam.flip(0), v.flip(1)
     s = lam.clamp_min(0).sqrt()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import RosaConfig
+from .errors import ConfigError
 from .factorize import new_factors
 from .layer import RosaLinear, is_adapter_param, is_supported, weight_shape
 from .quant import QUANT_BUFFERS
@@ -40,21 +41,21 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
     if not matched:
         existing = _linear_names(model)
         shown = ", ".join(existing[:40]) + (" ..." if len(existing) > 40 else "")
-        raise ValueError(
+        raise ConfigError(
             f"ROSA target_modules {config.target_modules!r} matched no module. "
             f"Linear/Conv1D modules in this model: {shown or '(none)'}"
         )
     _warn_unmatched(config, matched)
     bad = [f"{n} ({type(m).__name__})" for n, m in matched if not is_supported(m)]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"ROSA cannot adapt these matched modules: {', '.join(bad)}. Supported types: nn.Linear, "
             "transformers Conv1D; narrow target_modules to those"
         )
     for n, m in matched:
         rows, cols = weight_shape(m)
         if config.rank >= min(rows, cols):
-            raise ValueError(
+            raise ConfigError(
                 f"ROSA rank {config.rank} is too large for layer {n} ({rows}x{cols}): "
                 f"the largest valid rank for it is {min(rows, cols) - 1}"
             )
@@ -115,7 +116,7 @@ def mark_trainable(model: nn.Module, config: RosaConfig) -> None:
 def _config_of(model: nn.Module) -> RosaConfig:
     config = getattr(model, "rosa_config", None)
     if config is None:
-        raise ValueError("this model has no ROSA layers; call rosa_ds.apply_rosa(model, config) first")
+        raise ConfigError("this model has no ROSA layers; call rosa_ds.apply_rosa(model, config) first")
     return config
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .factorize import Factors, merge_weight
 from .quant import QuantizedBase, check_kind
 
@@ -81,8 +82,8 @@ class RosaLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, rank: int, layer_index: int, quantize: str | None = None) -> None:
         super().__init__()
         if not is_supported(base_layer):
-            raise ValueError(f"ROSA cannot adapt {type(base_layer).__name__}; "
-                             "supported: nn.Linear, transformers Conv1D")
+            raise ConfigError(f"ROSA cannot adapt {type(base_layer).__name__}; "
+                              "supported: nn.Linear, transformers Conv1D")
         self.base_layer = base_layer
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D stores W^T
         self.out_features, self.in_features = weight_shape(base_layer)

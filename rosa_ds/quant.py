@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 QUANT_TYPES = ("nf4", "int8")
 NF4_BLOCK = 64  # values per absmax block (bitsandbytes' default for Linear4bit)
 QUANT_BUFFERS = ("qdata", "qscale")  # buffer names of a QuantizedBase (never exported)
@@ -33,7 +35,7 @@ QUANT_BUFFERS = ("qdata", "qscale")  # buffer names of a QuantizedBase (never ex
 
 def check_kind(kind: str) -> str:
     if kind not in QUANT_TYPES:
-        raise ValueError(f"quantization {kind!r} does not exist; choose one of {', '.join(QUANT_TYPES)}")
+        raise ConfigError(f"quantization {kind!r} does not exist; choose one of {', '.join(QUANT_TYPES)}")
     return kind
 
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .errors import ConfigError
+
 REL_THRESHOLD = 0.01
 
 
@@ -53,8 +55,8 @@ def effective_rank(s: torch.Tensor) -> float:
 def update_rank(w_start: torch.Tensor, w_end: torch.Tensor, rel: float = REL_THRESHOLD) -> UpdateRank:
     """Rank measures of ``w_end − w_start`` (both m × n), computed in fp64."""
     if w_start.shape != w_end.shape or w_start.dim() != 2:
-        raise ValueError(f"update_rank needs two matrices of one shape, got {tuple(w_start.shape)} and "
-                         f"{tuple(w_end.shape)}")
+        raise ConfigError(f"update_rank needs two matrices of one shape, got {tuple(w_start.shape)} and "
+                          f"{tuple(w_end.shape)}")
     delta = w_end.double() - w_start.double()
     s = torch.linalg.svdvals(delta)
     return UpdateRank(numerical_rank(s, rel), effective_rank(s), float(delta.norm()), min(delta.shape))

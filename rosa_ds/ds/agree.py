@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import socket
 
+from ..errors import ConfigError
 from .dist import all_gather_object
 
 SHARED_FS = "the checkpoint directory must be one filesystem that every node sees (a shared file system)"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be saved or resumed here; the message says why and what to do."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Union
 
 import torch
 
+from ..errors import ConfigError
 from ..memory.ds_json import AUTO, batch_sizes, offload_device, offload_optimizer, offload_param, precision, zero_stage  # noqa: F401
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -53,7 +54,7 @@ INT_KNOBS = ("micro_batch", "grad_accum", "warmup_steps", "total_steps")
 _MISSING = object()
 
 
-class DSConfigError(ValueError):
+class DSConfigError(ConfigError):
     """Every problem found in one DeepSpeed template, reported together (``.problems``)."""
 
     def __init__(self, source: str, problems: list[str]):
@@ -94,23 +95,23 @@ class RunValues:
     def __post_init__(self) -> None:
         for name in ("micro_batch", "grad_accum", "total_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"RunValues.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"RunValues.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-            raise ValueError(f"RunValues.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+            raise ConfigError(f"RunValues.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not _is_num(self.lr) or self.lr <= 0:
-            raise ValueError(f"RunValues.lr must be a positive number, got {self.lr!r}")
+            raise ConfigError(f"RunValues.lr must be a positive number, got {self.lr!r}")
         if not _is_num(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"RunValues.weight_decay must be a number >= 0, got {self.weight_decay!r}")
+            raise ConfigError(f"RunValues.weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"RunValues.precision {self.precision!r} does not exist; "
-                             f"choose one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"RunValues.precision {self.precision!r} does not exist; "
+                              f"choose one of {', '.join(PRECISIONS)}")
         if self.optim not in OPTIMS:
-            raise ValueError(f"RunValues.optim {self.optim!r} does not exist; choose one of {', '.join(OPTIMS)}")
+            raise ConfigError(f"RunValues.optim {self.optim!r} does not exist; choose one of {', '.join(OPTIMS)}")
         self.explicit = frozenset(self.explicit)
         unknown = self.explicit - set(FLAGS) - {"optim"}
         if unknown:
-            raise ValueError(f"RunValues.explicit names unknown fields {sorted(unknown)}; "
-                             f"use names from {sorted(FLAGS)}")
+            raise ConfigError(f"RunValues.explicit names unknown fields {sorted(unknown)}; "
+                              f"use names from {sorted(FLAGS)}")
 
 
 # ---------------------------------------------------------------- public helpers
@@ -130,8 +131,8 @@ def resolve_template(template: Union[str, Path]) -> Path:
     named = TEMPLATES_DIR / f"{template}.json"
     if str(template) in TEMPLATE_NAMES and named.is_file():
         return named
-    raise ValueError(f"DeepSpeed config {str(template)!r} not found; "
-                     f"give a JSON path or one of {', '.join(TEMPLATE_NAMES)}")
+    raise ConfigError(f"DeepSpeed config {str(template)!r} not found; "
+                      f"give a JSON path or one of {', '.join(TEMPLATE_NAMES)}")
 
 
 def load_template(template: Union[str, Path, dict]) -> tuple[dict, str]:
@@ -142,9 +143,9 @@ def load_template(template: Union[str, Path, dict]) -> tuple[dict, str]:
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({exc}); fix the file") from None
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({exc}); fix the file") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"DeepSpeed config {path} must hold a JSON object at top level")
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object at top level")
     return cfg, str(path)
 
 
@@ -185,7 +186,7 @@ def build_ds_config(template: Union[str, Path, dict], run: RunValues, world_size
     (ZeRO stage 1..3, offload, precision, no ``"auto"`` left behind).
     """
     if not _is_int(world_size) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        raise ConfigError(f"world_size must be a positive integer, got {world_size!r}")
     cfg, source = load_template(template)
     problems: list[str] = []
     accum_pinned = "grad_accum" in run.explicit or cfg.get("gradient_accumulation_steps", AUTO) != AUTO

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import RosaConfig
+from ..errors import ConfigError
 from ..layer import is_adapter_param
 from ..schedule import ScheduleConfig
 from . import checkpoint, export
@@ -44,7 +45,7 @@ def param_groups(model: nn.Module) -> list[dict]:
     if others:
         groups.append({"params": others, "name": "trainable"})
     if not groups:
-        raise ValueError("the model has no trainable parameters; apply ROSA or mark modules trainable")
+        raise ConfigError("the model has no trainable parameters; apply ROSA or mark modules trainable")
     return groups
 
 
@@ -194,8 +195,8 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
     import deepspeed
 
     if isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError("pass the client optimizer as a factory (params -> optimizer), e.g. "
-                         "lambda params: torch.optim.AdamW(params, lr=...), so it is built on rosa_ds's param groups")
+        raise ConfigError("pass the client optimizer as a factory (params -> optimizer), e.g. "
+                          "lambda params: torch.optim.AdamW(params, lr=...), so it is built on rosa_ds's param groups")
     init_distributed()
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None)

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import RosaError
 from ..inject import iter_rosa_layers, merged_layer_weight, unwrap_name
 from ..layer import RosaLinear, is_adapter_param
 from ..utils.io import atomic_dir
@@ -185,7 +186,7 @@ def _setup(model, transform: Optional[Callable], is_unit: Optional[Callable]):
     return transform, is_unit, owners
 
 
-class NonFiniteExport(FloatingPointError):
+class NonFiniteExport(RosaError, FloatingPointError):
     """A merged weight (W_f + A B, or any plain tensor) has non-finite values: nothing is written."""
 
 

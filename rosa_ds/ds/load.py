@@ -21,6 +21,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from ..errors import InputNotFound
 from .dist import rank_and_world
 from .zero_init import ZeroInit
 
@@ -67,8 +68,8 @@ def model_files(model_dir: Path) -> list[Path]:
         return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
     single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise FileNotFoundError(f"{model_dir} has no model.safetensors; partitioned ZeRO-3 loading reads safetensors "
-                                "(convert the checkpoint with save_pretrained(safe_serialization=True))")
+        raise InputNotFound(f"{model_dir} has no model.safetensors; partitioned ZeRO-3 loading reads safetensors "
+                            "(convert the checkpoint with save_pretrained(safe_serialization=True))")
     return [single]
 
 

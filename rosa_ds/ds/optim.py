@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 
-class UnsupportedOptimizer(ValueError):
+
+class UnsupportedOptimizer(ConfigError):
     """An optimizer wrapper whose flat groups rosa_ds cannot find (the message names the fix)."""
 
 

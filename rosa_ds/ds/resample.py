@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..config import RosaConfig
+from ..errors import ConfigError
 from ..inject import iter_rosa_layers
 from ..layer import RosaLinear
 from ..utils.log import log_rank0
@@ -67,8 +68,8 @@ def distributed_resample(model: torch.nn.Module, config: RosaConfig, resample_in
     check_finite_everywhere(named, frozen=not (owner_svd and replicated))
     if not owner_svd:
         if mastered:
-            raise ValueError("the every-rank resample (owner_svd=False) keeps no fp32 masters of W_f; "
-                             "use RosaConfig(frozen_master=False) with it")
+            raise ConfigError("the every-rank resample (owner_svd=False) keeps no fp32 masters of W_f; "
+                              "use RosaConfig(frozen_master=False) with it")
         return resample_everywhere(layers, config, resample_index)
     if replicated:
         return resample_replicated(named, config, resample_index, rank, world, mastered)

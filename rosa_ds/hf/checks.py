@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..errors import ConfigError
 from ..schedule import ScheduleConfig
 
 # Trainer optimizers (``--optim``) whose state is not a lazily created per-parameter moment that
@@ -11,7 +12,7 @@ from ..schedule import ScheduleConfig
 UNRESETTABLE_OPTIMIZERS = ("galore", "apollo", "lomo", "adalomo", "schedule_free")
 
 
-class RosaTrainerError(ValueError):
+class RosaTrainerError(ConfigError):
     """A Trainer setup ROSA cannot train with; the message names the setting and the fix."""
 
 

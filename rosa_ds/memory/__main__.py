@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import InputNotFound
 from .counts import counts_from_config, load_config
 from .ds_json import declared_dtype
 from .phases import phase_peaks, phases_markdown
@@ -71,8 +72,8 @@ def build_plan(args: argparse.Namespace) -> MemoryPlan:
     if args.ds_config:
         path = Path(args.ds_config)
         if not path.is_file():
-            raise FileNotFoundError(f"--ds-config {path} does not exist; give a DeepSpeed JSON such as "
-                                    "ds_configs/zero2.json")
+            raise InputNotFound(f"--ds-config {path} does not exist; give a DeepSpeed JSON such as "
+                                "ds_configs/zero2.json")
         ds = json.loads(path.read_text())
         fixed = ("zero_stage", "offload_optimizer") + (("dtype",) if declared_dtype(ds) else ())
         return MemoryPlan.from_ds_config(ds, **{k: v for k, v in fields.items() if k not in fixed})

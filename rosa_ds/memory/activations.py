@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass
 class ActivationCensus:
@@ -61,8 +63,8 @@ def transformer_layers(model: nn.Module, required: bool = True) -> list:
                 and len({type(m) for m in module}) == 1:
             best = list(module)
     if not best and required:
-        raise ValueError(f"{type(model).__name__} has no list of repeated layers; the activation census needs "
-                         "a transformer with its blocks in an nn.ModuleList")
+        raise ConfigError(f"{type(model).__name__} has no list of repeated layers; the activation census needs "
+                          "a transformer with its blocks in an nn.ModuleList")
     return best
 
 

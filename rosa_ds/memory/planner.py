@@ -22,6 +22,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..errors import ConfigError
 from .counts import ModelCounts, arch_from_config, counts_from_module, load_config, meta_model
 from .phases import phase_peaks
 from .plan import MemoryPlan
@@ -69,7 +70,7 @@ class Cluster:
     def __post_init__(self) -> None:
         for name in ("device_budget", "gpus_per_node", "nodes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
     @property
     def world(self) -> int:
@@ -150,8 +151,8 @@ def micro_batches(global_batch: int, world: int) -> list[int]:
     """Micro-batch sizes that divide the per-rank share of the global batch (powers of two and the
     share itself)."""
     if global_batch % world:
-        raise ValueError(f"--global-batch {global_batch} is not a multiple of the {world} ranks; "
-                         f"give a multiple of {world}")
+        raise ConfigError(f"--global-batch {global_batch} is not a multiple of the {world} ranks; "
+                          f"give a multiple of {world}")
     share = global_batch // world
     return sorted({m for m in (1 << k for k in range(share.bit_length())) if share % m == 0} | {share})
 

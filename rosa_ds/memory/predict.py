@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+from ..errors import ConfigError
 from ..owners import assign_owners
 from .activation_terms import ActivationPrediction, predict_activations
 from .counts import ModelCounts
@@ -172,7 +173,7 @@ def predict(counts: ModelCounts, plan: MemoryPlan, point: str = "after_backward"
     at the peak) or ``after_step`` (stage 0-2 free their device gradients in step; ZeRO-3 keeps
     its flat gradient buffer; offloaded fp32 gradients stay on the host)."""
     if point not in POINTS:
-        raise ValueError(f"point {point!r} is not supported; choose one of {', '.join(POINTS)}")
+        raise ConfigError(f"point {point!r} is not supported; choose one of {', '.join(POINTS)}")
     out = MemoryBreakdown(label=f"{plan.method} predicted")
     {0: _stage0, 1: _stage12, 2: _stage12, 3: _stage3}[plan.zero_stage](counts, plan, out)
     if point == "after_step":
@@ -245,7 +246,7 @@ def paper_reduction(rho: float) -> float:
 def rho_of(m: int, n: int, rank: int) -> float:
     """rho = m n / (R (m + n))."""
     if rank >= min(m, n):
-        raise ValueError(f"rank {rank} is too large for a {m}x{n} matrix; the largest valid rank is {min(m, n) - 1}")
+        raise ConfigError(f"rank {rank} is too large for a {m}x{n} matrix; the largest valid rank is {min(m, n) - 1}")
     return m * n / (rank * (m + n))
 
 

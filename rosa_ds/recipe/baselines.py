@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import RosaConfig
+from ..errors import ConfigError
 from ..inject import find_targets
 
 PEFT_PREFIX = "base_model.model."
@@ -32,7 +33,7 @@ def apply_lora(model: nn.Module, rank: int, target_modules=None, modules_to_save
     from peft import LoraConfig, get_peft_model
 
     if init not in LORA_INITS:
-        raise ValueError(f"LoRA init {init!r} is not known; use one of {', '.join(LORA_INITS)}")
+        raise ConfigError(f"LoRA init {init!r} is not known; use one of {', '.join(LORA_INITS)}")
     targets = [n for n, _ in find_targets(model, RosaConfig(rank=rank, target_modules=target_modules,
                                                                   modules_to_save=tuple(modules_to_save)))]
     fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())

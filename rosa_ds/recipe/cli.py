@@ -7,13 +7,13 @@ import time
 from typing import Optional
 
 from ..ds.write_guard import CheckpointWriteError
+from ..errors import RosaError
 from ..utils.dist import global_rank
 from ..utils.log import log_rank0, setup_logging
 from .faults import Diverged, Preempted
 
-# Errors that describe bad input (the project's own error types subclass ValueError); anything
-# else is a bug and keeps its traceback. ROSA_DS_DEBUG=1 keeps the traceback for these too.
-USER_ERRORS = (ValueError, FileNotFoundError)
+# The project's own errors (``rosa_ds.errors.RosaError``) are one line and their exit code;
+# anything else is a bug and keeps its traceback. ROSA_DS_DEBUG=1 keeps the traceback for these too.
 RANK0_GRACE = 20.0  # seconds another rank waits before reporting an error itself (see ``report``)
 
 
@@ -32,11 +32,11 @@ def main(argv: Optional[list] = None) -> int:
             kind = "preempted" if isinstance(exc, Preempted) else "diverged" if isinstance(exc, Diverged) else "error"
             print(f"rosa_ds: {kind}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    except USER_ERRORS as exc:
+    except RosaError as exc:
         if os.environ.get("ROSA_DS_DEBUG") == "1":
             raise
         report(exc, global_rank())
-        return 2
+        return exc.exit_code
     except RuntimeError as exc:
         why = collective_failure(exc)
         if why is None:

@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 
 from ..config import RosaConfig
 from ..ds.config import OPTIMS, PRECISIONS, RunValues, precision, resolve_template
+from ..errors import ConfigError
 from ..memory.plan import METHODS
 from ..schedule import ScheduleConfig
 from ..utils.options import (
@@ -136,22 +137,23 @@ class TrainConfig:
 
     def _check_cross_fields(self) -> None:
         if self.model.endswith(".gguf") and not Path(self.model).is_file():
-            raise ValueError(f"--model {self.model} not found; fix: give an existing .gguf file")
+            raise ConfigError(f"--model {self.model} not found; fix: give an existing .gguf file")
         if self.rosa.quantize_base is not None and self.method != "rosa":
-            raise ValueError(f"--quantize-base applies to --method rosa only (got --method {self.method}); "
-                             "fix: drop --quantize-base or use --method rosa")
+            raise ConfigError(f"--quantize-base applies to --method rosa only (got --method {self.method}); "
+                              "fix: drop --quantize-base or use --method rosa")
         if self.lora_init != "peft" and self.method != "lora":
-            raise ValueError(f"--lora-init applies to --method lora only (got --method {self.method}); "
-                             "fix: drop --lora-init or use --method lora")
+            raise ConfigError(f"--lora-init applies to --method lora only (got --method {self.method}); "
+                              "fix: drop --lora-init or use --method lora")
         if self.optim == "adamw8bit" and not is_installed("bitsandbytes"):
-            raise ValueError("--optim adamw8bit needs bitsandbytes; fix: pip install bitsandbytes or use --optim adamw")
+            raise ConfigError("--optim adamw8bit needs bitsandbytes; fix: pip install bitsandbytes or use --optim "
+                              "adamw")
         resolve_template(self.deepspeed)
         for flag, value in (("max_shard_size", self.max_shard_size), ("max_memory", self.max_memory)):
             try:
                 if value is not None:
                     parse_size(value)
             except ValueError as exc:
-                raise ValueError(f"--{flag.replace('_', '-')} {exc}") from None
+                raise ConfigError(f"--{flag.replace('_', '-')} {exc}") from None
 
     @classmethod
     def from_flat(cls, values: Optional[dict] = None, explicit=()) -> TrainConfig:
@@ -221,7 +223,7 @@ def parse_args(argv: Optional[list] = None) -> TrainConfig:
     alias = given.pop("deepspeed_config", None)
     if alias is not None:
         if "deepspeed" in given and given["deepspeed"] != alias:
-            raise ValueError(f"--deepspeed {given['deepspeed']} and --deepspeed_config {alias} differ; fix: give one")
+            raise ConfigError(f"--deepspeed {given['deepspeed']} and --deepspeed_config {alias} differ; fix: give one")
         given["deepspeed"] = alias
     from_file = load_config_file(given["config"]) if given.get("config") else {}
     values = {**from_file, **given}
@@ -233,7 +235,7 @@ def load_config_file(path: Union[str, Path]) -> dict:
     """Settings from a JSON or YAML file; unknown keys are an error that lists them all."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--config {path} not found; fix: give an existing JSON or YAML file")
+        raise ConfigError(f"--config {path} not found; fix: give an existing JSON or YAML file")
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -243,18 +245,18 @@ def load_config_file(path: Union[str, Path]) -> dict:
         else:
             data = json.loads(text)
     except Exception as exc:  # yaml and json raise different types; both mean a malformed file
-        raise ValueError(f"--config {path} cannot be parsed ({type(exc).__name__}: {exc}); fix the file") from None
+        raise ConfigError(f"--config {path} cannot be parsed ({type(exc).__name__}: {exc}); fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path} must hold a mapping of setting names to values")
+        raise ConfigError(f"--config {path} must hold a mapping of setting names to values")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     known = {f.name for _, f in all_flag_fields()} - set(NOT_SAVED)
     unknown = sorted(set(data) - known)
     if unknown:
         hints_ = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
                   for k in unknown]
-        raise ValueError(f"--config {path} has unknown settings: {', '.join(hints_)}; fix: remove or rename them")
+        raise ConfigError(f"--config {path} has unknown settings: {', '.join(hints_)}; fix: remove or rename them")
     return data
 
 
@@ -291,7 +293,7 @@ class OneLineParser(argparse.ArgumentParser):
     other bad input: one line from the CLI, not the whole usage text (``--help`` shows that)."""
 
     def error(self, message: str):
-        raise ValueError(f"{message}; see --help")
+        raise ConfigError(f"{message}; see --help")
 
 
 def build_parser() -> argparse.ArgumentParser:

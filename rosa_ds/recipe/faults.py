@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ConfigError, RosaError
 from ..utils.log import log_rank0
 
 EXIT_DIVERGED = 3
@@ -34,13 +35,13 @@ EXIT_PREEMPTED = 75
 SAME_REQUEST_S = 2.0
 
 
-class Preempted(Exception):
+class Preempted(RosaError):
     """Training stopped on request after a checkpoint; ``launch/train.py`` exits with 75."""
 
     exit_code = EXIT_PREEMPTED
 
 
-class Diverged(Exception):
+class Diverged(RosaError):
     """Non-finite training state; nothing non-finite was saved. Exit code 3."""
 
     exit_code = EXIT_DIVERGED
@@ -150,8 +151,8 @@ class OutputLock:
                     where = f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
                     extra = "" if holder.get("host") == me["host"] else \
                         f"; if that run is gone, delete {self.path}"
-                    raise ValueError(f"--output-dir {self.path.parent} is in use by another run ({where}); "
-                                     f"wait for it to finish or choose another --output-dir{extra}") from None
+                    raise ConfigError(f"--output-dir {self.path.parent} is in use by another run ({where}); "
+                                      f"wait for it to finish or choose another --output-dir{extra}") from None
                 log_rank0(f"taking over {self.path}: its holder ({holder}) is no longer running")
                 self.path.unlink(missing_ok=True)
                 continue
@@ -159,7 +160,7 @@ class OutputLock:
                 json.dump(me, f)
             self.held = True
             return
-        raise ValueError(f"could not lock --output-dir {self.path.parent}: another run keeps taking it")
+        raise ConfigError(f"could not lock --output-dir {self.path.parent}: another run keeps taking it")
 
     def release(self) -> None:
         if self.held:

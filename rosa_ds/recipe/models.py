@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import ConfigError
 from ..utils.io import atomic_dir, cache_root, exclusive, file_digest
 from ..utils.log import log_rank0, log_this_rank
 from ..utils.packages import DEFAULT_GGUF, MINILM, SMOLLM2, install_hint, package_dir
@@ -38,7 +39,7 @@ HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 FIX = "give --model default, default-classifier, a model directory with config.json, or a .gguf file"
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ConfigError):
     """The model spec names nothing loadable; the message says what was tried and the fix."""
 
 
@@ -284,8 +285,8 @@ def enable_activation_checkpointing(model) -> None:
     input. transformers registers a hook that makes the embeddings' output require grad; it is
     removed, since it would only make the embeddings' norm and dropout keep activations."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support activation checkpointing; "
-                         "fix: drop --gradient-checkpointing")
+        raise ConfigError(f"{type(model).__name__} does not support activation checkpointing; "
+                          "fix: drop --gradient-checkpointing")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
     model.config.use_cache = False

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..ds import config as dsconfig
+from ..errors import ConfigError
 from ..memory.counts import arch_from_config, counts_from_module
 from ..memory.plan import MemoryPlan
 from ..memory.planner import Cluster, best_for, plan_cluster, rank_need
@@ -105,7 +106,8 @@ def check_fits(cfg, model_config, ds_config: dict, world: int) -> Verdict:
         return v
     stage = dsconfig.zero_stage(ds_config)
     where = "--max-memory" if cfg.max_memory and parse_size(cfg.max_memory) == available else "the GPU's memory"
-    raise ValueError(f"the run is predicted to need {format_size(v.need)} per rank at its peak ({v.phase}; ZeRO-{stage}"
-                     f"{', offload' if plan.offload_optimizer else ''}, micro-batch {cfg.micro_batch}"
-                     f"{', checkpointing' if cfg.gradient_checkpointing else ''}) but {format_size(available)} is "
-                     f"available ({where}); {suggestion(cfg, model_config, plan, available, world)}")
+    raise ConfigError(f"the run is predicted to need {format_size(v.need)} per rank at its peak ({v.phase}; "
+                      f"ZeRO-{stage}"
+                      f"{', offload' if plan.offload_optimizer else ''}, micro-batch {cfg.micro_batch}"
+                      f"{', checkpointing' if cfg.gradient_checkpointing else ''}) but {format_size(available)} is "
+                      f"available ({where}); {suggestion(cfg, model_config, plan, available, world)}")

@@ -25,6 +25,7 @@ from ..ds.agree import CheckpointError
 from ..ds.dist import PeakMemory, all_reduce, init_distributed, shutdown_distributed
 from ..ds.engine import initialize
 from ..ds.export import NonFiniteExport, save_model
+from ..errors import ConfigError
 from ..inject import trainable_report
 from ..memory.activations import census
 from ..utils.dist import rank_and_world
@@ -79,8 +80,8 @@ class Trainer:
         model_config = load_config(self.source)
         max_len = model_max_length(model_config)
         if max_len is not None and cfg.data.seq_len > max_len:
-            raise ValueError(f"--seq-len {cfg.data.seq_len} is longer than the model's context ({max_len} tokens); "
-                             f"use --seq-len {max_len} or less")
+            raise ConfigError(f"--seq-len {cfg.data.seq_len} is longer than the model's context ({max_len} tokens); "
+                              f"use --seq-len {max_len} or less")
         self.ds_config = self.plan_steps(len(self.raw.train))
         self.fit = check_fits(cfg, model_config, self.ds_config, self.world)  # before any weight loads
         # Tokenized here, not in setup: chat-template errors, conversations truncated away and the
@@ -481,11 +482,11 @@ def to_device(batch: dict, device) -> dict:
 def check_output_dir(out: Path) -> None:
     """--output-dir is (or can become) a directory this process can write: checked by writing."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} is a file, not a directory; choose a directory path")
+        raise ConfigError(f"--output-dir {out} is a file, not a directory; choose a directory path")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise ValueError(f"--output-dir {out} is not writable ({exc.strerror or exc}); choose a writable "
-                         "directory") from None
+        raise ConfigError(f"--output-dir {out} is not writable ({exc.strerror or exc}); choose a writable "
+                          "directory") from None

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ConfigError
 from .io import atomic_write_text
 
 MANIFEST = "COMPLETE"
@@ -64,11 +65,11 @@ def read_manifest(directory: Path) -> dict:
     try:
         body = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise ValueError(f"{path} is missing (its save did not finish)") from None
+        raise ConfigError(f"{path} is missing (its save did not finish)") from None
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable manifest ({type(exc).__name__})") from None
+        raise ConfigError(f"{path} is not a readable manifest ({type(exc).__name__})") from None
     if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
-        raise ValueError(f"{path} is not a manifest (no file list)")
+        raise ConfigError(f"{path} is not a manifest (no file list)")
     return body
 
 

@@ -16,16 +16,18 @@ import math
 import typing
 from typing import Any, Optional, Union
 
+from ..errors import ConfigError
 
-class OptionError(ValueError):
+
+class OptionError(ConfigError):
     """A bad value of one option: ``owner.name problem`` (``--flag problem`` on the command line)."""
 
     def __init__(self, owner: str, name: str, problem: str) -> None:
         self.owner, self.name, self.problem = owner, name, problem
         super().__init__(f"{owner}.{name} {problem}")
 
-    def for_flag(self) -> ValueError:
-        return ValueError(f"{flag_name(self.name)} {self.problem}")
+    def for_flag(self) -> ConfigError:
+        return ConfigError(f"{flag_name(self.name)} {self.problem}")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple = (), minimum: Optional[float] = None,

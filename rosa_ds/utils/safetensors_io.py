@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
+
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
@@ -100,4 +102,4 @@ def check_safetensors(path: Path) -> None:
                     problem = (f"truncated: its header describes {expected:,} bytes, the file has {size:,}"
                                if expected > size else f"{size - expected:,} bytes beyond what its header describes")
     if problem:
-        raise ValueError(f"model file {path} is damaged ({problem}); copy or convert the model again")
+        raise ConfigError(f"model file {path} is damaged ({problem}); copy or convert the model again")

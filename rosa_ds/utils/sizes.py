@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import ConfigError
+
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*")
@@ -16,7 +18,7 @@ def parse_size(text: str | int) -> int:
     match = _SIZE.fullmatch(str(text))
     unit = match.group(2).upper() if match else None
     if match is None or unit not in UNITS:
-        raise ValueError(f"{text!r} is not a size; write e.g. 500MB, 50GB or 80GiB")
+        raise ConfigError(f"{text!r} is not a size; write e.g. 500MB, 50GB or 80GiB")
     return int(float(match.group(1)) * UNITS[unit])
 
 

@@ -87,3 +87,23 @@ def test_the_lock_is_taken_over_from_a_dead_holder(assets, tmp_path, monkeypatch
     with pytest.raises(AssertionError, match="setup .weight loading. was reached"):
         run_cli(assets, tmp_path, monkeypatch, capsys, [])
     assert not (tmp_path / "out" / ".rosa_ds.lock").exists()
+
+
+def test_only_the_projects_own_errors_are_one_line(monkeypatch, capsys):
+    """A RosaError is one line and its exit code; any other exception (a bug, even a ValueError
+    from inside a library) keeps its traceback instead of posing as bad input."""
+    from rosa_ds.errors import ConfigError
+
+    monkeypatch.setenv("RANK", "0")
+    for raised, expected in ((ConfigError("--lr 0 is not positive; fix: give a positive --lr"), 2),
+                             (ValueError("a bug"), None)):
+        def run(self, exc=raised):
+            raise exc
+
+        monkeypatch.setattr(Trainer, "run", run)
+        if expected is None:
+            with pytest.raises(ValueError, match="a bug"):
+                cli.main([])
+        else:
+            assert cli.main([]) == expected
+            assert capsys.readouterr().err.strip().splitlines()[-1] == f"rosa_ds: error: {raised}"

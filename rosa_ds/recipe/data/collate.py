@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ...errors import ConfigError
 from .encode import IGNORE_INDEX
 
 
@@ -27,9 +28,9 @@ class PadCollator:
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
-            raise ValueError("PadCollator.pad_token_id is None; set tokenizer.pad_token (e.g. to eos) first")
+            raise ConfigError("PadCollator.pad_token_id is None; set tokenizer.pad_token (e.g. to eos) first")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"PadCollator.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+            raise ConfigError(f"PadCollator.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from ...errors import ConfigError
 from ...utils.options import OptionError, check_options, opt
 
 TASKS = ("causal_lm", "classification")
@@ -16,7 +17,7 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 TRUNCATIONS = ("keep_end", "keep_start")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """Bad data or data settings; the message names the problem and the fix on one line."""
 
 

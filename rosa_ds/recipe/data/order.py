@@ -22,6 +22,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ...errors import ConfigError
+
 
 @dataclass(frozen=True)
 class BatchOrder:
@@ -47,11 +49,11 @@ class BatchOrder:
         for name in ("num_samples", "micro_batch", "world_size", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BatchOrder.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"BatchOrder.{name} must be a positive integer, got {value!r}")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"BatchOrder.rank {self.rank} is outside 0..{self.world_size - 1}")
+            raise ConfigError(f"BatchOrder.rank {self.rank} is outside 0..{self.world_size - 1}")
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.num_samples} training samples are fewer than one global batch of {self.global_batch} "
                 f"(micro batch {self.micro_batch} x world size {self.world_size} x grad accum {self.grad_accum}); "
                 "lower --micro-batch/--grad-accum or use more data")
@@ -82,7 +84,7 @@ class BatchOrder:
         The result can be passed as ``batch_sampler`` to a ``torch.utils.data.DataLoader``.
         """
         if not 0 <= skip_batches <= self.steps_per_epoch:
-            raise ValueError(f"skip_batches {skip_batches} is outside 0..{self.steps_per_epoch} (steps per epoch)")
+            raise ConfigError(f"skip_batches {skip_batches} is outside 0..{self.steps_per_epoch} (steps per epoch)")
         per_accum = self.micro_batch * self.world_size
         out = []
         for batch in self.global_batches(epoch)[skip_batches:]:

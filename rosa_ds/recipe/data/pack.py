@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import ConfigError
 from .encode import IGNORE_INDEX, TokenizedSplit
 
 # Attention implementations of transformers that keep packed samples apart given position ids.
@@ -45,7 +46,7 @@ def pack_samples(lengths: list[int], seq_len: int) -> list[list[int]]:
     for i in order:
         n = lengths[i]
         if n > seq_len:
-            raise ValueError(f"sample {i} has {n} tokens, more than seq_len {seq_len}")
+            raise ConfigError(f"sample {i} has {n} tokens, more than seq_len {seq_len}")
         at = bisect.bisect_left(free, (n, -1))
         if at < len(free):
             room, pid = free.pop(at)
@@ -63,7 +64,7 @@ class PackedSplit(torch.utils.data.Dataset):
 
     def __init__(self, split: TokenizedSplit, seq_len: int) -> None:
         if not split.per_token:
-            raise ValueError("packing needs per-token labels (causal LM), not class labels")
+            raise ConfigError("packing needs per-token labels (causal LM), not class labels")
         self.split, self.seq_len = split, seq_len
         self.packs = pack_samples(split.lengths().tolist(), seq_len)
 
@@ -123,8 +124,8 @@ def check_packed_attention(model, device, tolerance: float = 1e-4) -> float:
     training calls it (its own ``use_cache`` setting), so a configuration that leaks is caught."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in PACKABLE_ATTENTION:
-        raise ValueError(f"--pack needs an attention implementation that keeps packed samples apart "
-                         f"({', '.join(PACKABLE_ATTENTION)}); this model uses {impl!r}; fix: drop --pack")
+        raise ConfigError(f"--pack needs an attention implementation that keeps packed samples apart "
+                          f"({', '.join(PACKABLE_ATTENTION)}); this model uses {impl!r}; fix: drop --pack")
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(0)
@@ -137,6 +138,6 @@ def check_packed_attention(model, device, tolerance: float = 1e-4) -> float:
         model.train(was_training)
     gap = float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
     if gap > tolerance:
-        raise ValueError(f"--pack: with attention {impl!r} this model lets packed samples attend to each other "
-                         f"(relative logit gap {gap:.2g} > {tolerance:g}); fix: drop --pack")
+        raise ConfigError(f"--pack: with attention {impl!r} this model lets packed samples attend to each other "
+                          f"(relative logit gap {gap:.2g} > {tolerance:g}); fix: drop --pack")
     return gap
