@@ -57,7 +57,9 @@ def plain_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 class RosaRun:
-    """ROSA's state and actions for one Trainer (``trainer.rosa``)."""
+    """ROSA's state and actions for one Trainer (``trainer.rosa``). ``trainer`` is the Trainer, or
+    for a ``RosaCallback`` used alone a ``CallbackHost`` with the same attributes (``model``,
+    ``optimizer``, ``deepspeed``, ``state``, ``processing_class``)."""
 
     def __init__(self, trainer, rosa_config: RosaConfig, schedule: ScheduleConfig) -> None:
         self.trainer = trainer
@@ -91,10 +93,11 @@ class RosaRun:
         """After an optimizer step (the Trainer's ``on_step_end``, accumulation boundaries only)."""
         if self.engine is not None:
             applied = bool(self.engine.was_step_applied())
-        else:
-            applied = not getattr(self.trainer.accelerator, "optimizer_step_was_skipped", False)
+        else:  # accelerate's optimizer wrapper knows whether fp16 loss scaling skipped the step
+            applied = not getattr(self.trainer.optimizer, "step_was_skipped", False)
         self.state.applied_steps += int(applied)
-        if applied and self.state.schedule.due_after_step(self.state.applied_steps):
+        if applied and self.state.schedule.due_after_step(self.state.applied_steps, hf_state.max_steps,
+                                                          hf_state.global_step):
             self.resample()
         # the last step of an epoch: resample now, before this step's save, so a checkpoint taken
         # here resumes into the next epoch with the epoch-end resample already done
@@ -109,7 +112,8 @@ class RosaRun:
         if done <= self.state.epoch:
             return
         self.state.epoch = done
-        if self.state.schedule.due_at_epoch_end(done - 1, int(hf_state.num_train_epochs)):
+        if self.state.schedule.due_at_epoch_end(done - 1, int(hf_state.num_train_epochs), hf_state.global_step,
+                                                hf_state.max_steps):
             self.resample()
 
     # --- the resample -----------------------------------------------------------------------
