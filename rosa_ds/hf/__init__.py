@@ -13,6 +13,7 @@ imports this package.
 from ..ds.dist import skip_cpu_shm_build
 from .callback import RosaCallback
 from .checks import RosaTrainerError
+from .setup import load_model
 from .trainer import RosaTrainer, RosaTrainerMixin, with_rosa
 
 # TrainingArguments start the process group (accelerate -> deepspeed.init_distributed) before any
@@ -20,4 +21,4 @@ from .trainer import RosaTrainer, RosaTrainerMixin, with_rosa
 # rosa_ds.ds.dist.init_distributed explains, so the switch is set when this package is imported
 skip_cpu_shm_build()
 
-__all__ = ["RosaTrainer", "RosaTrainerMixin", "RosaCallback", "RosaTrainerError", "with_rosa"]
+__all__ = ["RosaTrainer", "RosaTrainerMixin", "RosaCallback", "RosaTrainerError", "load_model", "with_rosa"]

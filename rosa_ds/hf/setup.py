@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..config import RosaConfig
+from ..ds.dist import adopt_process_group
 from ..ds.prepare import prepare_model
 from ..inject import iter_rosa_layers
 from ..schedule import ScheduleConfig
@@ -24,11 +25,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def load_model(model, args):
     """``model`` given by name or path (TRL's style): loaded as TRL's ``SFTTrainer`` would
     (``args.model_init_kwargs``, fp32 unless they say otherwise), after the arguments exist, so
-    under ZeRO-3 it is loaded partitioned. A model object is returned as it is."""
+    under ZeRO-3 it is loaded partitioned, on a CPU too (``adopt_process_group``). A model
+    object is returned as it is. Call it for ``from_pretrained`` under ZeRO-3 in your own script."""
     if not isinstance(model, str):
         return model
     from transformers import AutoModelForCausalLM
 
+    adopt_process_group()
     kwargs = {"dtype": torch.float32, **(getattr(args, "model_init_kwargs", None) or {})}
     if isinstance(kwargs["dtype"], str) and kwargs["dtype"] in DTYPES:
         kwargs["dtype"] = DTYPES[kwargs["dtype"]]
@@ -84,8 +87,12 @@ def drop_template_scheduler(config: dict, args, quiet: bool = False) -> None:
     del config["scheduler"]
     if not quiet:
             warn_rank0(f"the DeepSpeed config's scheduler {block.get('type')} (a template with \"auto\" values) is "
-                   f"dropped: the Trainer's lr_scheduler_type={getattr(args, 'lr_scheduler_type', '?')} drives "
+                   f"dropped: the Trainer's lr_scheduler_type={_plain(getattr(args, 'lr_scheduler_type', '?'))} drives "
                    "the learning rate; write its values out in the DeepSpeed config to use it instead")
+
+
+def _plain(value) -> str:
+    return str(getattr(value, "value", value))  # TrainingArguments holds an enum (SchedulerType.LINEAR)
 
 
 def warn_cpu_bf16(args) -> None:
@@ -122,6 +129,7 @@ def prepare_for_trainer(model, args, rosa_config: Optional[RosaConfig],
     resolved ``RosaConfig`` and the Trainer's DeepSpeed config (None without DeepSpeed)."""
     ds_config = trainer_ds_config(args, schedule)
     check_model(model, rosa_config)
+    adopt_process_group()  # ROSA's factors are built under zero.Init on a partitioned model
     warn_cpu_bf16(args)
     rosa_config = prepare_model(model, rosa_config, ds_config if ds_config is not None else _precision_of(model))
     return rosa_config, ds_config

@@ -155,3 +155,69 @@ def test_trl_sft_rosa_callback_alone_zero3_accelerate(tmp_path, trl_model_dir):
     check_run(ranks, "trl_callback_zero3", [3], head=False)
     check_logged(ranks, "trl_callback_zero3", [3])
     check_export(tmp_path / "out", ranks, "trl_callback_zero3")
+
+
+# --- the Trainer example from an empty model cache --------------------------------------------------
+
+LOCK_ORDER = '''
+import fcntl, os, time
+_flock = fcntl.flock
+
+
+def _ordered_flock(fd, op):
+    """Conversion locks only: the rank named by ROSA_TEST_SLOW_RANK asks for the lock late, so the
+    other rank converts; each rank records when it holds the lock."""
+    path = os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}")
+    ours = "/models/." in path and op & fcntl.LOCK_EX
+    if ours and os.environ.get("RANK") == os.environ["ROSA_TEST_SLOW_RANK"]:
+        time.sleep(8)
+    _flock(fd, op)
+    if ours:
+        with open(os.environ["ROSA_TEST_LOCK_LOG"], "a") as log:
+            log.write(os.environ.get("RANK", "?") + "\\n")
+
+
+fcntl.flock = _ordered_flock
+'''
+
+
+def test_trainer_example_from_an_empty_model_cache(tmp_path, winner: int = 1):
+    """``deepspeed --num_gpus 2 examples/hf_trainer.py --model tiny.gguf`` with an empty model
+    cache: the GGUF is converted once, by whichever rank takes the lock first, and the run trains
+    and exports a model that reloads. Rank ``winner`` = 1 is made to win (rank 0 asks for the
+    lock 8 s late), deterministically: that is the case that failed (a converting rank other
+    than 0 wrote no files once the process group existed); rank 0 winning is the common case."""
+    import transformers as tf
+
+    from tests.helpers.assets import write_tiny_gguf
+    from tests.helpers.launch import ROOT
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(LOCK_ORDER)
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    env = {"PYTHONPATH": f"{site}:{ROOT}", "ROSA_TEST_SLOW_RANK": str(1 - winner),
+           "ROSA_TEST_LOCK_LOG": str(tmp_path / "locks.txt")}
+    launch_deepspeed(ROOT / "examples" / "hf_trainer.py",
+                     ["--output-dir", str(tmp_path / "out"), "--model", str(gguf), "--max-train-samples", "16",
+                      "--max-eval-samples", "8", "--seq-len", "96", "--micro-batch", "4", "--epochs", "1",
+                      "--rank", "2"], tmp_path / "cache", timeout=300, extra_env=env)
+    assert (tmp_path / "locks.txt").read_text().split()[0] == str(winner)
+    converted = [p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]
+    assert len(converted) == 1 and (converted[0] / "config.json").is_file(), converted
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
+    assert not any("rosa" in n for n, _ in model.named_parameters())
+
+
+def test_trl_zero3_arguments_first_on_cpu_ranks(tmp_path, trl_model_dir):
+    """The README's ZeRO-3 order on CPU ranks (arguments first, then the model by path): loaded
+    partitioned (accelerate started gloo without DeepSpeed; ``adopt_process_group``), the
+    template's WarmupDecayLR dropped so the Trainer's constant schedule runs, no resample after
+    the final step 4 of a resample-every-2 schedule."""
+    result = tmp_path / "result.json"
+    launch_deepspeed(Path(__file__).parent / "scripts" / "hf_args_first_rank.py",
+                     ["--model-dir", str(trl_model_dir), "--out", str(tmp_path / "out"), "--result", str(result)],
+                     tmp_path / "cache", timeout=300)
+    got = json.loads(result.read_text())
+    assert got["partitioned"] and not got["scheduler_in_config"]
+    assert got["lrs"] == [got["expected_lr"]] * 4 and got["resample_steps"] == [2]
