@@ -85,8 +85,9 @@ class RosaRun:
             ids = {id(p) for p in params}
             if ids & factor_ids and not ids <= factor_ids:
                 raise RosaTrainerError("an optimizer param group mixes ROSA factors with other parameters, so a "
-                                       "resample would wipe their state too; let RosaTrainer build the optimizer "
-                                       "(do not pass optimizers=(...) built on model.parameters())")
+                                       "resample would wipe their state too; use RosaTrainer or "
+                                       "with_rosa(YourTrainer), which give the factors groups of their own (and do not "
+                                       "pass optimizers=(...) built on model.parameters())")
 
     # --- schedule --------------------------------------------------------------------------
     def after_step(self, hf_state) -> None:

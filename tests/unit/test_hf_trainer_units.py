@@ -201,10 +201,14 @@ def test_trl_style_refusals_are_one_line(tmp_path):
         with pytest.raises(RosaTrainerError) as err:
             make()
         assert text in str(err.value) and "\n" not in str(err.value), str(err.value)
-    late = tf.Trainer(model=tiny_model("llama"), args=args, train_dataset=[{"input_ids": IDS[0], "labels": IDS[0]}])
+    data = [{"input_ids": IDS[0], "labels": IDS[0]}]
+    late = tf.Trainer(model=tiny_model("llama"), args=args, train_dataset=data)
     late.add_callback(RosaCallback(FACTORS_ONLY))
     with pytest.raises(RosaTrainerError, match="pass callbacks=\\[RosaCallback"):
         late.train()
+    head = tf.Trainer(model=tiny_model("llama"), args=args, train_dataset=data, callbacks=[RosaCallback(ROSA)])
+    with pytest.raises(RosaTrainerError, match="mixes ROSA factors .* with_rosa"):  # lm_head shares the group
+        head.train()
 
 
 def test_template_scheduler_dropped_and_cpu_bf16_warned(caplog):
