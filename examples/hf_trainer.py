@@ -19,7 +19,7 @@ import torch
 from transformers import TrainingArguments
 
 from rosa_ds import RosaConfig
-from rosa_ds.hf import RosaTrainer  # ROSA
+from rosa_ds.hf import RosaTrainer, adopt_process_group  # ROSA
 from rosa_ds.recipe.data import DataConfig, PadCollator, load_data
 from rosa_ds.recipe.models import load_model_and_tokenizer
 from rosa_ds.schedule import ScheduleConfig
@@ -54,6 +54,7 @@ def main() -> int:
         per_device_eval_batch_size=a.micro_batch, num_train_epochs=a.epochs, learning_rate=a.lr, warmup_steps=0.05,
         bf16=bf16, use_cpu=not torch.cuda.is_available(), eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=2, logging_steps=5, report_to="tensorboard", seed=a.seed, disable_tqdm=True)
+    adopt_process_group()  # ROSA: on CPU ranks, lets ZeRO-3's from_pretrained see the whole world
     model, tokenizer = load_model_and_tokenizer(a.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     data = load_data(DataConfig(dataset="bbc-headlines", seq_len=a.seq_len, max_train_samples=a.max_train_samples,
                                 max_eval_samples=a.max_eval_samples, seed=a.seed, num_samples=0), tokenizer)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from .utils.options import OptionError, check_options, opt
 
@@ -34,14 +34,20 @@ class ScheduleConfig:
         self.resample_every = every
         check_options(self)
 
-    def due_after_step(self, global_step: int) -> bool:
-        """True if a resample follows optimizer step ``global_step`` (1-based count of steps done)."""
-        return isinstance(self.resample_every, int) and global_step > 0 and global_step % self.resample_every == 0
+    def due_after_step(self, global_step: int, total_steps: Optional[int] = None, done: Optional[int] = None) -> bool:
+        """True if a resample follows optimizer step ``global_step`` (1-based count of steps done).
+        With ``total_steps`` (the run's optimizer steps) never after the final one: a resample
+        there only merges, which the export does anyway, at the cost of one SVD per layer. ``done``
+        is the run's step count when ``global_step`` counts something else (applied steps)."""
+        return (isinstance(self.resample_every, int) and global_step > 0 and global_step % self.resample_every == 0
+                and not finished(global_step if done is None else done, total_steps))
 
-    def due_at_epoch_end(self, epoch: int, num_epochs: int) -> bool:
-        """True at the end of epoch ``epoch`` (0-based) unless it is the last: a final resample
-        would only merge, which the export does anyway."""
-        return self.resample_every == "epoch" and epoch + 1 < num_epochs
+    def due_at_epoch_end(self, epoch: int, num_epochs: int, done: Optional[int] = None,
+                         total_steps: Optional[int] = None) -> bool:
+        """True at the end of epoch ``epoch`` (0-based) unless it is the last, or the run's
+        ``total_steps`` are ``done`` (a step limit that ends at an epoch boundary): a final
+        resample would only merge, which the export does anyway."""
+        return self.resample_every == "epoch" and epoch + 1 < num_epochs and not finished(done, total_steps)
 
     def lr_factor(self, steps_since_resample: int | None) -> float:
         """Multiplier for the scheduled learning rate at the next optimizer step.
@@ -52,3 +58,10 @@ class ScheduleConfig:
         if not self.rewarmup_steps or steps_since_resample is None or steps_since_resample >= self.rewarmup_steps:
             return 1.0
         return (steps_since_resample + 1) / self.rewarmup_steps
+
+
+def finished(done: Optional[int], total_steps: Optional[int]) -> bool:
+    """True once ``done`` optimizer steps reach the run's ``total_steps`` (unknown: never). The one
+    rule the CLI trainer (``RosaEngine.total_steps``) and the Trainer callback
+    (``TrainerState.max_steps``) share, so neither resamples after the final step."""
+    return done is not None and total_steps is not None and total_steps > 0 and done >= total_steps

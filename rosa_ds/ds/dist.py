@@ -90,6 +90,18 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> None:
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **kwargs)
 
 
+def adopt_process_group() -> None:
+    """Hand DeepSpeed's comm layer a torch process group another library started. On a CPU,
+    ``TrainingArguments(use_cpu=True, deepspeed=...)`` has accelerate start gloo itself
+    (MULTI_CPU) without telling DeepSpeed, so a ``zero.Init`` before the Trainer (ZeRO-3's
+    ``from_pretrained``) sizes the batch for a world of 1 and asserts. No-op without a group or
+    once DeepSpeed has one; DeepSpeed wraps the existing group (no new rendezvous)."""
+    import deepspeed.comm as ds_comm
+
+    if dist.is_available() and dist.is_initialized() and not ds_comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
 def _default_group_timeout(timeout: datetime.timedelta) -> None:
     """Make ``timeout`` the default of every process group created later. torch gives a new group
     (DeepSpeed's data-parallel and ZeRO groups, where a ZeRO step's collectives run) its module

@@ -58,6 +58,9 @@ class RosaEngine:
         # DeepSpeed's is_gradient_accumulation_boundary() describes the NEXT micro step once step()
         # has run; this records whether the last step() completed an optimizer step.
         self.at_boundary = True
+        # the run's optimizer steps, when the caller knows them (the CLI trainer sets it): no
+        # resample after the final one (ScheduleConfig.due_after_step)
+        self.total_steps: Optional[int] = None
         self.factor_params = [p for n, p in ds_engine.module.named_parameters() if is_adapter_param(n)]
 
     @property
@@ -106,7 +109,8 @@ class RosaEngine:
             for g, lr, scaled in zip(groups, saved, [s * factor for s in saved]):
                 if g["lr"] == scaled:
                     g["lr"] = lr
-        if applied and self.rosa_config is not None and self.schedule.due_after_step(state.applied_steps):
+        if applied and self.rosa_config is not None and self.schedule.due_after_step(
+                state.applied_steps, self.total_steps, self.global_step):
             return self.resample()
         return None
 
@@ -129,7 +133,8 @@ class RosaEngine:
     def end_epoch(self, epoch: int, num_epochs: int) -> Optional[dict]:
         """Call after the last step of epoch ``epoch`` (0-based): resamples if the schedule says so."""
         self.state.epoch = epoch + 1
-        if self.rosa_config is not None and self.schedule.due_at_epoch_end(epoch, num_epochs):
+        if self.rosa_config is not None and self.schedule.due_at_epoch_end(epoch, num_epochs, self.global_step,
+                                                                           self.total_steps):
             return self.resample()
         return None
 

@@ -35,9 +35,13 @@ def check_training_args(args, schedule: ScheduleConfig) -> Optional[dict]:
     if not getattr(args, "deepspeed", None):
         return None
     ds_config = args.hf_deepspeed_config.config
+    check_stage(ds_config, f"the DeepSpeed config {args.deepspeed}")
+    return ds_config
+
+
+def check_stage(ds_config: dict, where: str) -> None:
+    """ROSA resets its factors' optimizer state in ZeRO's flat groups: stages 1, 2 and 3 only."""
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (1, 2, 3):
-        raise RosaTrainerError(f"the DeepSpeed config {args.deepspeed} has zero_optimization.stage {stage}; "
-                               "ROSA resets its factors' state in ZeRO's flat groups, so use stage 1, 2 or 3 "
-                               "(ds_configs/zero2.json, zero3.json)")
-    return ds_config
+        raise RosaTrainerError(f"{where} has zero_optimization.stage {stage}; ROSA resets its factors' state in "
+                               "ZeRO's flat groups, so use stage 1, 2 or 3 (ds_configs/zero2.json, zero3.json)")

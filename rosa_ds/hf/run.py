@@ -57,7 +57,9 @@ def plain_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 class RosaRun:
-    """ROSA's state and actions for one Trainer (``trainer.rosa``)."""
+    """ROSA's state and actions for one Trainer (``trainer.rosa``). ``trainer`` is the Trainer, or
+    for a ``RosaCallback`` used alone a ``CallbackHost`` with the same attributes (``model``,
+    ``optimizer``, ``deepspeed``, ``state``, ``processing_class``)."""
 
     def __init__(self, trainer, rosa_config: RosaConfig, schedule: ScheduleConfig) -> None:
         self.trainer = trainer
@@ -83,18 +85,20 @@ class RosaRun:
             ids = {id(p) for p in params}
             if ids & factor_ids and not ids <= factor_ids:
                 raise RosaTrainerError("an optimizer param group mixes ROSA factors with other parameters, so a "
-                                       "resample would wipe their state too; let RosaTrainer build the optimizer "
-                                       "(do not pass optimizers=(...) built on model.parameters())")
+                                       "resample would wipe their state too; use RosaTrainer or "
+                                       "with_rosa(YourTrainer), which give the factors groups of their own (and do not "
+                                       "pass optimizers=(...) built on model.parameters())")
 
     # --- schedule --------------------------------------------------------------------------
     def after_step(self, hf_state) -> None:
         """After an optimizer step (the Trainer's ``on_step_end``, accumulation boundaries only)."""
         if self.engine is not None:
             applied = bool(self.engine.was_step_applied())
-        else:
-            applied = not getattr(self.trainer.accelerator, "optimizer_step_was_skipped", False)
+        else:  # accelerate's optimizer wrapper knows whether fp16 loss scaling skipped the step
+            applied = not getattr(self.trainer.optimizer, "step_was_skipped", False)
         self.state.applied_steps += int(applied)
-        if applied and self.state.schedule.due_after_step(self.state.applied_steps):
+        if applied and self.state.schedule.due_after_step(self.state.applied_steps, hf_state.max_steps,
+                                                          hf_state.global_step):
             self.resample()
         # the last step of an epoch: resample now, before this step's save, so a checkpoint taken
         # here resumes into the next epoch with the epoch-end resample already done
@@ -109,7 +113,8 @@ class RosaRun:
         if done <= self.state.epoch:
             return
         self.state.epoch = done
-        if self.state.schedule.due_at_epoch_end(done - 1, int(hf_state.num_train_epochs)):
+        if self.state.schedule.due_at_epoch_end(done - 1, int(hf_state.num_train_epochs), hf_state.global_step,
+                                                hf_state.max_steps):
             self.resample()
 
     # --- the resample -----------------------------------------------------------------------

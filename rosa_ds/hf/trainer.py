@@ -28,30 +28,27 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import RosaConfig
 from ..ds.engine import param_groups
-from ..ds.prepare import prepare_model
-from ..inject import iter_rosa_layers
 from ..layer import is_adapter_param
 from ..schedule import ScheduleConfig
 from .callback import RosaCallback
 from .checks import RosaTrainerError, check_training_args
 from .run import RosaRun
+from .setup import load_model, prepare_for_trainer
 
 
-def _precision_of(model) -> dict:
-    """A DeepSpeed-style precision section for a model trained without DeepSpeed (its dtype)."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return {"bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
-
-
-def apply_for_trainer(model, rosa_config: Optional[RosaConfig], ds_config: Optional[dict]) -> RosaConfig:
-    """ROSA on ``model`` as ``rosa_ds.initialize`` would apply it (collective under a launcher)."""
-    if model is None:
-        raise RosaTrainerError("RosaTrainer needs model=...; model_init is not supported (ROSA is applied once, "
-                               "before DeepSpeed is built)")
-    if rosa_config is None and not any(True for _ in iter_rosa_layers(model)):
-        raise RosaTrainerError("RosaTrainer needs rosa_config=RosaConfig(rank=...) or a model passed through "
-                               "rosa_ds.apply_rosa")
-    return prepare_model(model, rosa_config, ds_config if ds_config is not None else _precision_of(model))
+def _rosa_from_peft_config(rosa_config: Optional[RosaConfig], kwargs: dict) -> Optional[RosaConfig]:
+    """TRL's way to choose an adapter, ``peft_config=``, taking a ``rosa_ds.RosaConfig``; a PEFT
+    config (LoraConfig ...) is refused: PEFT would wrap ROSA's layers, which it cannot adapt."""
+    peft_config = kwargs.pop("peft_config", None)
+    if peft_config is None:
+        return rosa_config
+    if not isinstance(peft_config, RosaConfig):
+        raise RosaTrainerError(f"peft_config={type(peft_config).__name__}(...) cannot be combined with ROSA (PEFT "
+                               "would wrap ROSA's layers); pass peft_config=rosa_ds.RosaConfig(rank=...) for ROSA, or "
+                               "use the trainer without with_rosa for a PEFT adapter")
+    if rosa_config is not None and rosa_config != peft_config:
+        raise RosaTrainerError("rosa_config= and peft_config= both given and they differ; pass one RosaConfig")
+    return peft_config
 
 
 class RosaTrainerMixin:
@@ -64,13 +61,16 @@ class RosaTrainerMixin:
     def __init__(self, model=None, args=None, *rest, rosa_config: Optional[RosaConfig] = None,
                  schedule: Optional[ScheduleConfig] = None, **kwargs) -> None:
         schedule = schedule or ScheduleConfig()
-        ds_config = check_training_args(args, schedule)
         if kwargs.get("model_init") is not None:
             raise RosaTrainerError("RosaTrainer does not support model_init (hyperparameter search); pass model=...")
-        rosa_config = apply_for_trainer(model, rosa_config, ds_config)
+        rosa_config = _rosa_from_peft_config(rosa_config, kwargs)
+        check_training_args(args, schedule)  # before a model given by name loads
+        model = load_model(model, args)
+        rosa_config, _ = prepare_for_trainer(model, args, rosa_config, schedule)
         super().__init__(model, args, *rest, **kwargs)
         self.rosa = RosaRun(self, rosa_config, schedule)
-        self.callback_handler.callbacks.insert(0, RosaCallback(self.rosa))  # first: its log keys reach the loggers
+        # first: its log keys reach the loggers
+        self.callback_handler.callbacks.insert(0, RosaCallback.bound(self.rosa))
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer with the factors in groups of their own (see the module docstring)."""

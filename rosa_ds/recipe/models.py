@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,7 +166,25 @@ def converted_dir(source: ModelSource) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize ``gguf`` to fp32 and save it as a plain (unquantized) safetensors model."""
+    """Dequantize ``gguf`` to fp32 and save it as a plain (unquantized) safetensors model, in a
+    child process: the conversion must not depend on this process's distributed state. Once a
+    process group exists, ``save_pretrained`` writes on global rank 0 only, and a live ZeRO-3
+    ``HfDeepSpeedConfig`` (TrainingArguments created first, the Trainer's rule) would build the
+    model partitioned, a collective only this rank enters; the cache entry is per machine, so
+    whichever rank takes the lock converts. The child is started without the rank variables."""
+    rank_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rank_vars and not k.startswith("ACCELERATE_")}
+    root = str(Path(__file__).resolve().parents[2])  # this rosa_ds, whatever the child's working directory
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "rosa_ds.recipe.models", str(gguf), str(out)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "config.json").is_file():
+        lines = (proc.stderr or proc.stdout or "no output").strip().splitlines()
+        raise RuntimeError(f"converting {gguf} to safetensors failed (exit {proc.returncode}): {lines[-1]}")
+
+
+def convert_gguf_here(gguf: Path, out: Path) -> None:
+    """The conversion itself (``python -m rosa_ds.recipe.models GGUF OUT``; no process group)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -175,10 +195,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    if not (out / "config.json").is_file():  # save_pretrained writes on global rank 0 only once a process
-        # group exists; a cache entry is per machine, so any rank may be the one converting
-        raise RuntimeError(f"converting {gguf} wrote no config.json: convert before torch.distributed "
-                           "starts (rosa_ds.recipe.models.model_dir)")
 
 
 def ensure_plain_copy(source: ModelSource) -> Path:
@@ -290,3 +306,7 @@ def enable_activation_checkpointing(model) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
     model.config.use_cache = False
+
+
+if __name__ == "__main__":
+    convert_gguf_here(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -133,6 +133,7 @@ class Trainer:
             self.ds_config, kwargs = dsconfig.client_optimizer_config(self.ds_config)
             optimizer = _bnb_factory(kwargs)
         self.engine = initialize(model, rosa_config, config=self.ds_config, optimizer=optimizer, schedule=cfg.schedule)
+        self.engine.total_steps = self.total_steps  # no resample after the final step
         self.rank, self.world = rank_and_world()
         self.collate = PadCollator(self.tokenizer.pad_token_id)  # evaluation: one sample per row
         self.train_collate = PackCollator(self.tokenizer.pad_token_id) if cfg.data.pack else self.collate

@@ -159,3 +159,58 @@ def tiny_causal_run(directory) -> Path:
     save_tiny_model_dir(directory / "llama", "llama")
     write_tiny_dataset(directory / "data.jsonl", "prompt_target", n=64)
     return directory
+
+
+# llama.cpp's GGUF tensor names for the Hugging Face Llama modules (per layer, then the rest)
+GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm"}
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def _gguf_name(key: str) -> str:
+    if key in GGUF_NAMES:
+        return GGUF_NAMES[key]
+    parts = key.split(".")  # model.layers.<i>.<module path>.weight
+    return f"blk.{parts[2]}.{GGUF_LAYER_NAMES['.'.join(parts[3:-1])]}.weight"
+
+
+def write_tiny_gguf(path, seed: int = 0) -> Path:
+    """A tiny Llama (fp32 tensors) with the tiny byte-level BPE tokenizer as a GGUF file that
+    transformers loads (``gguf_file=``): the default model's format at a test's size, so the
+    GGUF -> safetensors conversion path runs in seconds. q/k are written unpermuted (the loaded
+    weights differ from the tiny model's; nothing compares them)."""
+    import gguf
+
+    tok = tiny_tokenizer("llama")
+    model = _tiny_model("llama", tok, 0, 32, seed)
+    c, merges = model.config, json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    for key, value in model.state_dict().items():
+        w.add_tensor(_gguf_name(key), value.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

@@ -90,13 +90,28 @@ def launch_ranks(script: str | Path, args: list[str] | None = None, world_size: 
         return [json.loads(r.read_text()) for r in results]
 
 
+def launcher_env() -> dict:
+    """This environment with one thread per rank, the repo first on the path, the venv's launchers on PATH."""
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def run_session(cmd: list[str], env: dict, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a launcher with a hard timeout, as its own process group (session), as a scheduler's
+    job is; raises with its output on failure if ``check``."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
 def deepspeed_command(script: str | Path, args: list[str], cache: Path, world: int = 2,
                       extra_env: dict | None = None) -> tuple[list[str], dict]:
     """``deepspeed --num_gpus N SCRIPT ARGS`` (the real launcher) with a free port, one thread per
     rank and ``ROSA_DS_CACHE=cache``: the command line and its environment."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROSA_DS_CACHE": str(cache),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(extra_env or {})}
+    env = {**launcher_env(), "ROSA_DS_CACHE": str(cache), **(extra_env or {})}
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
            str(script), *args]
     return cmd, env
@@ -104,14 +119,20 @@ def deepspeed_command(script: str | Path, args: list[str], cache: Path, world: i
 
 def launch_deepspeed(script: str | Path, args: list[str], cache: Path, world: int = 2, check: bool = True,
                      timeout: float = CLI_TIMEOUT, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``deepspeed_command`` with a hard timeout, as its own process group (session), as a
-    scheduler's job is; raises on failure if ``check``."""
+    """Run ``deepspeed_command`` (``run_session``)."""
     cmd, env = deepspeed_command(script, args, cache, world, extra_env)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    return run_session(cmd, env, timeout, check)
+
+
+def launch_accelerate(script: str | Path, args: list[str], ds_config: Path, world: int = 2,
+                      timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    """``accelerate launch --use_deepspeed --deepspeed_config_file DS_CONFIG`` (ZeRO-3 models built
+    partitioned: ``--zero3_init_flag true``) of ``script`` on ``world`` CPU ranks, with a hard
+    timeout (``run_session``)."""
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed", "--deepspeed_config_file",
+           str(ds_config), "--zero3_init_flag", "true", "--num_processes", str(world), "--num_machines", "1",
+           "--main_process_port", str(free_port()), str(script), *args]
+    return run_session(cmd, launcher_env(), timeout)
 
 
 def cli_command(args: list[str], out: Path, world: int = 2, script: Path = ROOT / "launch" / "train.py",

@@ -42,8 +42,9 @@ def reloaded_eval_loss(model_dir, assets, max_eval=16):
 
 # 58 training samples: global batch 8 -> 7 steps per epoch. The ZeRO-3 ROSA case evaluates 5 samples
 # with micro batch 2 (shards of 3 and 2: ranks must still run the same number of eval forwards).
+# The ZeRO-1 case resamples every 7 steps of 14: after step 7, and not after the final step 14.
 @pytest.mark.parametrize("method, stage, extra, spe", [
-    ("rosa", 1, [], 7), ("rosa", 2, ["--grad-accum", "2"], 3),
+    ("rosa", 1, ["--resample-every", "7"], 7), ("rosa", 2, ["--grad-accum", "2"], 3),
     ("rosa", 3, ["--micro-batch", "2", "--max-eval-samples", "5"], 14), ("lora", 3, [], 7), ("full", 2, [], 7)])
 def test_cli_trains_and_exports_a_plain_model(tmp_path, assets, method, stage, extra, spe):
     out = tmp_path / "run"

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from rosa_ds import RosaConfig
 from rosa_ds.ds.checkpoint import FORMAT, CheckpointError, check_compatible, resolve
 from rosa_ds.schedule import ScheduleConfig
 
@@ -95,6 +96,35 @@ def test_schedule_epoch_steps_and_rewarmup():
     assert [steps.lr_factor(s) for s in (None, 0, 1, 2)] == [1.0, 0.5, 1.0, 1.0]
     with pytest.raises(ValueError, match="resample_every 'weekly' is not valid; fix: use epoch, never, or a positive"):
         ScheduleConfig("weekly")
+
+
+def test_no_resample_after_the_final_step():
+    """The one rule the CLI engine and the Trainer callback share (``schedule.finished``): a run
+    of 8 steps resampling every 4 resamples after step 4 only; a 2-epoch step limit that ends at
+    the first epoch's boundary does not resample there."""
+    steps = ScheduleConfig(4)
+    assert [s for s in range(1, 9) if steps.due_after_step(s, total_steps=8)] == [4]
+    assert [s for s in range(1, 9) if steps.due_after_step(s)] == [4, 8]  # total unknown: as before
+    assert steps.due_after_step(4, total_steps=8, done=8) is False  # applied steps 4, but the run is done
+    epoch = ScheduleConfig("epoch")
+    assert epoch.due_at_epoch_end(0, 3, done=5, total_steps=10) and not epoch.due_at_epoch_end(0, 3, 5, 5)
+
+
+def test_engine_does_not_resample_after_its_total_steps(monkeypatch):
+    """``RosaEngine.total_steps`` (set by the CLI trainer) is the schedule's run length."""
+    from rosa_ds.ds import engine as ds_engine
+    from rosa_ds.ds import resample
+    from tests.unit.test_cuda_path import FakeDeepSpeed
+
+    fake, resampled_at = FakeDeepSpeed(), []
+    monkeypatch.setattr(resample, "distributed_resample", lambda *a, **k: resampled_at.append(fake.global_steps)
+                        or {"layers": 0})
+    monkeypatch.setattr(resample, "reset_factor_state", lambda *a: 0)
+    eng = ds_engine.RosaEngine(fake, RosaConfig(rank=1), ScheduleConfig(2))
+    eng.total_steps = 4
+    for _ in range(4):
+        eng.step()
+    assert resampled_at == [2] and eng.end_epoch(0, 2) is None
 
 
 def test_owner_assignment_is_balanced_and_rounds_hold_one_layer_per_rank():

@@ -116,3 +116,114 @@ def test_a_user_optimizer_is_split_so_the_factors_have_a_group_of_their_own(tmp_
     assert all(g["lr"] == 3e-4 and g["weight_decay"] == 0.1 for g in opt.param_groups)
     with pytest.raises(RosaTrainerError, match="rosa_config"):
         RosaTrainer(model=tiny_model("llama"), args=args)
+
+
+# --- RosaCallback alone, TRL-style entry points, and what they refuse ------------------------------
+
+FACTORS_ONLY = RosaConfig(rank=2, seed=7)
+
+
+def plain_args(out, **kw):
+    import transformers as tf
+
+    return tf.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, learning_rate=LR,
+        weight_decay=WD, lr_scheduler_type="constant", max_grad_norm=0.0, optim="adamw_torch",
+        train_sampling_strategy="sequential", use_cpu=True, report_to="none", logging_steps=1, disable_tqdm=True,
+        save_strategy="no", seed=0, **kw)
+
+
+def test_rosa_callback_alone_in_a_plain_trainer_matches_the_reference(tmp_path):
+    """``Trainer(callbacks=[RosaCallback(config, ScheduleConfig(2))])`` and nothing else from
+    rosa_ds: 2 epochs of 2 steps resample after step 2 only (not after the final step 4), losses
+    equal the one-process reference, resamples land in log_history, the merged model reloads."""
+    import transformers as tf
+
+    from rosa_ds.hf import RosaCallback
+
+    ref_losses, ref_merged = adamw_reference(apply_rosa(tiny_model("llama"), FACTORS_ONLY), batch, N // BATCH, EPOCHS,
+                                             LR, WD)
+    class Plain(tf.Trainer):  # a plain Trainer that records its training losses (unrounded)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                losses.append(loss.item())
+            return loss
+
+    callback, losses = RosaCallback(FACTORS_ONLY, ScheduleConfig(2)), []
+    data = [{"input_ids": ids, "labels": ids.clone()} for ids in IDS]
+    trainer = Plain(model=tiny_model("llama"), args=plain_args(tmp_path / "run"), train_dataset=data,
+                    callbacks=[callback])
+    trainer.train()
+    assert [e["step"] for e in callback.run.state.events] == [2]
+    logged = [(e["step"], e["rosa_resamples"]) for e in trainer.state.log_history if "loss" in e]
+    assert logged == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    assert len(losses) == 4 and max(abs(a - b) / b for a, b in zip(losses, ref_losses)) <= 1e-5, (losses, ref_losses)
+    callback.save_merged(tmp_path / "merged")
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    for key, ref in ref_merged.items():
+        torch.testing.assert_close(merged[key], ref, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_model_by_path_and_peft_config_rosa_in_a_trl_style_trainer(tmp_path):
+    """``with_rosa(Trainer)(model="<dir>", peft_config=RosaConfig(...))`` loads the model and applies ROSA."""
+    import transformers as tf
+
+    from rosa_ds.hf import with_rosa
+    from rosa_ds.inject import iter_rosa_layers
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    trainer = with_rosa(tf.Trainer)(model=str(tmp_path / "model"), args=plain_args(tmp_path / "run"),
+                                    peft_config=FACTORS_ONLY)
+    assert len(list(iter_rosa_layers(trainer.model))) == 14 and trainer.rosa.state.rosa_config.rank == 2
+
+
+def test_trl_style_refusals_are_one_line(tmp_path):
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from rosa_ds.hf import RosaCallback, with_rosa
+
+    args = plain_args(tmp_path / "run")
+    cases = [
+        (lambda: with_rosa(tf.Trainer)(model=tiny_model("llama"), args=args, peft_config=LoraConfig(r=2)),
+         "peft_config=LoraConfig(...) cannot be combined with ROSA"),
+        (lambda: RosaTrainer(model=get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"])),
+                             args=args, rosa_config=ROSA), "the model is a PEFT model"),
+        (lambda: tf.Trainer(model=tiny_model("llama"), args=args, callbacks=[RosaCallback(None)]),
+         "rosa_config=RosaConfig(rank=...)"),
+        (lambda: RosaCallback(LoraConfig(r=2)), "takes a rosa_ds.RosaConfig, got LoraConfig"),
+        (lambda: RosaTrainer(model=str(tmp_path / "missing"), args=args, rosa_config=ROSA), "could not be loaded"),
+    ]
+    for make, text in cases:
+        with pytest.raises(RosaTrainerError) as err:
+            make()
+        assert text in str(err.value) and "\n" not in str(err.value), str(err.value)
+    data = [{"input_ids": IDS[0], "labels": IDS[0]}]
+    late = tf.Trainer(model=tiny_model("llama"), args=args, train_dataset=data)
+    late.add_callback(RosaCallback(FACTORS_ONLY))
+    with pytest.raises(RosaTrainerError, match="pass callbacks=\\[RosaCallback"):
+        late.train()
+    head = tf.Trainer(model=tiny_model("llama"), args=args, train_dataset=data, callbacks=[RosaCallback(ROSA)])
+    with pytest.raises(RosaTrainerError, match="mixes ROSA factors .* with_rosa"):  # lm_head shares the group
+        head.train()
+
+
+def test_template_scheduler_dropped_and_cpu_bf16_warned(caplog):
+    """The project's templates' WarmupDecayLR ("auto" values) yields to the Trainer's schedule;
+    a scheduler written out in full stays. bf16 on a CPU is said once."""
+    import json
+    from pathlib import Path
+
+    from rosa_ds.hf.setup import drop_template_scheduler, warn_cpu_bf16
+
+    template = json.loads((Path(__file__).parents[2] / "ds_configs" / "zero2.json").read_text())
+    assert template["scheduler"]["type"] == "WarmupDecayLR"
+    args = SimpleNamespace(lr_scheduler_type="cosine", bf16=True, device=torch.device("cpu"))
+    drop_template_scheduler(template, args)
+    assert "scheduler" not in template and "lr_scheduler_type=cosine drives the learning rate" in caplog.text
+    explicit = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}
+    drop_template_scheduler(explicit, args)
+    assert "scheduler" in explicit
+    warn_cpu_bf16(args)
+    assert "bf16=True on a CPU" in caplog.text and "bf16=False" in caplog.text
