@@ -9,6 +9,7 @@ setup(
     package_data={"rosa_ds.ds": ["templates/*.json"]},
     python_requires=">=3.10",
     # Exact pins live in requirements.txt (installed by `make`); these are the floors.
-    install_requires=["torch>=2.4", "deepspeed>=0.19", "transformers>=5.0", "datasets>=4.0", "safetensors"],
+    install_requires=["torch>=2.4", "deepspeed>=0.19", "transformers>=5.0", "datasets>=4.0", "safetensors",
+                      "scipy>=1.10", "threadpoolctl>=3.1"],
     extras_require={"bnb": ["bitsandbytes"], "lora": ["peft"], "gguf": ["gguf"]},
 )

@@ -51,10 +51,11 @@ class RosaConfig:
             quantized with bitsandbytes' nf4 / LLM.int8() row-wise scheme (1/7 or 1/4 of fp32 bytes
             on the accelerator) and an fp32 master of W_f in host RAM that every merge updates and
             re-quantizes from, so resamples never accumulate quantization error.
-        solver: how the singular directions are computed: ``gram`` (default: eigenvectors of the
-            k x k Gram matrix, its small-singular-value tail refined in fp64; ~2x faster on CPU)
-            or ``svd`` (``torch.linalg.svd``). Either way W_f + A B = W exactly
-            (see ``rosa_ds.factorize``).
+        solver: how the singular directions are computed: ``tridiag`` (default: one tridiagonal
+            reduction of the k x k Gram matrix and only the R drawn eigenpairs, on CPU tensors;
+            elsewhere it is ``gram``), ``gram`` (all eigenvectors of the Gram matrix), both with
+            the small-singular-value tail refined in fp64, or ``svd`` (``torch.linalg.svd``).
+            Either way W_f + A B = W exactly (see ``rosa_ds.factorize``).
         frozen_master: keep an fp32 master of a bf16 / fp16 W_f in host RAM, which every merge
             reads and writes, so that W_f is rounded once from it instead of re-rounded at every
             resample (under DeepSpeed only the layer's owner rank keeps it: 4 bytes per adapted
@@ -76,8 +77,8 @@ class RosaConfig:
     quantize_base: Optional[str] = opt(
         None, "ROSA: store the frozen W_f quantized, nf4 or int8 (bitsandbytes), with an fp32 master in host RAM",
         QUANT_TYPES)
-    solver: str = opt("gram", "ROSA: singular directions from the Gram matrix's eigenvectors (fast) or torch's svd",
-                      SOLVERS)
+    solver: str = opt("tridiag", "ROSA: singular directions from the Gram matrix's drawn eigenpairs only (fastest), "
+                      "all its eigenvectors, or torch's svd", SOLVERS)
     frozen_master: Optional[bool] = opt(
         None, "ROSA: keep an fp32 master of a bf16/fp16 W_f (host RAM, on its owner rank) so merges never re-round "
               "it; default: on when training in bf16/fp16")

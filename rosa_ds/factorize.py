@@ -11,10 +11,10 @@ so that W_f + A B = W up to fp32 rounding. The layer computes y = x W_f^T + (x B
 Everything here runs in fp32 (or fp64 if given) whatever the storage dtype: a bf16 SVD loses
 the small singular values the ``smallest`` strategy relies on.
 
-Two solvers give the singular directions (``RosaConfig.solver``):
+Three solvers give the singular directions (``RosaConfig.solver``):
 
 - ``svd``: ``torch.linalg.svd`` of W (LAPACK gesdd on CPU).
-- ``gram`` (default): with X = W oriented tall (p x k, p >= k, k = min(m, n)), the eigenvectors
+- ``gram``: with X = W oriented tall (p x k, p >= k, k = min(m, n)), the eigenvectors
   of the k x k Gram matrix G = X^T X are X's right singular vectors and its eigenvalues are
   S^2. One fp32 GEMM and one symmetric eigensolve cost ~2.2x less than the SVD (SmolLM2-135M's
   210 matrices, one thread of a 2-core AMD EPYC: 5.85 s vs 12.86 s, bench/results/solvers.md).
@@ -22,6 +22,12 @@ Two solvers give the singular directions (``RosaConfig.solver``):
   there G's rounding (eps_32 |G|) is no longer small against S_i^2, so that tail's vectors are
   refined by a Rayleigh-Ritz step in fp64 with X itself (not G): Y = X V_tail, the SVD of the
   thin p x t matrix Y rotates V_tail onto X's singular vectors and gives S_tail unsquared.
+- ``tridiag`` (default): the same Gram matrix (its lower triangle only), but one tridiagonal
+  reduction and only the R drawn eigenpairs (``rosa_ds.tridiag``): the draw needs k only, so it
+  comes first. The tail is computed and refined only when a drawn index lies in it, and then by
+  the eigenvectors of the t x t fp64 matrix Y^T Y for the drawn indices instead of an SVD of Y.
+  SciPy's LAPACK serves CPU tensors; on an accelerator ``tridiag`` is ``gram``
+  (bench/results/resample_cost.md: both side by side, seconds and residuals).
 
 Either way the split is made exact for the directions actually chosen, V_I (k x R, orthonormal):
 on the k side, s_i = |X v_i| and, in W's orientation,
@@ -36,6 +42,7 @@ error can change the function the layer computes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -43,7 +50,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from . import tridiag
 from .errors import ConfigError
+from .utils.log import warn_rank0
 
 if TYPE_CHECKING:
     from .config import RosaConfig
@@ -52,13 +61,15 @@ if TYPE_CHECKING:
 # SVDs computed in this process, counted so tests can check that each layer's SVD runs once in
 # the world per resample (owner-rank coordination), not once per rank.
 SVD_CALLS = {"count": 0, "seconds": 0.0}
-SOLVERS = ("gram", "svd")
+SOLVERS = ("tridiag", "gram", "svd")
 STRATEGIES = ("random", "smallest", "largest")
 # Gram eigenvalues below GRAM_TAIL * largest (S_i < 3.2% of S_0) are refined in fp64 (see above).
 GRAM_TAIL = 1e-3
 # fp64 work is done in row blocks of at most this many elements (32 MiB of fp64), so the extra memory
 # of a merge or split is a few fp32 copies of one layer, never an fp64 copy of it.
 BLOCK_ELEMENTS = 1 << 22
+# Narrowest column block of the Gram matrix's lower triangle (``gram_lower``).
+GRAM_BLOCK = 512
 
 
 @contextlib.contextmanager
@@ -131,12 +142,19 @@ def select_indices(singular_values: torch.Tensor, rank: int, strategy: str,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Indices (sorted, int64, CPU) of the R singular triplets to make trainable.
 
-    ``singular_values`` is sorted descending (as ``torch.linalg.svd`` returns them).
+    ``singular_values`` is sorted descending (as ``torch.linalg.svd`` returns them); only its
+    length k is read (``draw_indices``)."""
+    return draw_indices(singular_values.shape[-1], rank, strategy, generator)
+
+
+def draw_indices(k: int, rank: int, strategy: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices (sorted, int64, CPU) into k singular values sorted descending. They depend on k and
+    the generator only, so a solver can draw them before computing any singular value.
+
     ``random`` draws R of the k indices uniformly without replacement: every index has
     probability R/k at every draw (unlike a random contiguous window, which under-samples
     the ends of the spectrum).
     """
-    k = singular_values.shape[-1]
     if not 1 <= rank <= k:
         raise ConfigError(f"rank {rank} is outside [1, {k}] for a matrix with {k} singular values")
     if strategy == "largest":
@@ -152,31 +170,116 @@ def select_indices(singular_values: torch.Tensor, rank: int, strategy: str,
 
 def singular_directions(x: torch.Tensor, solver: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, V) of a tall matrix ``x`` (p x k, p >= k): S (k,) descending, V (k x k) its right
-    singular vectors as columns, by ``solver`` (see the module docstring)."""
+    singular vectors as columns, by the whole-spectrum ``solver`` ``gram`` or ``svd`` (see the
+    module docstring)."""
     if solver == "svd":
         _, s, vh = torch.linalg.svd(x, full_matrices=False)
         return s, vh.t()
-    if solver != "gram":
+    if solver not in SOLVERS:
         raise ConfigError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     lam, v = torch.linalg.eigh(x.t() @ x)  # ascending
     lam, v = lam.flip(0), v.flip(1)
     s = lam.clamp_min(0).sqrt()
-    tail = int((lam < GRAM_TAIL * lam[0]).sum()) if lam[0] > 0 else 0
+    tail = tail_size(lam)
     if tail:
-        # Rayleigh-Ritz on the tail subspace with X, in fp64: the subspace itself is accurate (it is
-        # separated from the rest by a gap ~GRAM_TAIL |G| >> eps |G|), only the vectors inside it are not.
-        v_tail = v[:, -tail:].double()
-        y = torch.empty(x.shape[0], tail, dtype=torch.float64, device=x.device)
-        for rows in row_blocks(x.shape[0], x.shape[1]):  # X V_tail in fp64 without an fp64 copy of X
-            y[rows] = x[rows].double() @ v_tail
-        _, s_tail, qh = torch.linalg.svd(y, full_matrices=False)
+        s_tail, v_tail = refine_tail(x, v[:, -tail:])
         v, s = v.clone(), s.clone()
-        v[:, -tail:] = (v_tail @ qh.t()).to(v.dtype)
+        v[:, -tail:] = v_tail.to(v.dtype)
         s[-tail:] = s_tail.to(s.dtype)
     return s, v
 
 
-def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator, solver: str = "gram",
+def tail_size(descending: torch.Tensor) -> int:
+    """How many Gram eigenvalues (``descending``) lie below ``GRAM_TAIL`` times the largest."""
+    return int((descending < GRAM_TAIL * descending[0]).sum()) if descending[0] > 0 else 0
+
+
+def tail_image(x: torch.Tensor, v_tail: torch.Tensor) -> torch.Tensor:
+    """Y = X V_tail (p x t) in fp64, in row blocks of X (no fp64 copy of X)."""
+    v_tail = v_tail.double()
+    y = torch.empty(x.shape[0], v_tail.shape[1], dtype=torch.float64, device=x.device)
+    for rows in row_blocks(x.shape[0], x.shape[1]):
+        y[rows] = x[rows].double() @ v_tail
+    return y
+
+
+def refine_tail(x: torch.Tensor, v_tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rayleigh-Ritz on the tail subspace with X (p x k) itself, in fp64: (S_tail descending,
+    V_tail (k x t) fp64). The subspace span(v_tail) is accurate (it is separated from the rest by
+    a gap ~GRAM_TAIL |G| >> eps |G|), only the vectors inside it are not: the SVD of the thin
+    Y = X V_tail (p x t) rotates them onto X's singular vectors and gives S_tail unsquared."""
+    _, s_tail, qh = torch.linalg.svd(tail_image(x, v_tail), full_matrices=False)
+    return s_tail, v_tail.double() @ qh.t()
+
+
+def refine_tail_selected(x: torch.Tensor, v_tail: torch.Tensor, ascending: list[int]) -> torch.Tensor:
+    """``refine_tail`` for a few vectors only: V_tail q_j (k x len(ascending), fp64) for the
+    ``ascending`` eigenvalue indices of H = Y^T Y (t x t, fp64), Y = X V_tail, whose eigenvectors
+    q_j are the rotation the SVD of Y gives. Squaring Y in fp64 is accurate here: cond(Y) <=
+    sqrt(1 / GRAM_TAIL) cond(X) (~2e4 at cond(X) = 7e5), so H's relative error eps_64 cond(Y)^2
+    stays ~1e-7, and H needs one tridiagonal reduction instead of an SVD of the p x t matrix Y."""
+    h = gram_lower(tail_image(x, v_tail))
+    return v_tail.double() @ tridiag.vectors(tridiag.reduce(h), ascending)
+
+
+def gram_lower(x: torch.Tensor) -> torch.Tensor:
+    """G = X^T X (k x k) with only its lower triangle computed (zeros above the diagonal blocks), in column
+    blocks of at least ``GRAM_BLOCK``: ~(b + 1) / 2b of the full GEMM's flops for b blocks, while
+    blocks stay wide enough for the GEMM to run at full speed."""
+    k = x.shape[1]
+    step = max(GRAM_BLOCK, -(-k // 4))
+    if step >= k:
+        return x.t() @ x
+    g = torch.zeros(k, k, dtype=x.dtype, device=x.device)
+    for j in range(0, k, step):
+        g[j:, j:j + step] = x[:, j:].t() @ x[:, j:j + step]
+    return g
+
+
+def drawn_directions(x: torch.Tensor, rank: int, strategy: str, generator: torch.Generator,
+                     solver: str) -> torch.Tensor:
+    """V_I (k x R): the right singular vectors of the tall ``x`` (p x k) at the indices
+    ``select_indices`` draws (in descending order of singular value), by ``solver``.
+
+    ``tridiag`` on a CPU tensor with SciPy: one tridiagonal reduction of G = X^T X and only the
+    drawn eigenpairs (``rosa_ds.tridiag``); the tail subspace is computed and refined
+    (``refine_tail``) only if a drawn index lies in it. Anywhere else ``tridiag`` is ``gram``
+    (``torch.linalg.eigh`` on the tensor's device): SciPy's LAPACK never sees an accelerator tensor.
+    """
+    if solver == "tridiag" and tridiag.available(x.device):
+        return _tridiag_directions(x, draw_indices(x.shape[1], rank, strategy, generator))
+    if solver == "tridiag" and x.device.type == "cpu":
+        _warn_no_scipy()
+    s, v = singular_directions(x, "gram" if solver == "tridiag" else solver)
+    return v[:, select_indices(s.cpu(), rank, strategy, generator).to(v.device)]
+
+
+@functools.cache
+def _warn_no_scipy() -> None:
+    warn_rank0("solver 'tridiag' needs scipy and threadpoolctl on CPU; using 'gram' (same result, slower). "
+               "Install them: pip install -r requirements.txt")
+
+
+def _tridiag_directions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """V_I for descending indices ``idx`` (sorted): see ``drawn_directions``."""
+    k = x.shape[1]
+    tri = tridiag.reduce(gram_lower(x))
+    tail = tail_size(torch.from_numpy(tri.values[::-1].copy()))
+    drawn = [k - 1 - int(i) for i in idx]  # ascending indices of the drawn eigenpairs
+    refine = tail and min(drawn) < tail
+    # ascending order: the tail [0, tail) first when it is refined, then the drawn ones above it
+    wanted = sorted({*(range(tail) if refine else ()), *drawn})
+    v = tridiag.vectors(tri, wanted)
+    column = {a: j for j, a in enumerate(wanted)}
+    v_i = v[:, [column[a] for a in drawn]]
+    if refine:
+        in_tail = sorted((j for j, a in enumerate(drawn) if a < tail), key=lambda j: drawn[j])  # ascending
+        refined = refine_tail_selected(x, v[:, :tail], [drawn[j] for j in in_tail])
+        v_i[:, in_tail] = refined.to(v_i.dtype)
+    return v_i
+
+
+def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator, solver: str = "tridiag",
               frozen: bool = True) -> Factors:
     """Split ``weight`` (m x n) into (W_f, A, B); see the module docstring for the maths.
 
@@ -196,11 +299,9 @@ def _factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.
     wide = w.shape[0] < w.shape[1]
     x = w.t() if wide else w
     start = time.perf_counter()
-    s, v = singular_directions(x, solver)
+    v_i = drawn_directions(x, rank, strategy, generator, solver)  # k x R, orthonormal
     SVD_CALLS["count"] += 1
     SVD_CALLS["seconds"] += time.perf_counter() - start
-    idx = select_indices(s.cpu(), rank, strategy, generator).to(w.device)
-    v_i = v[:, idx]  # k x R, orthonormal
     xv = x @ v_i  # p x R
     # s_i = |X v_i| (exact for the chosen vector; a zero direction stays zero, not NaN)
     root = xv.norm(dim=0).clamp_min(torch.finfo(w.dtype).tiny).sqrt()

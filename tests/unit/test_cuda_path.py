@@ -231,9 +231,9 @@ def test_factorization_uses_ieee_fp32_matmuls_whatever_the_global_setting(monkey
 
     backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
     inside = []
-    original = fz.singular_directions
-    monkeypatch.setattr(fz, "singular_directions",
-                        lambda x, solver: inside.append([b.fp32_precision for b in backends]) or original(x, solver))
+    original = fz.drawn_directions
+    monkeypatch.setattr(fz, "drawn_directions",
+                        lambda *args: inside.append([b.fp32_precision for b in backends]) or original(*args))
     saved = [b.fp32_precision for b in backends]
     try:
         torch.backends.cuda.matmul.fp32_precision = "tf32"
