@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from ..utils.io import atomic_dir, cache_root, exclusive, file_digest
+from ..utils.io import atomic_dir, cache_root, exclusive, file_digest, stable_hash
 from ..utils.log import log_rank0, log_this_rank
 from ..utils.packages import DEFAULT_GGUF, MINILM, SMOLLM2, install_hint, package_dir
 from ..utils.safetensors_io import check_safetensors
@@ -160,9 +160,19 @@ def model_max_length(config) -> Optional[int]:
 
 # ---------------------------------------------------------------- GGUF -> plain safetensors
 
+CONVERT_FORMAT = 1  # bump when _convert_gguf changes what it writes
+
+
 def converted_dir(source: ModelSource) -> Path:
-    """Cache directory of a GGUF's plain copy, keyed by the file's content (``file_digest``)."""
-    return cache_root() / "models" / f"{Path(source.location).stem}-{file_digest(Path(source.location))}"
+    """Cache directory of a GGUF's plain copy, keyed by the file's content (``file_digest``: every
+    virtualenv's copy of one file shares it) and by the converter's versions: transformers rebuilds
+    the tokenizer from the GGUF's metadata differently across versions (the same file converted
+    by transformers 5.17 and 5.23 gives different special tokens and pre-tokenizers), so an entry
+    made by another version is not reused."""
+    from importlib.metadata import version
+
+    converter = stable_hash([CONVERT_FORMAT, version("transformers"), version("gguf")], 8)
+    return cache_root() / "models" / f"{Path(source.location).stem}-{file_digest(Path(source.location))}-{converter}"
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
