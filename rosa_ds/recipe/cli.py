@@ -6,9 +6,8 @@ import sys
 import time
 from typing import Optional
 
-from ..ds.write_guard import CheckpointWriteError
 from ..utils.dist import global_rank
-from .faults import Diverged, Preempted
+from .faults import Diverged, Preempted, StopRequest
 
 # Errors that describe bad input (the project's own error types subclass ValueError); anything
 # else is a bug and keeps its traceback. ROSA_DS_DEBUG=1 keeps the traceback for these too.
@@ -17,12 +16,18 @@ RANK0_GRACE = 20.0  # seconds another rank waits before reporting an error itsel
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .config import parse_args
-    from .trainer import Trainer
-
+    stop = StopRequest().install()  # before the heavy imports: a SIGTERM during them is a start-up stop
+    try:
+        from ..ds.write_guard import CheckpointWriteError
+        from .config import parse_args
+        from .trainer import Trainer
+    except Preempted as exc:
+        if global_rank() == 0:
+            print(f"rosa_ds: preempted: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     try:
         cfg = parse_args(argv)
-        Trainer(cfg).run()
+        Trainer(cfg, stop).run()
     except (Preempted, Diverged, CheckpointWriteError) as exc:  # agreed by every rank: rank 0 says it
         if global_rank() == 0:
             kind = "preempted" if isinstance(exc, Preempted) else "diverged" if isinstance(exc, Diverged) else "error"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..utils.log import log_rank0
+from ..utils.procs import cmdline, parent_of, start_time
 
 EXIT_DIVERGED = 3
 EXIT_SAVE_FAILED = 4
@@ -46,6 +47,11 @@ class Diverged(Exception):
     exit_code = EXIT_DIVERGED
 
 
+def startup_stop(reason: str) -> Preempted:
+    return Preempted(f"stopped ({reason}) during start-up, before the first optimizer step: nothing to save, "
+                     "no checkpoint changed; rerun the same command")
+
+
 class StopRequest:
     """SIGTERM / SIGINT (and a vanished launcher) as a flag read at step boundaries; a second
     signal, ``SAME_REQUEST_S`` or more after the first, exits at once with 128 + its number."""
@@ -54,6 +60,7 @@ class StopRequest:
         self.reason: Optional[str] = None
         self.first = 0.0
         self.saved = False  # a checkpoint of the stop is written: a late signal then exits 75
+        self.training = False  # before the first optimizer step a signal stops at once (nothing to save)
         self._previous: dict = {}
 
     @property
@@ -61,6 +68,8 @@ class StopRequest:
         return self.reason is not None
 
     def install(self) -> StopRequest:
+        if self._previous:
+            return self  # installed already (by the CLI, before its heavy imports)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -78,26 +87,23 @@ class StopRequest:
             log_rank0(f"{reason}: stopping after the current optimizer step with a checkpoint "
                       "(a second signal exits at once)")
 
+    def begin_training(self) -> None:
+        """From here on a signal stops after the current optimizer step, with a checkpoint; a stop
+        requested during start-up (by the launcher watch) stops now."""
+        if self.reason is not None:
+            raise startup_stop(self.reason)
+        self.training = True
+
     def _on_signal(self, signum: int, frame) -> None:
+        if self.reason is None and not self.training:
+            # Start-up (checks, loading weights, the first evaluation) has nothing to save: stopping
+            # at once keeps a large model's load from outlasting the scheduler's grace period.
+            self.reason, self.first = signal.Signals(signum).name, time.monotonic()
+            raise startup_stop(self.reason)
         if self.reason is None:
             self.request(signal.Signals(signum).name)
         elif time.monotonic() - self.first >= SAME_REQUEST_S:
             os._exit(EXIT_PREEMPTED if self.saved else 128 + signum)
-
-
-def _parent_of(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])  # field 4; the name may hold spaces
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def watch_launcher(stop: StopRequest, every: float = 1.0) -> Optional[threading.Thread]:
@@ -106,16 +112,16 @@ def watch_launcher(stop: StopRequest, every: float = 1.0) -> Optional[threading.
     nothing else (it forwards signals only for multi-node pdsh), leaving the launcher and ranks
     training unattended; a rank sees that as its parent's parent changing (re-parented)."""
     parent = os.getppid()
-    if "deepspeed.launcher.launch" not in _cmdline(parent):
+    if "deepspeed.launcher.launch" not in cmdline(parent):
         return None
-    grand = _parent_of(parent)
+    grand = parent_of(parent)
 
     def loop() -> None:
         while not stop.requested:
             time.sleep(every)
             if os.getppid() != parent:
                 stop.request("the DeepSpeed launcher is gone")
-            elif _parent_of(parent) != grand:
+            elif parent_of(parent) != grand:
                 stop.request("the deepspeed runner is gone")
 
     thread = threading.Thread(target=loop, name="rosa_ds-launcher-watch", daemon=True)
@@ -136,7 +142,7 @@ class OutputLock:
         self.held = False
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": start_time(os.getpid()),
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
@@ -177,13 +183,4 @@ class OutputLock:
         if holder.get("host") != socket.gethostname():
             return True
         pid = holder.get("pid")
-        return isinstance(pid, int) and _start_time(pid) is not None and _start_time(pid) == holder.get("start")
-
-
-def _start_time(pid: int) -> Optional[int]:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+        return isinstance(pid, int) and start_time(pid) is not None and start_time(pid) == holder.get("start")

@@ -53,7 +53,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, stop: Optional[StopRequest] = None) -> None:
         self.cfg = cfg
         self.rank, self.world = rank_and_world()
         self.out = Path(cfg.output_dir)
@@ -61,7 +61,7 @@ class Trainer:
         self.last_eval: Optional[dict] = None  # classification: the latest eval scores, shown in the bar
         self.step_peak = 0  # accelerator peak bytes over training steps (GPU only; see PeakMemory)
         self.activations: Optional[dict] = None  # census of the first micro step (memory report)
-        self.stop = StopRequest()  # SIGTERM/SIGINT -> checkpoint after the current step (``faults``)
+        self.stop = stop or StopRequest()  # SIGTERM/SIGINT -> checkpoint after the current step (``faults``)
         self.lock = OutputLock(self.out)
         self.last_checkpoint: Optional[Path] = None
         self.saved_step = -1
@@ -186,6 +186,7 @@ class Trainer:
         cfg, eng = self.cfg, self.engine
         if eng.global_step == 0:
             self.evaluate(0)  # the starting point: the pretrained model (ROSA's W_f + A B = W)
+        self.stop.begin_training()
         bar = progress(self.total_steps, initial=eng.global_step, enabled=self.rank == 0)
         for epoch in range(self.start_epoch, cfg.epochs):
             skip, self.skip = self.skip, 0

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rosa_ds.ds.verify import checkpoint_damage
-from rosa_ds.recipe.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED
+from rosa_ds.recipe.faults import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_SAVE_FAILED
 from tests.helpers.launch import ROOT, cli_command, launch_cli, metrics_records
 
 SHIM = ROOT / "tests" / "helpers" / "enospc"  # sitecustomize: ENOSPC after N bytes under a directory
@@ -175,12 +176,72 @@ def fault_run(assets, out, fault, *extra, rank=0, env=None, check=False):
                       extra_env={"ROSA_FAULT": fault, "ROSA_FAULT_RANK": str(rank), **(env or {})})
 
 
-def test_sigterm_to_the_job_saves_the_current_step_and_resume_loses_nothing(tmp_path, assets):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, assets):
+    """``fault_args`` run without a fault: the reference of every resumed run below."""
+    full = tmp_path_factory.mktemp("faults") / "full"
+    launch_cli(fault_args(assets), full)
+    return full
+
+
+def rosa_launch(cmd: list) -> list:
+    """``python -m rosa_ds.launch`` in place of the ``deepspeed`` runner of ``cli_command``."""
+    return [sys.executable, "-m", "rosa_ds.launch", *cmd[1:]]
+
+
+def kill_job(marker: str) -> list:
+    """SIGKILL every process whose environment holds ``marker``, as Slurm ends a job step (by its
+    cgroup, not by process group or parentage); returns their pids."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def test_slurm_like_kill_through_rosa_ds_launch_keeps_the_signalled_step(tmp_path, assets, uninterrupted):
+    """The job step as Slurm runs it, through ``python -m rosa_ds.launch`` in its own session:
+    SIGTERM to the session's process group during step 9, and SIGKILL to every process of the job
+    the moment the launcher exits. The launcher exits only after the ranks finished step 9 and
+    saved it, with their code 75, so nothing is left to kill; the resumed run equals the
+    uninterrupted one bit for bit."""
+    out, stamp, release = tmp_path / "run", tmp_path / "held", tmp_path / "release"
+    cmd, env = cli_command(fault_args(assets), out, script=FAULT_SCRIPT,
+                           extra_env={"ROSA_FAULT": "hold@9", "ROSA_FAULT_RELEASE": str(release),
+                                      "ROSA_FAULT_STAMP": str(stamp)})
+    marker = f"ROSA_FAULT_STAMP={stamp}"
+    job = subprocess.Popen(rosa_launch(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not stamp.exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGTERM)  # the launcher's own group: the ranks are in the runner's session
+        time.sleep(1.0)  # forwarded within 0.2 s; step 9 then runs with the stop requested
+        release.write_text("go")
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        left = kill_job(marker)
+    assert job.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert left == [], left
+    line = error_line(subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr))
+    assert line.startswith("rosa_ds: preempted: stopped (SIGTERM) after step 9"), line
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000009"
+    assert not list((out / "checkpoints").rglob("*.partial"))
+    launch_cli(fault_args(assets, "--resume"), out)
+    assert [r["step"] for r in metrics_records(out) if "loss" in r] == list(range(1, 15))
+    assert losses(out) == losses(uninterrupted)  # bit for bit (fp32 on the CPU)
+
+
+def test_sigterm_to_the_job_saves_the_current_step_and_resume_loses_nothing(tmp_path, assets, uninterrupted):
     """SIGTERM to the job's process group during step 9 (after the resample at step 7): every
     rank finishes step 9, one checkpoint at step 9, ranks exit 75; the resumed run's losses equal
     an uninterrupted run's bit for bit, each step recorded once."""
-    full = tmp_path / "full"
-    launch_cli(fault_args(assets), full)
+    full = uninterrupted
     out = tmp_path / "preempted"
     proc = fault_run(assets, out, "sigterm@9")
     assert "rosa_ds: preempted: stopped (SIGTERM) after step 9" in error_line(proc)
@@ -201,13 +262,30 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds_with_one_line(tm
     cmd, env = cli_command(fault_args(assets), tmp_path / "run", script=FAULT_SCRIPT,
                            extra_env={"ROSA_FAULT": "sigkill@4", "ROSA_FAULT_RANK": "1",
                                       "ROSA_FAULT_STAMP": str(stamp)})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(rosa_launch(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           start_new_session=True)
     ended = time.time()
-    assert proc.returncode != 0
+    assert proc.returncode == 1  # the README's fault table (DeepSpeed's launcher passes on 247: -9)
     assert ended - float(stamp.read_text().split()[1]) <= 10
     assert error_line(proc).startswith("rosa_ds: error: another rank died"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_hung_rank_ends_the_job_within_the_dist_timeout_and_seconds(tmp_path, assets):
+    """Rank 1 hangs in step 3 with --dist-timeout 0.1 (6 s): rank 0's collective times out and it
+    exits with one line; ``rosa_ds.launch`` kills the hung rank ``PEER_GRACE_S`` later (DeepSpeed's
+    launcher alone would wait 30 s after its SIGTERM, which the hung rank does not act on)."""
+    from rosa_ds.launch import PEER_GRACE_S
+
+    stamp = tmp_path / "hung_at"
+    cmd, env = cli_command(fault_args(assets, "--dist-timeout", "0.1"), tmp_path / "run", script=FAULT_SCRIPT,
+                           extra_env={"ROSA_FAULT": "hang@3", "ROSA_FAULT_RANK": "1", "ROSA_FAULT_STAMP": str(stamp)})
+    proc = subprocess.run(rosa_launch(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    took = time.time() - float(stamp.read_text().split()[1])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert 6 <= took <= 6 + PEER_GRACE_S + 5, took
+    assert "a collective waited longer than --dist-timeout" in error_line(proc)
 
 
 def test_ranks_stop_with_a_checkpoint_when_the_deepspeed_runner_alone_is_killed(tmp_path, assets):
