@@ -113,13 +113,15 @@ def choose(where: Path) -> Choice:
                                   "again without --resume")
         return Choice(where, _saved(where))
     order, warnings = candidates(root)
+    damaged = []
     for ckpt in order:
         problem = checkpoint_damage(ckpt)
         if problem is None:
             return Choice(ckpt, _saved(ckpt), warnings)
+        damaged.append(f"{ckpt.name}: {problem}")
         warnings.append(f"checkpoint {ckpt.name} is damaged, falling back to an earlier one: {problem}")
     partials = sorted(p.name for p in root.glob("*.partial"))
-    found = (f"{len(order)} checkpoints, all damaged" if order
+    found = (f"{len(order)} checkpoints, all damaged: {'; '.join(damaged)}" if order
              else f"only incomplete saves: {', '.join(partials)}" if partials else "no checkpoint")
     raise CheckpointError(f"--resume {where}: no intact checkpoint in {root} ({found}); check the path, "
                           "or start again without --resume")

@@ -142,6 +142,31 @@ def test_damaged_checkpoints_fall_back_then_a_full_disk_stops_cleanly(tmp_path, 
     assert checkpoint_damage(ckpts / STEP12) is None
 
 
+def test_a_damaged_frozen_record_falls_back_to_a_checkpoint_of_the_other_copy_and_is_written_again(
+        tmp_path, assets, trained):
+    """Steps 12 and 14 (one resample cycle) name the cycle's two copies of its frozen record; 16
+    bytes flipped in step 14's: the resume passes 14 over naming the record's file and loads 12;
+    the save of step 14 checks that copy's hashes, names it damaged and writes it again, so both
+    kept checkpoints end intact and the losses equal the uninterrupted run's bit for bit."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
+    ckpts = out / "checkpoints"
+    named = {c: json.loads((ckpts / c / "rosa_state.json").read_text())["frozen"] for c in (STEP12, STEP14)}
+    assert named[STEP12] != named[STEP14], named
+    shard = sorted((ckpts / "frozen" / named[STEP14]).glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = bytes(255 - b for b in data[len(data) // 2: len(data) // 2 + 16])
+    shard.write_bytes(bytes(data))
+    proc = launch_cli(args(assets) + ["--resume"], out)
+    log = proc.stderr
+    assert f"checkpoint {STEP14} is damaged, falling back to an earlier one: its frozen record: {shard} is " \
+           "corrupted" in log, log[-3000:]
+    assert log.index(f"resuming from {ckpts / STEP12}") < log.index(LOADED)
+    assert f"the frozen record {named[STEP14]} this checkpoint builds on is damaged ({shard} is corrupted" in log
+    assert losses(out) == losses(trained)
+    assert [checkpoint_damage(ckpts / c) for c in (STEP12, STEP14)] == [None, None]
+
+
 def test_explicit_resume_of_a_damaged_checkpoint_is_one_line_before_weights_load(tmp_path, assets, trained):
     """``--resume PATH`` names one checkpoint: damaged, it is an error naming the file (no fallback)."""
     out = tmp_path / "run"

@@ -144,8 +144,10 @@ def test_no_latest_scans_the_step_dirs(ckpts):
 def test_all_damaged_or_nothing_to_resume_is_one_error(ckpts, tmp_path):
     for step in (3, 6, 9):
         (ckpts / f"step_{step:08d}" / "COMPLETE").unlink()
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*\(3 checkpoints, all damaged\)"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*\(3 checkpoints, all damaged: ") as err:
         choose(ckpts)
+    for step in (9, 6, 3):  # each damaged file named, in the order tried
+        assert f"step_{step:08d}: {ckpts / f'step_{step:08d}' / 'COMPLETE'} is missing" in str(err.value)
     only_partial = tmp_path / "p"
     (only_partial / "step_00000004.partial").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"only incomplete saves: step_00000004.partial"):
@@ -155,6 +157,40 @@ def test_all_damaged_or_nothing_to_resume_is_one_error(ckpts, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*/empty \(no checkpoint\)"):
         choose(tmp_path / "empty")
+
+
+def test_a_damaged_shared_frozen_record_falls_back_past_every_checkpoint_naming_it(tmp_path):
+    """Steps 6 and 9 share the record ``run-0001-b``, step 3 names ``run-0001``: 16 bytes flipped in
+    the shared record pass over both (each warning names the record's file) and load step 3."""
+    root = tmp_path / "checkpoints"
+    make_ckpt(root, 3)
+    make_ckpt(root, 6, frozen="run-0001-b")
+    make_ckpt(root, 9, frozen="run-0001-b")
+    shard = root / "frozen" / "run-0001-b" / "replicated-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[100:116] = bytes(255 - b for b in data[100:116])
+    shard.write_bytes(bytes(data))
+    choice = choose(root)
+    assert choice.path == root / "step_00000003"
+    names = [w.split(" is damaged")[0] for w in choice.warnings]
+    assert names == ["checkpoint step_00000009", "checkpoint step_00000006"]
+    assert all(f"its frozen record: {shard} is corrupted" in w for w in choice.warnings), choice.warnings
+
+
+def test_retention_keeps_a_fallback_that_names_another_frozen_record(tmp_path):
+    """The two newest share one record: the newest older checkpoint naming another is kept too,
+    with its record; everything else goes."""
+    from rosa_ds.ds.checkpoint import prune
+
+    root = tmp_path / "checkpoints"
+    for step, key in ((2, "run-0000"), (3, "run-0001"), (4, "run-0001-b"), (6, "run-0001-b"), (9, "run-0001-b")):
+        make_ckpt(root, step, frozen=key)
+    prune(root, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000006", "step_00000009"]
+    assert sorted(p.name for p in (root / "frozen").iterdir()) == ["run-0001", "run-0001-b"]
+    make_ckpt(root, 12, frozen="run-0001")  # the two newest name different records: two kept
+    prune(root, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000009", "step_00000012"]
 
 
 def test_an_explicit_damaged_checkpoint_is_an_error_naming_the_file(ckpts):
