@@ -50,7 +50,7 @@ from ..schedule import ScheduleConfig
 from ..utils.io import atomic_write_text, replace_dir
 from ..utils.log import log_rank0
 from ..utils.manifest import MANIFEST, read_manifest, write_manifest
-from . import frozen_record
+from . import frozen_record, verify
 from .agree import CheckpointError, agree, everywhere
 from .dist import all_gather_object, barrier, rank_and_world
 from .write_guard import CheckpointWriteError, WriteGuard, gather_digests
@@ -315,26 +315,11 @@ def resolve(root: Path, tag: Optional[str]) -> tuple[Path, str]:
 
 
 def check_compatible(saved: dict, now: dict, ckpt: Path) -> None:
-    """All differences between the checkpoint and this run, in one error."""
-    problems = []
-    if saved.get("format") != FORMAT:
-        problems.append(f"checkpoint format {saved.get('format')}, this rosa_ds reads format {FORMAT}")
-    for key, label in (("world_size", "world size (ranks)"), ("zero_stage", "ZeRO stage")):
-        if saved.get(key) != now[key]:
-            problems.append(f"{label}: checkpoint {saved.get(key)}, this run {now[key]}")
-    s_cfg, n_cfg = saved.get("rosa_config") or {}, now["rosa_config"] or {}
-    for key in ("rank", "quantize_base"):
-        if s_cfg.get(key) != n_cfg.get(key):
-            problems.append(f"ROSA {key}: checkpoint {s_cfg.get(key)}, this run {n_cfg.get(key)}")
-    s_layers, n_layers = [tuple(l) for l in saved.get("layers", [])], [tuple(l) for l in now["layers"]]
-    if s_layers != n_layers:
-        only_s = sorted({l[0] for l in s_layers} - {l[0] for l in n_layers})
-        only_n = sorted({l[0] for l in n_layers} - {l[0] for l in s_layers})
-        problems.append(f"ROSA target layers differ ({len(s_layers)} in checkpoint, {len(n_layers)} now; "
-                        f"only in checkpoint: {only_s[:5]}, only now: {only_n[:5]})")
-    if problems:
-        raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
-                              + ". Resume with the same settings and number of ranks, or start a new run")
+    """Every difference between the checkpoint and this run (``describe`` of each) that a resume
+    must not have, in one ``ResumeMismatch`` (``rosa_ds.ds.verify.compare``, the one check)."""
+    refused, _ = verify.compare(verify.module_facts(saved), verify.module_facts({**now, "format": FORMAT}))
+    if refused:
+        raise verify.ResumeMismatch(ckpt, refused)
 
 
 def _check_files(ckpt: Path, record: Path) -> None:

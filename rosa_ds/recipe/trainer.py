@@ -48,6 +48,7 @@ from .models import (
     model_max_length,
 )
 from .preflight import check_fits
+from .resume import notice, plan_facts, refusal
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,6 +68,7 @@ class Trainer:
         self.saved_step = -1
         self.nan_in_row = 0  # --nan-policy skip: consecutive non-finite steps
         self.nan_skipped = 0
+        self.resume_changes: list = []  # schedule changes a resume makes (``recipe.resume.notice``)
 
     # --- 1. cheap checks: every bad input fails here, in one line ------------------------
     def check(self) -> None:
@@ -93,6 +95,7 @@ class Trainer:
             log_rank0(f"packed {len(self.data.train)} samples into {len(self.train_set)} rows of <= "
                       f"{cfg.data.seq_len} tokens ({self.train_set.stats()['fill']:.0%} full)")
         self.ds_config = self.plan_steps(len(self.train_set))  # rows: packs, or the samples kept
+        self.plan = plan_facts(cfg, self.ds_config, self.raw.train)  # recorded with every checkpoint
         self.resume_from = self.choose_checkpoint(cfg.resume) if cfg.resume else None
         if cfg.tensorboard:
             self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"),
@@ -160,9 +163,13 @@ class Trainer:
         choice = verify.choose(self.ckpt_dir if where == "latest" else Path(where))
         for line in choice.warnings:
             warn_rank0(line)
-        verify.check_compatible(choice, {"world_size": self.world, "zero_stage": dsconfig.zero_stage(self.ds_config),
-                                         "method": self.cfg.method, "rank": self.cfg.rosa.rank,
-                                         "quantize_base": self.cfg.rosa.quantize_base})
+        now = {**self.plan, "world_size": self.world, "zero_stage": dsconfig.zero_stage(self.ds_config)}
+        if self.cfg.method == "rosa":
+            now["quantize_base"] = self.cfg.rosa.quantize_base
+        try:
+            self.resume_changes = verify.check_choice(choice, now)
+        except verify.ResumeMismatch as exc:
+            raise CheckpointError(refusal(exc)) from None
         log_rank0(f"resuming from {choice.path} (step {choice.saved.get('global_step')}): its files are intact "
                   f"(checked in {time.perf_counter() - start:.2f}s)")
         return choice.path
@@ -176,6 +183,10 @@ class Trainer:
             dropped = rewind(self.metrics.path, self.engine.global_step)
             if dropped:
                 log_rank0(f"metrics.jsonl rewound to step {self.engine.global_step}: {dropped} later records dropped")
+        if self.resume_changes:
+            line, changes = notice(path, self.resume_changes)
+            log_rank0(line)
+            self.metrics.write({"event": "resume_changes", "step": self.engine.global_step, "changes": changes})
 
     # --- 3. the loop -------------------------------------------------------------------------
     def loader(self, epoch: int, skip: int):
@@ -383,8 +394,8 @@ class Trainer:
         if not self.trainable_finite():
             raise Diverged(f"non-finite trainable weights at step {self.engine.global_step}: no checkpoint written; "
                            f"{self.last_good()}; lower --lr")
-        path = self.engine.save_checkpoint(self.ckpt_dir,
-                                           client_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch})
+        path = self.engine.save_checkpoint(self.ckpt_dir, client_state={"epoch": epoch, "batches_in_epoch":
+                                                                         batches_in_epoch, "plan": self.plan})
         seconds = time.perf_counter() - start
         self.last_checkpoint, self.saved_step = path, self.engine.global_step
         self.engine.prune_checkpoints(self.ckpt_dir, keep)

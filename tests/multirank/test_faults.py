@@ -167,6 +167,26 @@ def test_a_damaged_frozen_record_falls_back_to_a_checkpoint_of_the_other_copy_an
     assert [checkpoint_damage(ckpts / c) for c in (STEP12, STEP14)] == [None, None]
 
 
+def test_resume_refuses_a_moved_step_to_sample_mapping_and_records_a_schedule_change(tmp_path, assets, trained):
+    """--micro-batch 2 --grad-accum 2 (the same global batch of 8, other samples per step on each rank)
+    is refused in one line before the weights load, metrics.jsonl untouched; a changed --lr is
+    allowed, named in a notice and recorded in metrics.jsonl."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
+    before = (out / "metrics.jsonl").read_text()
+    proc = launch_cli(args(assets) + ["--resume", "--micro-batch", "2", "--grad-accum", "2"], out, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert line.startswith(f"rosa_ds: error: --resume: cannot continue from {out / 'checkpoints' / STEP14}: it was "
+                           "saved with --micro-batch 4, this run has --micro-batch 2 (use --micro-batch 4: the same "
+                           "step would train other samples); it was saved with --grad-accum 1"), line
+    assert LOADED not in proc.stdout + proc.stderr and (out / "metrics.jsonl").read_text() == before
+    proc = launch_cli(args(assets) + ["--resume", "--lr", "6e-3"], out)
+    assert f"resuming from {out / 'checkpoints' / STEP14} with a changed schedule: --lr 0.003 -> 0.006" in proc.stderr
+    changes = [(r["step"], r["changes"]) for r in metrics_records(out) if r.get("event") == "resume_changes"]
+    assert changes == [(14, {"lr": {"checkpoint": 3e-3, "now": 6e-3}})]
+
+
 def test_explicit_resume_of_a_damaged_checkpoint_is_one_line_before_weights_load(tmp_path, assets, trained):
     """``--resume PATH`` names one checkpoint: damaged, it is an error naming the file (no fallback)."""
     out = tmp_path / "run"

@@ -9,9 +9,10 @@ import json
 import pytest
 
 from rosa_ds.ds.agree import CheckpointError
-from rosa_ds.ds.verify import check_compatible, checkpoint_damage, choose
+from rosa_ds.ds.verify import ResumeMismatch, check_choice, checkpoint_damage, choose
 from rosa_ds.ds.write_guard import WriteGuard, is_no_space
 from rosa_ds.recipe.metrics import rewind
+from rosa_ds.recipe.resume import notice, refusal
 from rosa_ds.utils.manifest import damage, listing, share, write_manifest
 
 
@@ -212,6 +213,14 @@ def write_run_config(ckpts, **values):
 NOW = {"world_size": 2, "zero_stage": 2, "method": "rosa", "rank": 4, "quantize_base": None}
 
 
+def check(choice, now):
+    """The trainer's check: ``verify.check_choice`` worded by ``recipe.resume``."""
+    try:
+        return check_choice(choice, now)
+    except ResumeMismatch as exc:
+        raise CheckpointError(refusal(exc)) from None
+
+
 @pytest.mark.parametrize("now, words", [
     ({"world_size": 1}, "saved by 2 ranks, this run has 1"),
     ({"zero_stage": 3}, "ZeRO stage 2, this run uses 3 (use the saving run's --deepspeed config)"),
@@ -222,20 +231,55 @@ NOW = {"world_size": 2, "zero_stage": 2, "method": "rosa", "rank": 4, "quantize_
 def test_resume_mismatch_is_one_line_naming_the_flag(ckpts, now, words):
     write_run_config(ckpts)
     choice = choose(ckpts)
-    check_compatible(choice, NOW)
+    check(choice, NOW)
     with pytest.raises(CheckpointError) as info:
-        check_compatible(choice, {**NOW, **now})
+        check(choice, {**NOW, **now})
     assert words in str(info.value) and str(info.value).startswith("--resume: cannot continue from")
     assert "RosaConfig" not in str(info.value) and "\n" not in str(info.value)
+
+
+PLAN = {"method": "rosa", "rank": 4, "micro_batch": 4, "grad_accum": 1, "data": "abc", "seq_len": 48, "pack": False,
+        "lr": 3e-3, "warmup": 0.1, "epochs": 2, "max_steps": None, "weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"micro_batch": 2}, "saved with --micro-batch 4, this run has --micro-batch 2 (use --micro-batch 4: the same "
+                         "step would train other samples)"),
+    ({"grad_accum": 2}, "saved with --grad-accum 1, this run has --grad-accum 2"),
+    ({"seq_len": 64}, "saved with --seq-len 48, this run has --seq-len 64"),
+    ({"pack": True}, "saved with --no-pack, this run has --pack (use --no-pack"),
+    ({"data": "other"}, "saved with other training data (--dataset, its content"),
+])
+def test_a_resume_that_moves_the_step_to_sample_mapping_is_refused(ckpts, change, words):
+    """Every fact the checkpoint recorded in its plan is compared; all differences in one line."""
+    ckpt = ckpts / "step_00000009"
+    state = json.loads((ckpt / "rosa_state.json").read_text())
+    choice = choose(ckpts)
+    choice.saved = {**state, "client_state": {"plan": PLAN}}
+    assert check(choice, {**NOW, **PLAN}) == []
+    with pytest.raises(CheckpointError) as info:
+        check(choice, {**NOW, **PLAN, **change, "world_size": 4})
+    text = str(info.value)
+    assert words in text and "saved by 2 ranks, this run has 4" in text and "\n" not in text
+
+
+def test_schedule_changes_are_returned_for_the_notice(ckpts):
+    choice = choose(ckpts)
+    choice.saved = {**choice.saved, "client_state": {"plan": PLAN}}
+    changes = check(choice, {**NOW, **PLAN, "lr": 6e-3, "epochs": 3})
+    assert [(d.field, d.saved, d.now) for d in changes] == [("lr", 3e-3, 6e-3), ("epochs", 2, 3)]
+    line, record = notice(choice.path, changes)
+    assert "--lr 0.003 -> 0.006, --epochs 2 -> 3" in line
+    assert record == {"lr": {"checkpoint": 3e-3, "now": 6e-3}, "epochs": {"checkpoint": 2, "now": 3}}
 
 
 def test_lora_rank_comes_from_the_run_config(ckpts):
     write_run_config(ckpts, method="lora", rank=16)
     choice = choose(ckpts)
     choice.saved["rosa_config"] = None
-    check_compatible(choice, {**NOW, "method": "lora", "rank": 16})
+    check(choice, {**NOW, "method": "lora", "rank": 16})
     with pytest.raises(CheckpointError, match="--rank 16, this run has --rank 4"):
-        check_compatible(choice, {**NOW, "method": "lora"})
+        check(choice, {**NOW, "method": "lora"})
 
 
 # ------------------------------------------------------------------ metrics rewind
