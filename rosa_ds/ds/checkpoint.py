@@ -55,8 +55,8 @@ from .agree import CheckpointError, agree, everywhere
 from .dist import all_gather_object, barrier, rank_and_world
 from .write_guard import CheckpointWriteError, WriteGuard, gather_digests
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "RosaState", "save", "load", "prune", "resolve",
-           "check_compatible", "describe_module", "FORMAT"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "RosaState", "save", "load", "prune", "remove_partials",
+           "resolve", "check_compatible", "describe_module", "FORMAT"]
 
 FORMAT = 2  # 2: frozen state in per-cycle records, DeepSpeed files without frozen parameters
 
@@ -274,6 +274,17 @@ def prune(root: Path, keep: int) -> None:
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     frozen_record.prune(root, {records[c] for c in kept if records[c]})
+
+
+def remove_partials(root: Path) -> list[str]:
+    """Delete the ``.partial`` saves (checkpoints and frozen records) an interrupted run left in
+    ``root`` (rank 0, while no save runs: a resumed run that never reaches that step again would
+    keep them forever). Returns their names."""
+    root = Path(root)
+    found = [*root.glob("*.partial"), *(root / frozen_record.RECORDS).glob("*.partial")]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(p.name for p in found)
 
 
 def _named_record(ckpt: Path) -> Optional[str]:

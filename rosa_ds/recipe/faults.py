@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -133,9 +134,17 @@ class OutputLock:
     """One run per output directory: ``<dir>/.rosa_ds.lock`` holds the holder's host, pid and
     process start time (so a reused pid is not mistaken for the holder). A lock whose holder is
     dead on this host is taken over; a live one (or one held from another host, which cannot be
-    checked: remove the file by hand once that run is gone) refuses the run."""
+    checked: remove the file by hand once that run is gone) refuses the run.
+
+    Atomic: the content is written to a file of this process's own first and hard-linked to the
+    lock's name, which fails if the name exists, so a reader never sees a half-written lock. A
+    takeover removes the dead holder's lock only under ``<lock>.takeover`` (created exclusively)
+    and only if the lock still holds what was judged dead, so a live lock taken meanwhile by
+    another starting run is never removed."""
 
     NAME = ".rosa_ds.lock"
+    WAIT_S = 10.0  # how long simultaneous starts may keep racing for a dead holder's lock
+    STALE_TAKEOVER_S = 30.0  # a takeover marker older than this was left by a process that died in it
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / self.NAME
@@ -144,39 +153,66 @@ class OutputLock:
     def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": start_time(os.getpid()),
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
+        mine = self.path.with_name(f"{self.NAME}.{me['host']}.{me['pid']}")
+        mine.write_text(json.dumps(me))
+        try:
+            deadline = time.monotonic() + self.WAIT_S
+            while time.monotonic() < deadline:
+                try:
+                    os.link(mine, self.path)
+                    self.held = True
+                    return
+                except FileExistsError:
+                    pass
+                seen = self._read()
+                holder = _parse(seen)
                 if holder is not None and all(holder.get(k) == me[k] for k in ("host", "pid", "start")):
                     self.held = True  # this process took it already (``Trainer.check`` run twice)
                     return
                 if holder is not None and self._alive(holder):
-                    where = f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
-                    extra = "" if holder.get("host") == me["host"] else \
-                        f"; if that run is gone, delete {self.path}"
-                    raise ValueError(f"--output-dir {self.path.parent} is in use by another run ({where}); "
-                                     f"wait for it to finish or choose another --output-dir{extra}") from None
-                log_rank0(f"taking over {self.path}: its holder ({holder}) is no longer running")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
+                    raise ValueError(self._in_use(holder, me["host"]))
+                self._take_over(seen)
+        finally:
+            mine.unlink(missing_ok=True)
         raise ValueError(f"could not lock --output-dir {self.path.parent}: another run keeps taking it")
+
+    def _in_use(self, holder: dict, host: str) -> str:
+        where = f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
+        extra = "" if holder.get("host") == host else f"; if that run is gone, delete {self.path}"
+        return (f"--output-dir {self.path.parent} is in use by another run ({where}); wait for it to finish or "
+                f"choose another --output-dir{extra}")
+
+    def _take_over(self, seen: Optional[bytes]) -> None:
+        """Remove the lock if it still holds ``seen`` (a dead holder's), one process at a time."""
+        marker = self.path.with_name(self.NAME + ".takeover")
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - marker.stat().st_mtime > self.STALE_TAKEOVER_S:
+                    marker.unlink(missing_ok=True)
+            except OSError:
+                pass
+            time.sleep(0.01)
+            return
+        try:
+            if seen is not None and self._read() == seen:
+                log_rank0(f"taking over {self.path}: its holder ({_parse(seen)}) is no longer running")
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+            marker.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def _holder(self) -> Optional[dict]:
+    def _read(self) -> Optional[bytes]:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None  # half-written by a holder that died at once: take it over
+            return self.path.read_bytes()
+        except OSError:
+            return None
 
     @staticmethod
     def _alive(holder: dict) -> bool:
@@ -184,3 +220,41 @@ class OutputLock:
             return True
         pid = holder.get("pid")
         return isinstance(pid, int) and start_time(pid) is not None and start_time(pid) == holder.get("start")
+
+
+def _parse(content: Optional[bytes]) -> Optional[dict]:
+    """A lock's holder, or None (no lock, or garbage: a lock of an older rosa_ds whose holder died
+    between creating and filling it)."""
+    try:
+        holder = json.loads(content) if content is not None else None
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+# What a run writes into its --output-dir; the first three mark the directory as used.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final_model", "config.json", "eval_predictions.jsonl",
+               "memory_report.json", "memory_report.md", "tb")
+USED_BY = RUN_OUTPUTS[:3]
+
+
+def claim_output_dir(out: Path, resume: bool, overwrite: bool, rank: int) -> None:
+    """A new run never mixes with another's outputs: a used --output-dir (checkpoints, metrics or a
+    final model in it) is refused unless the run resumes it, or starts over with
+    --overwrite-output-dir, which first deletes what a run writes there (rank 0) and nothing else.
+    Without this, the old run's higher step numbers survive pruning and the new checkpoints go."""
+    used = [name for name in USED_BY if (out / name).exists()]
+    if not used or resume:
+        return
+    if not overwrite:
+        raise ValueError(f"--output-dir {out} holds another run ({', '.join(used)}); continue it with --resume, "
+                         "start over with --overwrite-output-dir (deletes that run's checkpoints, metrics and final "
+                         "model first), or choose another --output-dir")
+    if rank == 0:
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        log_rank0(f"--overwrite-output-dir: removed the previous run's {', '.join(used)} from {out}")

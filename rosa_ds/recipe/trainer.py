@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..ds import config as dsconfig
 from ..ds import verify
 from ..ds.agree import CheckpointError
+from ..ds.checkpoint import remove_partials
 from ..ds.dist import PeakMemory, all_reduce, init_distributed, shutdown_distributed
 from ..ds.engine import initialize
 from ..ds.export import NonFiniteExport, save_model
@@ -35,7 +36,7 @@ from .config import TrainConfig, save_resolved
 from .data import BatchOrder, PackCollator, PackedSplit, PadCollator, batch_tokens, check_data, tokenize_data
 from .data.encode_chat import chat_template
 from .data.pack import prepare_packed_model
-from .faults import Diverged, OutputLock, Preempted, StopRequest
+from .faults import Diverged, OutputLock, Preempted, StopRequest, claim_output_dir
 from .memory_report import write_run_report
 from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, rewind, write_predictions
 from .models import (
@@ -76,6 +77,7 @@ class Trainer:
         check_output_dir(self.out)
         if self.rank == 0:
             self.lock.acquire()  # one run per --output-dir (released by ``run``)
+        claim_output_dir(self.out, bool(cfg.resume), cfg.overwrite_output_dir, self.rank)
         self.source = check_model_spec(cfg.model, cfg.data.task)
         self.raw = check_data(cfg.data)  # before the model config: reading it from a GGUF takes seconds
         model_config = load_config(self.source)
@@ -180,6 +182,9 @@ class Trainer:
         self.start_epoch, self.skip = client["epoch"], client["batches_in_epoch"]
         self.saved_step, self.last_checkpoint = self.engine.global_step, path
         if self.rank == 0:
+            stale = remove_partials(self.ckpt_dir)  # every rank is past its checks (the process group exists)
+            if stale:
+                log_rank0(f"removed the interrupted saves {', '.join(stale)} from {self.ckpt_dir}")
             dropped = rewind(self.metrics.path, self.engine.global_step)
             if dropped:
                 log_rank0(f"metrics.jsonl rewound to step {self.engine.global_step}: {dropped} later records dropped")
@@ -223,7 +228,8 @@ class Trainer:
                     self.preempt(epoch, done_in_epoch)
                 if cfg.eval_every and eng.global_step % cfg.eval_every == 0:
                     self.evaluate(epoch)
-                if cfg.save_every and eng.global_step % cfg.save_every == 0:
+                last = done_in_epoch >= self.order.steps_per_epoch or eng.global_step >= self.total_steps
+                if cfg.save_every and eng.global_step % cfg.save_every == 0 and not last:  # last: saved below
                     self.save(epoch, done_in_epoch)
             finished = done_in_epoch >= self.order.steps_per_epoch
             if finished:

@@ -170,7 +170,7 @@ def test_a_damaged_frozen_record_falls_back_to_a_checkpoint_of_the_other_copy_an
 def test_resume_refuses_a_moved_step_to_sample_mapping_and_records_a_schedule_change(tmp_path, assets, trained):
     """--micro-batch 2 --grad-accum 2 (the same global batch of 8, other samples per step on each rank)
     is refused in one line before the weights load, metrics.jsonl untouched; a changed --lr is
-    allowed, named in a notice and recorded in metrics.jsonl."""
+    allowed, named in a notice and recorded in metrics.jsonl; stale .partial saves are removed."""
     out = tmp_path / "run"
     shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
     before = (out / "metrics.jsonl").read_text()
@@ -181,10 +181,34 @@ def test_resume_refuses_a_moved_step_to_sample_mapping_and_records_a_schedule_ch
                            "saved with --micro-batch 4, this run has --micro-batch 2 (use --micro-batch 4: the same "
                            "step would train other samples); it was saved with --grad-accum 1"), line
     assert LOADED not in proc.stdout + proc.stderr and (out / "metrics.jsonl").read_text() == before
+    stale = [out / "checkpoints" / "step_00000015.partial", out / "checkpoints" / "frozen" / "x-0002.partial"]
+    for path in stale:  # an interrupted save the resumed run never reaches again
+        path.mkdir()
     proc = launch_cli(args(assets) + ["--resume", "--lr", "6e-3"], out)
+    assert not any(p.exists() for p in stale)
     assert f"resuming from {out / 'checkpoints' / STEP14} with a changed schedule: --lr 0.003 -> 0.006" in proc.stderr
     changes = [(r["step"], r["changes"]) for r in metrics_records(out) if r.get("event") == "resume_changes"]
     assert changes == [(14, {"lr": {"checkpoint": 3e-3, "now": 6e-3}})]
+
+
+def test_a_new_run_in_a_used_output_dir_is_refused_or_starts_over_with_overwrite(tmp_path, assets, trained):
+    """Without --resume, a finished run's directory is refused in one line before the weights load;
+    with --overwrite-output-dir the old checkpoints and metrics go first, so the new run's
+    checkpoints survive pruning and metrics.jsonl holds only its steps; its final step, also a
+    --save-every step, is saved once."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    proc = launch_cli(args(assets) + ["--lr", "1e-3"], out, check=False)
+    assert proc.returncode == 2 and LOADED not in proc.stdout + proc.stderr
+    assert error_line(proc).startswith(f"rosa_ds: error: --output-dir {out} holds another run (checkpoints, "
+                                       "metrics.jsonl, final_model); continue it with --resume, start over with "
+                                       "--overwrite-output-dir")
+    # one epoch of 7 steps, --save-every 7: the last step is a --save-every step too, saved once
+    launch_cli(args(assets) + ["--epochs", "1", "--save-every", "7", "--overwrite-output-dir"], out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000007"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000007"
+    assert [r["step"] for r in metrics_records(out) if "loss" in r] == list(range(1, 8))
+    assert [r["step"] for r in metrics_records(out) if r.get("event") == "checkpoint"] == [7]
 
 
 def test_explicit_resume_of_a_damaged_checkpoint_is_one_line_before_weights_load(tmp_path, assets, trained):
