@@ -9,9 +9,11 @@ Exit codes of a rank (``launch/train.py``; README "Faults and preemption"):
         checkpoint saved; resume with ``--resume`` (75 is sysexits' EX_TEMPFAIL: "try again")
     128+N  a second signal N: exit at once, nothing saved
 
-A signal only sets a flag. The trainer reads it at optimizer-step boundaries and all ranks agree
-on it in the step's existing all-reduce, so every rank stops after the same step: never inside a
-gradient accumulation or a resample.
+Once training runs, a signal only sets a flag. The trainer reads it at optimizer-step boundaries
+and all ranks agree on it in the step's existing all-reduce, so every rank stops after the same
+step: never inside a gradient accumulation or a resample. Before the first optimizer step there
+is nothing to save, and a signal stops at once (75). ``python -m rosa_ds.launch`` keeps the
+``deepspeed`` runner out of the job's signals so that a scheduler waits for the save.
 """
 from __future__ import annotations
 

@@ -211,6 +211,24 @@ def test_a_new_run_in_a_used_output_dir_is_refused_or_starts_over_with_overwrite
     assert [r["step"] for r in metrics_records(out) if r.get("event") == "checkpoint"] == [7]
 
 
+def test_a_full_disk_during_the_export_is_one_line_and_exit_4(tmp_path, assets, trained, monkeypatch):
+    """The resumed finished run only exports; rank 0's export meets ENOSPC after 10 kB: one line
+    naming the file and the space, exit 4, no traceback, no partial export left, checkpoints kept."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("ROSA_DS_TEST_ENOSPC", f"{out / '.final_model.tmp'}:10000:0")
+    proc = launch_cli(args(assets) + ["--resume"], out, check=False)
+    assert proc.returncode == EXIT_SAVE_FAILED, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert line.startswith(f"rosa_ds: error: the final model {out / 'final_model'} could not be written: no space "
+                           f"left on device writing {out}/.final_model.tmp"), line
+    assert "on rank 0" in line and "are free" in line and "rerun with --resume" in line, line
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(out.glob(".final_model*")) and not (out / "final_model").exists()
+    assert [checkpoint_damage(out / "checkpoints" / c) for c in (STEP12, STEP14)] == [None, None]
+
+
 def test_explicit_resume_of_a_damaged_checkpoint_is_one_line_before_weights_load(tmp_path, assets, trained):
     """``--resume PATH`` names one checkpoint: damaged, it is an error naming the file (no fallback)."""
     out = tmp_path / "run"
@@ -355,6 +373,49 @@ def test_a_hung_rank_ends_the_job_within_the_dist_timeout_and_seconds(tmp_path, 
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert 6 <= took <= 6 + PEER_GRACE_S + 5, took
     assert "a collective waited longer than --dist-timeout" in error_line(proc)
+
+
+def test_sigterm_during_start_up_stops_at_once_with_nothing_to_save(tmp_path, assets):
+    """SIGTERM to the job once rank 0 holds the output-dir lock (its input checks, before the
+    weights load): every rank stops at once, exit 75, one line saying there was nothing to save."""
+    out = tmp_path / "run"
+    cmd, env = cli_command(fault_args(assets), out)
+    job = subprocess.Popen(rosa_launch(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / ".rosa_ds.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)
+    signalled = time.time()
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert time.time() - signalled < 15
+    line = error_line(subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr))
+    assert line.startswith("rosa_ds: preempted: stopped (SIGTERM) during start-up, before the first optimizer "
+                           "step: nothing to save"), line
+    assert LOADED not in stdout + stderr and not (out / "checkpoints").exists()
+    assert not (out / ".rosa_ds.lock").exists()
+
+
+def test_a_busy_master_port_is_one_line_and_the_job_ends_within_seconds(tmp_path, assets):
+    """Another process listens on the launcher's --master_port: rank 0 cannot host the rendezvous
+    and says so in one line naming the port; the job (through ``rosa_ds.launch``) ends with exit 2
+    instead of rank 1 waiting on the other listener."""
+    import socket
+
+    cmd, env = cli_command(fault_args(assets), tmp_path / "run")
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cmd[cmd.index("--master_port") + 1] = str(port)
+        start = time.time()
+        proc = subprocess.run(rosa_launch(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                              start_new_session=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert error_line(proc).startswith(f"rosa_ds: error: the rendezvous port {port} (--master_port of the launcher) "
+                                       "is in use on "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and time.time() - start < 120
 
 
 def test_ranks_stop_with_a_checkpoint_when_the_deepspeed_runner_alone_is_killed(tmp_path, assets):
