@@ -26,8 +26,11 @@ def main(argv: Optional[list] = None) -> int:
             print(f"rosa_ds: preempted: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     try:
-        cfg = parse_args(argv)
-        Trainer(cfg, stop).run()
+        try:
+            cfg = parse_args(argv)
+            Trainer(cfg, stop).run()
+        finally:
+            stop.uninstall()  # reporting an error: a signal (the launcher ending the job) ends it as usual
     except (Preempted, Diverged, CheckpointWriteError) as exc:  # agreed by every rank: rank 0 says it
         if global_rank() == 0:
             kind = "preempted" if isinstance(exc, Preempted) else "diverged" if isinstance(exc, Diverged) else "error"

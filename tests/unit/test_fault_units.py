@@ -90,3 +90,20 @@ def test_simultaneous_lock_attempts_admit_exactly_one(tmp_path):
     assert outcomes.count("held") == 1, sorted(set(outcomes))
     assert outcomes.count(f"--output-dir {tmp_path} is in use by another run") == n - 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".rosa_ds.lock"]  # no temporary file or marker left
+
+
+def test_rosa_ds_launch_passes_on_the_ranks_codes_as_documented(capsys):
+    """DeepSpeed's launcher passes a rank killed by signal N on as 256 - N: a lost rank is 1, a rank
+    stopped by the forwarded SIGTERM before its handler existed is a start-up preemption (75)."""
+    import signal
+
+    from rosa_ds.launch import Job
+
+    job = Job.__new__(Job)
+    job.signals = []
+    assert [job.exit_code(c) for c in (0, 1, 2, 3, 4, 75, 143)] == [0, 1, 2, 3, 4, 75, 143]
+    assert job.exit_code(256 - signal.SIGKILL) == 1  # 247: the OOM killer's SIGKILL
+    assert job.exit_code(-signal.SIGTERM) == 128 + signal.SIGTERM  # the runner itself killed
+    job.signals = [signal.SIGTERM]
+    assert job.exit_code(256 - signal.SIGTERM) == 75
+    assert "nothing to save" in capsys.readouterr().err
