@@ -283,17 +283,25 @@ def main() -> None:
     old = {row.get("name"): row for row in json.loads(path.read_text())["rows"]} if path.exists() and \
         len(only) < len(SCENARIOS) else {}
     rows = [fresh.get(name) or old.get(name) for name in SCENARIOS if fresh.get(name) or old.get(name)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     result = {"hardware": hw, "hardware_line": one_line(hw), "job": "default (SmolLM2-135M, ZeRO-2, 2 ranks, fp32)",
               "args": ARGS, "fault_step": STEP, "reference_losses": reference, "rows": rows,
-              "wall_s": round(time.time() - t0, 1), "rerun": only}
+              "wall_s": round(time.time() - t0, 1), "rerun": only, "commit": commit.strip()}
     save_results(ROOT / "bench" / "results", "faults", result, markdown(result))
+
+
+def _sitting(r: dict) -> str:
+    if len(r.get("rerun", SCENARIOS)) >= len(SCENARIOS):
+        return f"wall time of the whole benchmark {r['wall_s']} s."
+    return (f"this sitting ran the reference and the rows {', '.join(r['rerun'])} in {r['wall_s']} s; the other "
+            "rows are from an earlier sitting (paths under /work/main), kept as they were.")
 
 
 def markdown(r: dict) -> str:
     out = ["# Faults on the default job", "",
            f"{r['job']}, `{' '.join(r['args'])}`, each fault at step {r['fault_step']}; "
-           f"{r['hardware_line']}; wall time of the whole benchmark {r['wall_s']} s. "
-           "`python bench/faults.py` reruns it.", "",
+           f"{r['hardware_line']}; commit {r.get('commit', '?')}; " + _sitting(r) +
+           " `python bench/faults.py` reruns it (`--only NAME,...` the named rows).", "",
            "| fault | exit code | fault to job end (s) | newest checkpoint | steps lost | resumed run equals the "
            "uninterrupted one bit for bit | each step once in metrics.jsonl |",
            "|---|---|---|---|---|---|---|"]
