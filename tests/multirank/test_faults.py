@@ -371,7 +371,7 @@ def test_a_hung_rank_ends_the_job_within_the_dist_timeout_and_seconds(tmp_path, 
                           start_new_session=True)
     took = time.time() - float(stamp.read_text().split()[1])
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert 6 <= took <= 6 + PEER_GRACE_S + 5, took
+    assert 6 <= took <= 6 + PEER_GRACE_S + 10, took  # the rest: polling and start-up noise on a loaded machine
     assert "a collective waited longer than --dist-timeout" in error_line(proc)
 
 
