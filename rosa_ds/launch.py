@@ -129,7 +129,8 @@ def runner_command(argv: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().split("\n\n")[1] + "\n\nThe deepspeed runner's own options follow.\n", flush=True)
+        parts = __doc__.strip().split("\n\n")
+        print("\n\n".join(parts[:3]) + "\n\nThe deepspeed runner's own options follow.\n", flush=True)
         return subprocess.call(runner_command(["--help"]))
     job = None
 
