@@ -167,10 +167,14 @@ def test_a_damaged_frozen_record_falls_back_to_a_checkpoint_of_the_other_copy_an
     assert [checkpoint_damage(ckpts / c) for c in (STEP12, STEP14)] == [None, None]
 
 
-def test_resume_refuses_a_moved_step_to_sample_mapping_and_records_a_schedule_change(tmp_path, assets, trained):
+def test_resume_refuses_a_moved_step_to_sample_mapping_and_records_a_schedule_change(tmp_path, assets, trained,
+                                                                                       monkeypatch):
     """--micro-batch 2 --grad-accum 2 (the same global batch of 8, other samples per step on each rank)
     is refused in one line before the weights load, metrics.jsonl untouched; a changed --lr is
-    allowed, named in a notice and recorded in metrics.jsonl; stale .partial saves are removed."""
+    allowed, named in a notice and recorded in metrics.jsonl; stale .partial saves are removed.
+    That resumed run (the finished one: it only exports) then meets a full disk on rank 0 after
+    10 kB of the export: one line naming the file and the space, exit 4, no traceback, no partial
+    export left, the checkpoints kept."""
     out = tmp_path / "run"
     shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
     before = (out / "metrics.jsonl").read_text()
@@ -184,11 +188,22 @@ def test_resume_refuses_a_moved_step_to_sample_mapping_and_records_a_schedule_ch
     stale = [out / "checkpoints" / "step_00000015.partial", out / "checkpoints" / "frozen" / "x-0002.partial"]
     for path in stale:  # an interrupted save the resumed run never reaches again
         path.mkdir()
-    proc = launch_cli(args(assets) + ["--resume", "--lr", "6e-3"], out)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("ROSA_DS_TEST_ENOSPC", f"{out / '.final_model.tmp'}:10000:0")
+    proc = launch_cli(args(assets) + ["--resume", "--lr", "6e-3"], out, check=False)
     assert not any(p.exists() for p in stale)
     assert f"resuming from {out / 'checkpoints' / STEP14} with a changed schedule: --lr 0.003 -> 0.006" in proc.stderr
     changes = [(r["step"], r["changes"]) for r in metrics_records(out) if r.get("event") == "resume_changes"]
     assert changes == [(14, {"lr": {"checkpoint": 3e-3, "now": 6e-3}})]
+    # the export's full disk
+    assert proc.returncode == EXIT_SAVE_FAILED, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert line.startswith(f"rosa_ds: error: the final model {out / 'final_model'} could not be written: no space "
+                           f"left on device writing {out}/.final_model.tmp"), line
+    assert "on rank 0" in line and "are free" in line and "rerun with --resume" in line, line
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(out.glob(".final_model*")) and not (out / "final_model").exists()
+    assert [checkpoint_damage(out / "checkpoints" / c) for c in (STEP12, STEP14)] == [None, None]
 
 
 def test_a_new_run_in_a_used_output_dir_is_refused_or_starts_over_with_overwrite(tmp_path, assets, trained):
@@ -209,24 +224,6 @@ def test_a_new_run_in_a_used_output_dir_is_refused_or_starts_over_with_overwrite
     assert (out / "checkpoints" / "latest").read_text() == "step_00000007"
     assert [r["step"] for r in metrics_records(out) if "loss" in r] == list(range(1, 8))
     assert [r["step"] for r in metrics_records(out) if r.get("event") == "checkpoint"] == [7]
-
-
-def test_a_full_disk_during_the_export_is_one_line_and_exit_4(tmp_path, assets, trained, monkeypatch):
-    """The resumed finished run only exports; rank 0's export meets ENOSPC after 10 kB: one line
-    naming the file and the space, exit 4, no traceback, no partial export left, checkpoints kept."""
-    out = tmp_path / "run"
-    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("ROSA_DS_TEST_ENOSPC", f"{out / '.final_model.tmp'}:10000:0")
-    proc = launch_cli(args(assets) + ["--resume"], out, check=False)
-    assert proc.returncode == EXIT_SAVE_FAILED, proc.stderr[-3000:]
-    line = error_line(proc)
-    assert line.startswith(f"rosa_ds: error: the final model {out / 'final_model'} could not be written: no space "
-                           f"left on device writing {out}/.final_model.tmp"), line
-    assert "on rank 0" in line and "are free" in line and "rerun with --resume" in line, line
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert not list(out.glob(".final_model*")) and not (out / "final_model").exists()
-    assert [checkpoint_damage(out / "checkpoints" / c) for c in (STEP12, STEP14)] == [None, None]
 
 
 def test_explicit_resume_of_a_damaged_checkpoint_is_one_line_before_weights_load(tmp_path, assets, trained):
