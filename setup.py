@@ -11,5 +11,6 @@ setup(
     # Exact pins live in requirements.txt (installed by `make`); these are the floors.
     install_requires=["torch>=2.4", "deepspeed>=0.19", "transformers>=5.0", "datasets>=4.0", "safetensors",
                       "scipy>=1.10", "threadpoolctl>=3.1"],
+    entry_points={"console_scripts": ["rosa-ds-launch=rosa_ds.launch:main"]},
     extras_require={"bnb": ["bitsandbytes"], "lora": ["peft"], "gguf": ["gguf"]},
 )

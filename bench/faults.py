@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,19 +35,22 @@ STEP = 4  # the fault's step
 
 
 def launch(out: Path, fault: str = "", rank: int = 0, extra: tuple = (), env: dict | None = None,
-           wait: bool = True) -> dict:
-    """One job in its own session; returns exit code, wall seconds, fault time and end time."""
+           wait: bool = True, rosa_launch: bool = False) -> dict:
+    """One job in its own session (``python -m rosa_ds.launch`` in place of ``deepspeed`` with
+    ``rosa_launch``); returns exit code, wall seconds, fault time and end time."""
     stamp = out.parent / f"{out.name}.stamp"
     stamp.unlink(missing_ok=True)
     cmd, run_env = cli_command([*ARGS, *extra], out, 2, FAULT_SCRIPT,
                                {"ROSA_FAULT": fault, "ROSA_FAULT_RANK": str(rank), "ROSA_FAULT_STAMP": str(stamp),
                                 **(env or {})})
+    if rosa_launch:
+        cmd = [sys.executable, "-m", "rosa_ds.launch", *cmd[1:]]
     run_env.pop("ROSA_DS_CACHE")  # the user's cache: the default model is converted once, as for `make train`
     start = time.time()
     log = open(out.parent / f"{out.name}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     if not wait:
-        return {"proc": proc, "start": start}
+        return {"proc": proc, "start": start, "stamp": stamp, "log": out.parent / f"{out.name}.log"}
     code = proc.wait(timeout=900)
     while True:  # the job ends when its last process (an orphaned rank included) is gone
         try:
@@ -145,6 +149,86 @@ def second_run(ref_out: Path, reference: dict) -> dict:
             "first_run_exit_code": first["proc"].returncode}
 
 
+def kill_job(marker: str) -> int:
+    """SIGKILL every process whose environment holds ``marker`` (Slurm ends a job step by its cgroup)."""
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), 9)
+                killed += 1
+        except OSError:
+            continue
+    return killed
+
+
+def slurm_kill(ref_out: Path, reference: dict) -> dict:
+    """Through ``python -m rosa_ds.launch``: SIGTERM to its process group during step 4, SIGKILL to
+    every process of the job the moment the launcher exits (as Slurm ends the step)."""
+    out, release = WORK / "slurm", WORK / "slurm.release"
+    shutil.rmtree(out, ignore_errors=True)
+    release.unlink(missing_ok=True)
+    job = launch(out, f"hold@{STEP}", env={"ROSA_FAULT_RELEASE": str(release)}, wait=False, rosa_launch=True)
+    while not job["stamp"].exists() and job["proc"].poll() is None:
+        time.sleep(0.2)
+    os.killpg(job["proc"].pid, 15)
+    fault_at = time.time()
+    time.sleep(1.0)  # forwarded within 0.2 s; step 4 then runs with the stop requested
+    release.write_text("go")
+    code = job["proc"].wait(timeout=900)
+    left = kill_job(f"ROSA_FAULT_STAMP={job['stamp']}")
+    ckpt = newest_checkpoint(out)
+    done = max((r["step"] for r in records(out) if "loss" in r), default=0)
+    row = {"exit_code": code, "fault_to_end_s": round(time.time() - fault_at, 1), "killed_after_exit": left,
+           "completed_steps": done, "newest_checkpoint": ckpt, "steps_lost": done - (ckpt or 0),
+           "line": cli_line(job["log"].read_text())}
+    row.update(resume_and_compare(out, reference))
+    return row
+
+
+def frozen_damage(ref_out: Path, reference: dict) -> dict:
+    """16 bytes flipped in the frozen record of the newest checkpoint (step 6): the resume falls
+    back to step 4, which names the cycle's other copy."""
+    out = WORK / "frozen"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(ref_out, out, ignore=shutil.ignore_patterns("final_model"))
+    ckpts = out / "checkpoints"
+    key = json.loads((ckpts / "step_00000006" / "rosa_state.json").read_text())["frozen"]
+    shard = sorted((ckpts / "frozen" / key).glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(255 - b for b in data[mid:mid + 16])
+    shard.write_bytes(bytes(data))
+    res = launch(out, extra=("--resume",))
+    log = res["log"]
+    return {"exit_code": res["code"], "newest_checkpoint": 4, "steps_lost": 2,
+            "line": next((ln[ln.index("checkpoint step_"):] for ln in log.splitlines() if "is damaged, falling" in ln),
+                         "")[:240],
+            "bitwise_equal": losses(out) == reference, "resume_wall_s": res["wall_s"]}
+
+
+def changed_micro_batch(ref_out: Path, reference: dict) -> dict:
+    """--resume with --micro-batch 2 (the saving run had 4): refused before any weight loads."""
+    out = WORK / "microbatch"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(ref_out, out, ignore=shutil.ignore_patterns("final_model"))
+    res = launch(out, extra=("--resume", "--micro-batch", "2"))
+    return {"exit_code": res["code"], "refused_after_s": res["wall_s"], "line": cli_line(res["log"]),
+            "weights_loaded": "[rosa_ds] loaded " in res["log"]}
+
+
+def export_full(ref_out: Path, reference: dict) -> dict:
+    """ENOSPC on rank 0 after 10 MB of the final export (the finished run resumed: it only exports)."""
+    out = WORK / "exportfull"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(ref_out, out, ignore=shutil.ignore_patterns("final_model"))
+    env = {"PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]),
+           "ROSA_DS_TEST_ENOSPC": f"{out / '.final_model.tmp'}:{10 << 20}:0"}
+    res = launch(out, extra=("--resume",), env=env)
+    return {"exit_code": res["code"], "line": cli_line(res["log"]), "traceback": "Traceback" in res["log"],
+            "partial_left": [p.name for p in out.glob(".final_model*")]}
+
+
 SCENARIOS = {  # name: (fault, what happens, runner)
     "sigterm": "SIGTERM to the job's process group (Slurm, Kubernetes)",
     "runner": "SIGTERM to the deepspeed runner alone (ranks orphaned)",
@@ -154,6 +238,11 @@ SCENARIOS = {  # name: (fault, what happens, runner)
     "damaged": "newest checkpoint truncated (resume falls back)",
     "diskfull": "disk full during a save (ENOSPC on rank 1)",
     "second": "a second run on a live --output-dir",
+    "slurm": "Slurm-like kill through python -m rosa_ds.launch (SIGTERM to its group, SIGKILL to what is left "
+             "when it exits)",
+    "frozen": "frozen record of the newest checkpoint damaged (16 bytes flipped; resume falls back)",
+    "microbatch": "--resume with a changed --micro-batch (4 -> 2)",
+    "exportfull": "disk full during the final export (ENOSPC on rank 0)",
 }
 
 
@@ -168,7 +257,9 @@ def run_one(name: str, ref_out: Path, reference: dict) -> dict:
     elif name == "nan":
         row = scenario(WORK / name, f"nan@{STEP}", reference)
     else:
-        row = {"damaged": damaged_resume, "diskfull": disk_full, "second": second_run}[name](ref_out, reference)
+        row = {"damaged": damaged_resume, "diskfull": disk_full, "second": second_run, "slurm": slurm_kill,
+               "frozen": frozen_damage, "microbatch": changed_micro_batch,
+               "exportfull": export_full}[name](ref_out, reference)
     return {"name": name, "fault": SCENARIOS[name], **row}
 
 
@@ -190,24 +281,34 @@ def main() -> None:
     old = {row.get("name"): row for row in json.loads(path.read_text())["rows"]} if path.exists() and \
         len(only) < len(SCENARIOS) else {}
     rows = [fresh.get(name) or old.get(name) for name in SCENARIOS if fresh.get(name) or old.get(name)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     result = {"hardware": hw, "hardware_line": one_line(hw), "job": "default (SmolLM2-135M, ZeRO-2, 2 ranks, fp32)",
               "args": ARGS, "fault_step": STEP, "reference_losses": reference, "rows": rows,
-              "wall_s": round(time.time() - t0, 1), "rerun": only}
+              "wall_s": round(time.time() - t0, 1), "rerun": only, "commit": commit.strip()}
     save_results(ROOT / "bench" / "results", "faults", result, markdown(result))
+
+
+def _sitting(r: dict) -> str:
+    if len(r.get("rerun", SCENARIOS)) >= len(SCENARIOS):
+        return f"wall time of the whole benchmark {r['wall_s']} s."
+    return (f"this sitting ran the reference and the rows {', '.join(r['rerun'])} in {r['wall_s']} s; the other "
+            "rows are from an earlier sitting (paths under /work/main), kept as they were.")
 
 
 def markdown(r: dict) -> str:
     out = ["# Faults on the default job", "",
            f"{r['job']}, `{' '.join(r['args'])}`, each fault at step {r['fault_step']}; "
-           f"{r['hardware_line']}; wall time of the whole benchmark {r['wall_s']} s. "
-           "`python -m bench.faults` reruns it.", "",
+           f"{r['hardware_line']}; commit {r.get('commit', '?')}; " + _sitting(r) +
+           " `python -m bench.faults` reruns it (`--only NAME,...` the named rows).", "",
            "| fault | exit code | fault to job end (s) | newest checkpoint | steps lost | resumed run equals the "
            "uninterrupted one bit for bit | each step once in metrics.jsonl |",
            "|---|---|---|---|---|---|---|"]
     notes = ["", "Exit code: what the `deepspeed` command returned. A signal to the whole process group kills the "
              "runner itself at once (-15: killed by SIGTERM, shell code 143) while the ranks finish their step, save "
              "and exit 75; a rank's own code (3, 4, 2; 1 for a lost or hung peer) is passed on by the launcher; 247 is "
-             "the launcher passing on -9, the SIGKILLed rank's. Fault to job end: from the injection to the last "
+             "the launcher passing on -9, the SIGKILLed rank's (`python -m rosa_ds.launch` returns 1 for it); the "
+             "Slurm-like row runs through `python -m rosa_ds.launch`, which returns the ranks' code. "
+             "Fault to job end: from the injection to the last "
              "process of the job gone. Steps lost: completed optimizer steps in no checkpoint, recomputed by "
              "`--resume` (`--save-every` bounds them); no data is lost in any row "
              "(the resumed losses equal the uninterrupted run's bit for bit, each step once)."]

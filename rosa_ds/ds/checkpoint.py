@@ -50,13 +50,13 @@ from ..schedule import ScheduleConfig
 from ..utils.io import atomic_write_text, replace_dir
 from ..utils.log import log_rank0
 from ..utils.manifest import MANIFEST, read_manifest, write_manifest
-from . import frozen_record
+from . import frozen_record, verify
 from .agree import CheckpointError, agree, everywhere
 from .dist import all_gather_object, barrier, rank_and_world
 from .write_guard import CheckpointWriteError, WriteGuard, gather_digests
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "RosaState", "save", "load", "prune", "resolve",
-           "check_compatible", "describe_module", "FORMAT"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "RosaState", "save", "load", "prune", "remove_partials",
+           "resolve", "check_compatible", "describe_module", "FORMAT"]
 
 FORMAT = 2  # 2: frozen state in per-cycle records, DeepSpeed files without frozen parameters
 
@@ -143,14 +143,14 @@ def save(ds_engine, state: RosaState, root: Path, tag: str, client_state: dict) 
     ``CheckpointWriteError`` on every rank; the previous checkpoint is untouched."""
     rank, _ = rank_and_world()
     final, partial = root / tag, root / f"{tag}.partial"
-    key = state.frozen_key()
-    record = frozen_record.record_dir(root, key)
     guard = WriteGuard(root)
     if rank == 0:
         guard.run(root, root.mkdir, parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
+    key = _record_key(root, tag, state)
+    record = frozen_record.record_dir(root, key)
     barrier()
-    new_record = not everywhere(frozen_record.is_complete(record))
+    new_record = not everywhere(frozen_record.is_complete(record)) or not _intact(record)
 
     def needed() -> tuple[int, str]:
         return _space_needed(root, tag, new_record)
@@ -187,14 +187,48 @@ def save(ds_engine, state: RosaState, root: Path, tag: str, client_state: dict) 
     return final
 
 
+def _previous(root: Path, tag: str) -> Optional[Path]:
+    """The newest complete checkpoint before ``tag``, or None."""
+    done = sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file() and p.name < tag)
+    return done[-1] if done else None
+
+
+def _record_key(root: Path, tag: str, state: RosaState) -> str:
+    """The copy of the cycle's frozen record that the checkpoint before ``tag`` does not name, so
+    the two newest checkpoints never share one (``frozen_record``). Rank 0 reads it; every rank
+    gets its answer (collective)."""
+    base = state.frozen_key()
+    named = None
+    if rank_and_world()[0] == 0:
+        prev = _previous(root, tag)
+        try:
+            named = json.loads((prev / "rosa_state.json").read_text()).get("frozen") if prev else None
+        except (OSError, ValueError, AttributeError):
+            named = None
+    named = all_gather_object(named)[0]
+    return frozen_record.second_copy(base) if named == base else base
+
+
+def _intact(record: Path) -> bool:
+    """Collective: the complete ``record`` a save builds on still matches its hashes; a damaged
+    one is named and removed, to be written again (its content is the live frozen state)."""
+    problem = frozen_record.damage_everywhere(record)
+    if problem is None:
+        return True
+    log_rank0(f"the frozen record {record.name} this checkpoint builds on is damaged ({problem}): writing it again")
+    if rank_and_world()[0] == 0:
+        shutil.rmtree(record, ignore_errors=True)
+    barrier()
+    return False
+
+
 def _space_needed(root: Path, tag: str, new_record: bool) -> tuple[int, str]:
     """(bytes, what the figure is) a save needs: the size of the newest complete checkpoint before
     ``tag``, with its frozen record when this save writes one; without one, what the save wrote."""
     partial = root / f"{tag}.partial"
     try:
-        done = sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file() and p.name < tag)
-        if done:
-            prev = done[-1]
+        prev = _previous(root, tag)
+        if prev is not None:
             nbytes = sum(read_manifest(prev)["files"].values())
             if new_record:
                 key = json.loads((prev / "rosa_state.json").read_text())["frozen"]
@@ -228,17 +262,36 @@ def _check_visible(ckpt: Path, rank: int, record: Path) -> None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints and the frozen records they name (rank 0)."""
+    """Keep the ``keep`` newest complete checkpoints, and the newest older one that names another
+    frozen record when they all name one (a fallback when that record is damaged), and the
+    frozen records they name (rank 0)."""
     done = sorted(p for p in Path(root).glob("step_*") if (p / "COMPLETE").exists())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    named = set()
-    for ckpt in done[-keep:]:
-        try:
-            named.add(json.loads((ckpt / "rosa_state.json").read_text()).get("frozen"))
-        except (OSError, ValueError):
-            continue
-    frozen_record.prune(root, named)
+    records = {ckpt: _named_record(ckpt) for ckpt in done}
+    kept = done[-keep:]
+    if len({records[c] for c in kept}) == 1:
+        kept += [c for c in done[:-keep] if records[c] not in (None, records[kept[-1]])][-1:]
+    for old in done:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+    frozen_record.prune(root, {records[c] for c in kept if records[c]})
+
+
+def remove_partials(root: Path) -> list[str]:
+    """Delete the ``.partial`` saves (checkpoints and frozen records) an interrupted run left in
+    ``root`` (rank 0, while no save runs: a resumed run that never reaches that step again would
+    keep them forever). Returns their names."""
+    root = Path(root)
+    found = [*root.glob("*.partial"), *(root / frozen_record.RECORDS).glob("*.partial")]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(p.name for p in found)
+
+
+def _named_record(ckpt: Path) -> Optional[str]:
+    try:
+        return json.loads((ckpt / "rosa_state.json").read_text()).get("frozen")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _rng_state() -> dict:
@@ -273,26 +326,11 @@ def resolve(root: Path, tag: Optional[str]) -> tuple[Path, str]:
 
 
 def check_compatible(saved: dict, now: dict, ckpt: Path) -> None:
-    """All differences between the checkpoint and this run, in one error."""
-    problems = []
-    if saved.get("format") != FORMAT:
-        problems.append(f"checkpoint format {saved.get('format')}, this rosa_ds reads format {FORMAT}")
-    for key, label in (("world_size", "world size (ranks)"), ("zero_stage", "ZeRO stage")):
-        if saved.get(key) != now[key]:
-            problems.append(f"{label}: checkpoint {saved.get(key)}, this run {now[key]}")
-    s_cfg, n_cfg = saved.get("rosa_config") or {}, now["rosa_config"] or {}
-    for key in ("rank", "quantize_base"):
-        if s_cfg.get(key) != n_cfg.get(key):
-            problems.append(f"ROSA {key}: checkpoint {s_cfg.get(key)}, this run {n_cfg.get(key)}")
-    s_layers, n_layers = [tuple(l) for l in saved.get("layers", [])], [tuple(l) for l in now["layers"]]
-    if s_layers != n_layers:
-        only_s = sorted({l[0] for l in s_layers} - {l[0] for l in n_layers})
-        only_n = sorted({l[0] for l in n_layers} - {l[0] for l in s_layers})
-        problems.append(f"ROSA target layers differ ({len(s_layers)} in checkpoint, {len(n_layers)} now; "
-                        f"only in checkpoint: {only_s[:5]}, only now: {only_n[:5]})")
-    if problems:
-        raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems)
-                              + ". Resume with the same settings and number of ranks, or start a new run")
+    """Every difference between the checkpoint and this run (``describe`` of each) that a resume
+    must not have, in one ``ResumeMismatch`` (``rosa_ds.ds.verify.compare``, the one check)."""
+    refused, _ = verify.compare(verify.module_facts(saved), verify.module_facts({**now, "format": FORMAT}))
+    if refused:
+        raise verify.ResumeMismatch(ckpt, refused)
 
 
 def _check_files(ckpt: Path, record: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from ..errors import ConfigError
 from ..utils.dist import bounded_host_allocator, free_port, local_rank, rank_and_world
 
 __all__ = ["device", "init_distributed", "skip_cpu_shm_build", "shutdown_distributed", "barrier", "all_reduce",
@@ -87,7 +88,15 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> None:
     if timeout_minutes:
         kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
         _default_group_timeout(kwargs["timeout"])
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **kwargs)
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **kwargs)
+    except RuntimeError as exc:
+        if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc).lower():
+            raise
+        port = os.environ.get("MASTER_PORT", "29500")
+        raise ConfigError(f"the rendezvous port {port} (--master_port of the launcher) is in use on "
+                          f"{os.environ.get('MASTER_ADDR', 'this host')} (another job?); choose a free one, e.g. "
+                          f"--master_port {free_port()}") from None
 
 
 def adopt_process_group() -> None:

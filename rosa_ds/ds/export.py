@@ -30,6 +30,7 @@ from ..utils.log import log_rank0
 from ..utils.safetensors_io import SafetensorsStream
 from .dist import all_gather_object, barrier, device, rank_and_world, recv, send
 from .params import full_fp32, gathered
+from .write_guard import WriteGuard
 
 DEFAULT_SHARD_BYTES = 50 * 10**9  # transformers' default max_shard_size, "50GB"
 
@@ -233,27 +234,58 @@ def save_model(model, out_dir: Path, tokenizer=None, max_shard_bytes: int = DEFA
                describe=None) -> Optional[Path]:
     """Write ``model`` as a plain transformers model into ``out_dir`` (collective; rank 0 writes):
     sharded safetensors, streamed (see the module docstring). ``describe`` is the model whose
-    config / generation config describe the plain model (default ``model``; a PEFT model's base)."""
+    config / generation config describe the plain model (default ``model``; a PEFT model's base).
+    A write that fails (disk full, I/O error) stops rank 0's writing but not the gathering; the
+    partial directory is removed and every rank raises the same ``CheckpointWriteError``."""
     rank, _ = rank_and_world()
+    out_dir = Path(out_dir)
     describe = describe if describe is not None else model
     transform, is_unit, owners = _setup(model, transform, is_unit)
+    guard = WriteGuard(out_dir.parent, kind="final model")
+    plan = plan_plain(model, transform, is_unit, owners)
     if rank != 0:
         stream_plain(model, None, transform, is_unit, owners)
-        barrier()
-        return None
-    with atomic_dir(Path(out_dir), replace=True) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes, plan_plain(model, transform, is_unit, owners))
-        stream_plain(model, writer, transform, is_unit, owners)
-        writer.close()
-        if len(writer.dtypes) == 1:  # the dtype the weights were written in, as save_pretrained records it
-            describe.config.dtype = next(iter(writer.dtypes))
-        describe.config.save_pretrained(str(tmp))
-        if getattr(describe, "can_generate", lambda: False)() and getattr(describe, "generation_config", None):
-            describe.generation_config.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+    else:
+        try:
+            with atomic_dir(out_dir, replace=True) as tmp:
+                writer = ShardWriter(tmp, max_shard_bytes, plan)
+                stream_plain(model, _Guarded(writer, guard), transform, is_unit, owners)
+                guard.run(tmp, _finish, writer, describe, tokenizer, tmp)
+                if guard.failure is not None:
+                    raise _WriteFailed  # atomic_dir removes the partial directory
+        except _WriteFailed:
+            pass
+    size = sum(int(torch.Size(shape).numel()) * dtype.itemsize for _, shape, dtype in plan)
+    guard.agree(out_dir, lambda: None, lambda: (size, "the model's weights"))
     barrier()
-    return Path(out_dir)
+    return out_dir if rank == 0 else None
+
+
+class _WriteFailed(Exception):
+    """Rank 0's export met a write failure (recorded in its ``WriteGuard``)."""
+
+
+class _Guarded:
+    """``ShardWriter.add`` through a ``WriteGuard``: after a failure, nothing more is written."""
+
+    def __init__(self, writer: ShardWriter, guard: WriteGuard) -> None:
+        self.writer, self.guard = writer, guard
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        shard = self.writer.names[max(self.writer.index, 0)]
+        self.guard.run(self.writer.directory / shard, self.writer.add, key, tensor)
+
+
+def _finish(writer: ShardWriter, describe, tokenizer, tmp: Path) -> None:
+    """The last shard, the index, the config (with the dtype written), generation config, tokenizer."""
+    writer.close()
+    if len(writer.dtypes) == 1:  # the dtype the weights were written in, as save_pretrained records it
+        describe.config.dtype = next(iter(writer.dtypes))
+    describe.config.save_pretrained(str(tmp))
+    if getattr(describe, "can_generate", lambda: False)() and getattr(describe, "generation_config", None):
+        describe.generation_config.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def save_merged(model, out_dir: Path, tokenizer=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Optional[Path]:

@@ -12,8 +12,9 @@ its ``COMPLETE`` manifest lists files that are all there with their sizes and sh
         named and ignored, and the ``step_*`` directories are scanned instead.
     --resume of one checkpoint: it must be intact, or the error names the damaged file.
 
-``check_compatible`` then compares what resuming needs to match (ranks, ZeRO stage, method, ROSA
-rank) with this run's settings; ``rosa_ds.ds.checkpoint.load`` checks the rest with the model.
+``check_choice`` then compares what the checkpoint was saved with and this run, by config field
+(``compare``: the one resume check; ``rosa_ds.ds.checkpoint.load`` runs it again with the model's
+target layers): a difference that must match is refused, a schedule change is returned.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..utils.manifest import MANIFEST, damage
 from .agree import CheckpointError
@@ -113,13 +114,15 @@ def choose(where: Path) -> Choice:
                                   "again without --resume")
         return Choice(where, _saved(where))
     order, warnings = candidates(root)
+    damaged = []
     for ckpt in order:
         problem = checkpoint_damage(ckpt)
         if problem is None:
             return Choice(ckpt, _saved(ckpt), warnings)
+        damaged.append(f"{ckpt.name}: {problem}")
         warnings.append(f"checkpoint {ckpt.name} is damaged, falling back to an earlier one: {problem}")
     partials = sorted(p.name for p in root.glob("*.partial"))
-    found = (f"{len(order)} checkpoints, all damaged" if order
+    found = (f"{len(order)} checkpoints, all damaged: {'; '.join(damaged)}" if order
              else f"only incomplete saves: {', '.join(partials)}" if partials else "no checkpoint")
     raise CheckpointError(f"--resume {where}: no intact checkpoint in {root} ({found}); check the path, "
                           "or start again without --resume")
@@ -129,35 +132,84 @@ def _saved(ckpt: Path) -> dict:
     return json.loads((ckpt / "rosa_state.json").read_text())
 
 
-def check_compatible(choice: Choice, now: dict) -> None:
-    """What a resume must match, from the files alone, in one error naming the flags.
+# What a resume must match: the saved state's layout (format, ranks, ZeRO stage, method, adapter rank,
+# quantized base, target layers) and the step <-> sample mapping (a resumed step N must train the
+# samples the saving run's step N would have: batch sizes, ranks, the data, sequence length,
+# packing). The schedule may change (the LR scheduler continues from its saved state), with a notice.
+MUST_MATCH = ("format", "world_size", "zero_stage", "method", "rank", "quantize_base", "layers",
+              "micro_batch", "grad_accum", "data", "seq_len", "pack")
+MAY_CHANGE = ("lr", "warmup", "epochs", "max_steps", "weight_decay")
+# The facts the trainer records with each checkpoint (``client_state["plan"]``), by config field.
+PLAN = ("method", "rank", *MUST_MATCH[7:], *MAY_CHANGE)
 
-    ``now``: ``world_size``, ``zero_stage``, ``method``, ``rank`` (the adapter rank) and
-    ``quantize_base`` of this run.
-    The saving run's method and rank come from its ``config.json`` beside ``checkpoints/`` when
-    present; a ROSA checkpoint's own ``rosa_state.json`` holds its rank in any case."""
-    saved, problems = choice.saved, []
-    if saved.get("world_size") != now["world_size"]:
-        problems.append(f"it was saved by {saved.get('world_size')} ranks, this run has {now['world_size']} "
-                        "(launch as many ranks as the saving run)")
-    if saved.get("zero_stage") != now["zero_stage"]:
-        problems.append(f"it was saved with ZeRO stage {saved.get('zero_stage')}, this run uses {now['zero_stage']} "
-                        "(use the saving run's --deepspeed config)")
-    run = _run_config(choice.path)
-    method = run.get("method") or ("rosa" if saved.get("rosa_config") else None)
-    if method is not None and method != now["method"]:
-        problems.append(f"it was saved with --method {method}, this run has --method {now['method']}")
-    rank = (saved.get("rosa_config") or {}).get("rank") if method == "rosa" else run.get("rank")
-    if method == now["method"] and method in ("rosa", "lora") and rank is not None and rank != now["rank"]:
-        problems.append(f"it was saved with --rank {rank}, this run has --rank {now['rank']} (use --rank {rank})")
-    quantized = (saved.get("rosa_config") or {}).get("quantize_base", now["quantize_base"])
-    if method == now["method"] == "rosa" and quantized != now["quantize_base"]:
-        def flag(value):
-            return f"--quantize-base {value}" if value else "no --quantize-base"
-        problems.append(f"it was saved with {flag(quantized)}, this run has {flag(now['quantize_base'])}")
-    if problems:
-        raise CheckpointError(f"--resume: cannot continue from {choice.path}: " + "; ".join(problems)
-                              + "; or start a new run without --resume")
+
+@dataclass(frozen=True)
+class Difference:
+    """One fact, by config field name, as the checkpoint was saved and as this run has it."""
+
+    field: str
+    saved: Any
+    now: Any
+
+
+class ResumeMismatch(CheckpointError):
+    """A resume that would change what must match; ``differences`` name config fields (the recipe
+    words them as its flags)."""
+
+    def __init__(self, ckpt: Path, differences: list[Difference]) -> None:
+        self.ckpt, self.differences = ckpt, differences
+        super().__init__(f"cannot resume from {ckpt}: " + "; ".join(
+            f"{d.field}: checkpoint {_short(d)}, this run {_short(d, now=True)}" for d in differences)
+            + ". Resume with the same settings and number of ranks, or start a new run")
+
+
+def _short(d: Difference, now: bool = False) -> Any:
+    value = d.now if now else d.saved
+    if d.field != "layers":
+        return value
+    mine, other = {l[0] for l in value or []}, {l[0] for l in (d.saved if now else d.now) or []}
+    return f"{len(value or [])} layers (only here: {sorted(mine - other)[:5]})"
+
+
+def saved_facts(saved: dict, run_config: Optional[dict] = None) -> dict:
+    """The facts a checkpoint was saved with, by config field: its ``rosa_state.json`` (layout,
+    and the plan the trainer recorded in its client state); ``run_config`` (the saving run's
+    ``config.json``) gives the method and adapter rank of a checkpoint that has no plan."""
+    run = run_config or {}
+    facts = {k: run[k] for k in ("method", "rank") if k in run and run.get("method") in ("rosa", "lora")}
+    facts.update(module_facts(saved))
+    facts.update({k: v for k, v in ((saved.get("client_state") or {}).get("plan") or {}).items() if k in PLAN})
+    return facts
+
+
+def module_facts(described: dict) -> dict:
+    """Facts from a ``describe``-shaped dict (``rosa_ds.ds.checkpoint.describe``): world size, ZeRO
+    stage, the ROSA config's rank and quantized base, the target layers, the format if given."""
+    facts = {k: described[k] for k in ("format", "world_size", "zero_stage") if k in described}
+    rosa = described.get("rosa_config")
+    if rosa:
+        facts.update(method="rosa", rank=rosa.get("rank"), quantize_base=rosa.get("quantize_base"))
+    if "layers" in described:
+        facts["layers"] = [list(l) for l in described["layers"]]
+    return facts
+
+
+def compare(saved: dict, now: dict) -> tuple[list[Difference], list[Difference]]:
+    """(refused, noticed): the facts known on both sides that differ, those that must match and
+    those that may change (``MUST_MATCH``, ``MAY_CHANGE``)."""
+    differ = [Difference(k, saved[k], now[k]) for k in saved.keys() & now.keys() if saved[k] != now[k]]
+    order = {k: i for i, k in enumerate(MUST_MATCH + MAY_CHANGE)}
+    differ.sort(key=lambda d: order.get(d.field, len(order)))
+    return [d for d in differ if d.field in MUST_MATCH], [d for d in differ if d.field in MAY_CHANGE]
+
+
+def check_choice(choice: Choice, now: dict) -> list[Difference]:
+    """The one resume check, from the files alone: raises ``ResumeMismatch`` listing every
+    difference that must not be, returns the schedule changes (``compare``)."""
+    refused, noticed = compare(saved_facts(choice.saved, _run_config(choice.path)), now)
+    if refused:
+        raise ResumeMismatch(choice.path, refused)
+    return noticed
 
 
 def _run_config(ckpt: Path) -> dict:

@@ -70,8 +70,9 @@ def is_no_space(exc: BaseException, free: Optional[int]) -> bool:
 class WriteGuard:
     """This rank's first write failure of one save (see the module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, kind: str = "checkpoint") -> None:
         self.root = Path(root)
+        self.kind = kind  # what is being written: "checkpoint" or "final model" (for the message)
         self.failure: Optional[tuple[str, str, bool]] = None  # (path, reason, no space)
 
     def run(self, path: Path, fn: Callable, *args, **kwargs):
@@ -120,7 +121,7 @@ class WriteGuard:
             try:
                 cleanup()
             finally:
-                message = _message(target, failed, need, free_bytes(target.parent))
+                message = _message(target, failed, need, free_bytes(target.parent), self.kind)
         message = all_gather_object(message)[0]
         raise CheckpointWriteError(message)
 
@@ -130,7 +131,7 @@ def _first_line(exc: BaseException) -> str:
     return f"I/O error ({text[0][:200] if text else type(exc).__name__})"
 
 
-def _message(target: Path, failed: list, need: tuple[int, str], free: Optional[int]) -> str:
+def _message(target: Path, failed: list, need: tuple[int, str], free: Optional[int], kind: str = "checkpoint") -> str:
     r, host, (path, reason, no_space) = failed[0]
     others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
     nbytes, what = need
@@ -138,6 +139,10 @@ def _message(target: Path, failed: list, need: tuple[int, str], free: Optional[i
                                                                else "")
     fix = ("free space or point --output-dir at a larger disk" if no_space
            else "check the disk and the directory's permissions")
+    if kind != "checkpoint":  # the final model: every checkpoint is kept, a resume only exports
+        return (f"the {kind} {target} could not be written: {reason} writing {path} on rank {r} ({host}){others}; "
+                f"{room}; the partial export was removed and the checkpoints are kept: {fix}, then rerun with "
+                "--resume (it exports without training again)")
     return (f"checkpoint {target} could not be saved: {reason} writing {path} on rank {r} ({host}){others}; "
             f"{room}; the partial save was removed and the previous checkpoint is kept: {fix}, then rerun "
             "with --resume")

@@ -6,11 +6,10 @@ import sys
 import time
 from typing import Optional
 
-from ..ds.write_guard import CheckpointWriteError
 from ..errors import RosaError
 from ..utils.dist import global_rank
 from ..utils.log import log_rank0, setup_logging
-from .faults import Diverged, Preempted
+from .faults import Diverged, Preempted, StopRequest
 
 # The project's own errors (``rosa_ds.errors.RosaError``) are one line and their exit code;
 # anything else is a bug and keeps its traceback. ROSA_DS_DEBUG=1 keeps the traceback for these too.
@@ -18,15 +17,24 @@ RANK0_GRACE = 20.0  # seconds another rank waits before reporting an error itsel
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .config import parse_args
-    from .trainer import Trainer
-
     setup_logging()
+    stop = StopRequest().install()  # before the heavy imports: a SIGTERM during them is a start-up stop
+    try:
+        from ..ds.write_guard import CheckpointWriteError
+        from .config import parse_args
+        from .trainer import Trainer
+    except Preempted as exc:
+        if global_rank() == 0:
+            print(f"rosa_ds: preempted: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     quiet_progress_bars()
     try:
-        cfg = parse_args(argv)
-        log_rank0(f"accelerator: {accelerator_name()}")
-        Trainer(cfg).run()
+        try:
+            cfg = parse_args(argv)
+            log_rank0(f"accelerator: {accelerator_name()}")
+            Trainer(cfg, stop).run()
+        finally:
+            stop.uninstall()  # reporting an error: a signal (the launcher ending the job) ends it as usual
     except (Preempted, Diverged, CheckpointWriteError) as exc:  # agreed by every rank: rank 0 says it
         if global_rank() == 0:
             kind = "preempted" if isinstance(exc, Preempted) else "diverged" if isinstance(exc, Diverged) else "error"

@@ -60,7 +60,8 @@ SHARED = {"seed": ("rosa", "data")}
 JOB_DEFAULTS = {"seq_len": 128, "max_train_samples": 256, "max_eval_samples": 32}
 # Per-task defaults that replace a default when the user did not set the option. 200 held-out
 # articles (not 32): accuracy in 0.5% steps instead of 3%; eval is forward-only (~5 s).
-TASK_DEFAULTS = {"classification": {"max_eval_samples": 200}}
+# Each task its own default --output-dir, so one task's run never replaces the other's.
+TASK_DEFAULTS = {"classification": {"max_eval_samples": 200, "output_dir": "runs/default-cls"}}
 # Peak learning rates that suit short runs: adapters tolerate ~25x more than full fine-tuning.
 DEFAULT_LR = {"rosa": 5e-4, "lora": 5e-4, "full": 2e-5}
 # Classification trains a newly initialised head (and the pooler's inputs) from scratch in 64 steps,
@@ -68,7 +69,7 @@ DEFAULT_LR = {"rosa": 5e-4, "lora": 5e-4, "full": 2e-5}
 # articles, one process: ROSA r=8 reaches 66% accuracy at 5e-4 and 93% at 2e-3; full FT 91% by
 # step 32 at 1e-4.
 CLASSIFICATION_LR = {"rosa": 2e-3, "lora": 2e-3, "full": 1e-4}
-NOT_SAVED = ("config", "local_rank")  # launcher/bookkeeping options, not run settings
+NOT_SAVED = ("config", "local_rank", "overwrite_output_dir")  # launcher/bookkeeping options, not run settings
 
 
 @dataclass
@@ -102,7 +103,11 @@ class TrainConfig:
     # -- evaluation, checkpoints, logging
     eval_every: int = opt(0, "evaluate every N optimizer steps (0 = at the end of each epoch)", minimum=0)
     save_every: int = opt(0, "checkpoint every N optimizer steps (0 = only at the end)", minimum=0)
-    output_dir: str = opt("runs/default", "where checkpoints, the resolved config, logs and the final model go")
+    output_dir: str = opt("runs/default", "where checkpoints, the resolved config, logs and the final model go "
+                                          "(classification: runs/default-cls)")
+    overwrite_output_dir: bool = opt(False, "start over in an --output-dir that holds another run: its checkpoints, "
+                                            "metrics and final model are deleted first (without it, or --resume, "
+                                            "such a directory is refused)")
     resume: Optional[str] = opt(None, "resume: bare flag = the newest intact checkpoint in --output-dir (damaged ones "
                                 "are skipped with a warning); or a checkpoints dir (likewise); or one checkpoint, "
                                 "which must be intact", nargs="?", const="latest")
@@ -144,6 +149,9 @@ class TrainConfig:
         if self.lora_init != "peft" and self.method != "lora":
             raise ConfigError(f"--lora-init applies to --method lora only (got --method {self.method}); "
                               "fix: drop --lora-init or use --method lora")
+        if self.overwrite_output_dir and self.resume:
+            raise ConfigError("--overwrite-output-dir deletes the checkpoints --resume would continue from; "
+                              "fix: give one of them")
         if self.optim == "adamw8bit" and not is_installed("bitsandbytes"):
             raise ConfigError("--optim adamw8bit needs bitsandbytes; fix: pip install bitsandbytes or use --optim "
                               "adamw")

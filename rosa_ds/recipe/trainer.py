@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..ds import config as dsconfig
 from ..ds import verify
 from ..ds.agree import CheckpointError
+from ..ds.checkpoint import remove_partials
 from ..ds.dist import PeakMemory, all_reduce, init_distributed, shutdown_distributed
 from ..ds.engine import initialize
 from ..ds.export import NonFiniteExport, save_model
@@ -36,7 +37,7 @@ from .config import TrainConfig, save_resolved
 from .data import BatchOrder, PackCollator, PackedSplit, PadCollator, batch_tokens, check_data, tokenize_data
 from .data.encode_chat import chat_template
 from .data.pack import prepare_packed_model
-from .faults import Diverged, OutputLock, Preempted, StopRequest
+from .faults import Diverged, OutputLock, Preempted, StopRequest, claim_output_dir
 from .memory_report import write_run_report
 from .metrics import MetricsWriter, classification_metrics, eval_postfix, progress, rewind, write_predictions
 from .models import (
@@ -49,12 +50,13 @@ from .models import (
     model_max_length,
 )
 from .preflight import check_fits
+from .resume import notice, plan_facts, refusal
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, stop: Optional[StopRequest] = None) -> None:
         self.cfg = cfg
         self.rank, self.world = rank_and_world()
         self.out = Path(cfg.output_dir)
@@ -62,12 +64,13 @@ class Trainer:
         self.last_eval: Optional[dict] = None  # classification: the latest eval scores, shown in the bar
         self.step_peak = 0  # accelerator peak bytes over training steps (GPU only; see PeakMemory)
         self.activations: Optional[dict] = None  # census of the first micro step (memory report)
-        self.stop = StopRequest()  # SIGTERM/SIGINT -> checkpoint after the current step (``faults``)
+        self.stop = stop or StopRequest()  # SIGTERM/SIGINT -> checkpoint after the current step (``faults``)
         self.lock = OutputLock(self.out)
         self.last_checkpoint: Optional[Path] = None
         self.saved_step = -1
         self.nan_in_row = 0  # --nan-policy skip: consecutive non-finite steps
         self.nan_skipped = 0
+        self.resume_changes: list = []  # schedule changes a resume makes (``recipe.resume.notice``)
 
     # --- 1. cheap checks: every bad input fails here, in one line ------------------------
     def check(self) -> None:
@@ -75,6 +78,7 @@ class Trainer:
         check_output_dir(self.out)
         if self.rank == 0:
             self.lock.acquire()  # one run per --output-dir (released by ``run``)
+        claim_output_dir(self.out, bool(cfg.resume), cfg.overwrite_output_dir, self.rank)
         self.source = check_model_spec(cfg.model, cfg.data.task)
         self.raw = check_data(cfg.data)  # before the model config: reading it from a GGUF takes seconds
         model_config = load_config(self.source)
@@ -94,6 +98,7 @@ class Trainer:
             log_rank0(f"packed {len(self.data.train)} samples into {len(self.train_set)} rows of <= "
                       f"{cfg.data.seq_len} tokens ({self.train_set.stats()['fill']:.0%} full)")
         self.ds_config = self.plan_steps(len(self.train_set))  # rows: packs, or the samples kept
+        self.plan = plan_facts(cfg, self.ds_config, self.raw.train)  # recorded with every checkpoint
         self.resume_from = self.choose_checkpoint(cfg.resume) if cfg.resume else None
         if cfg.tensorboard:
             self.ds_config["tensorboard"] = {"enabled": True, "output_path": str(self.out / "tb"),
@@ -162,9 +167,13 @@ class Trainer:
         choice = verify.choose(self.ckpt_dir if where == "latest" else Path(where))
         for line in choice.warnings:
             warn_rank0(line)
-        verify.check_compatible(choice, {"world_size": self.world, "zero_stage": dsconfig.zero_stage(self.ds_config),
-                                         "method": self.cfg.method, "rank": self.cfg.rosa.rank,
-                                         "quantize_base": self.cfg.rosa.quantize_base})
+        now = {**self.plan, "world_size": self.world, "zero_stage": dsconfig.zero_stage(self.ds_config)}
+        if self.cfg.method == "rosa":
+            now["quantize_base"] = self.cfg.rosa.quantize_base
+        try:
+            self.resume_changes = verify.check_choice(choice, now)
+        except verify.ResumeMismatch as exc:
+            raise CheckpointError(refusal(exc)) from None
         log_rank0(f"resuming from {choice.path} (step {choice.saved.get('global_step')}): its files are intact "
                   f"(checked in {time.perf_counter() - start:.2f}s)")
         return choice.path
@@ -175,9 +184,16 @@ class Trainer:
         self.start_epoch, self.skip = client["epoch"], client["batches_in_epoch"]
         self.saved_step, self.last_checkpoint = self.engine.global_step, path
         if self.rank == 0:
+            stale = remove_partials(self.ckpt_dir)  # every rank is past its checks (the process group exists)
+            if stale:
+                log_rank0(f"removed the interrupted saves {', '.join(stale)} from {self.ckpt_dir}")
             dropped = rewind(self.metrics.path, self.engine.global_step)
             if dropped:
                 log_rank0(f"metrics.jsonl rewound to step {self.engine.global_step}: {dropped} later records dropped")
+        if self.resume_changes:
+            line, changes = notice(path, self.resume_changes)
+            log_rank0(line)
+            self.metrics.write({"event": "resume_changes", "step": self.engine.global_step, "changes": changes})
 
     # --- 3. the loop -------------------------------------------------------------------------
     def loader(self, epoch: int, skip: int):
@@ -188,6 +204,7 @@ class Trainer:
         cfg, eng = self.cfg, self.engine
         if eng.global_step == 0:
             self.evaluate(0)  # the starting point: the pretrained model (ROSA's W_f + A B = W)
+        self.stop.begin_training()
         bar = progress(self.total_steps, initial=eng.global_step, enabled=self.rank == 0)
         for epoch in range(self.start_epoch, cfg.epochs):
             skip, self.skip = self.skip, 0
@@ -213,7 +230,8 @@ class Trainer:
                     self.preempt(epoch, done_in_epoch)
                 if cfg.eval_every and eng.global_step % cfg.eval_every == 0:
                     self.evaluate(epoch)
-                if cfg.save_every and eng.global_step % cfg.save_every == 0:
+                last = done_in_epoch >= self.order.steps_per_epoch or eng.global_step >= self.total_steps
+                if cfg.save_every and eng.global_step % cfg.save_every == 0 and not last:  # last: saved below
                     self.save(epoch, done_in_epoch)
             finished = done_in_epoch >= self.order.steps_per_epoch
             if finished:
@@ -385,8 +403,8 @@ class Trainer:
         if not self.trainable_finite():
             raise Diverged(f"non-finite trainable weights at step {self.engine.global_step}: no checkpoint written; "
                            f"{self.last_good()}; lower --lr")
-        path = self.engine.save_checkpoint(self.ckpt_dir,
-                                           client_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch})
+        path = self.engine.save_checkpoint(self.ckpt_dir, client_state={"epoch": epoch, "batches_in_epoch":
+                                                                         batches_in_epoch, "plan": self.plan})
         seconds = time.perf_counter() - start
         self.last_checkpoint, self.saved_step = path, self.engine.global_step
         self.engine.prune_checkpoints(self.ckpt_dir, keep)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -73,9 +74,10 @@ def read_manifest(directory: Path) -> dict:
     return body
 
 
-def damage(directory: Path) -> Optional[str]:
+def damage(directory: Path, hashed: Optional[Iterable[str]] = None) -> Optional[str]:
     """None if every file the manifest lists is there with its size and digest; otherwise what is
-    wrong, naming the file (the first one found; sizes are checked for all files before any hash)."""
+    wrong, naming the file (the first one found; sizes are checked for all files before any hash).
+    ``hashed``: the files whose digests are checked (a rank's ``share``); default all."""
     directory = Path(directory)
     try:
         body = read_manifest(directory)
@@ -92,7 +94,10 @@ def damage(directory: Path) -> Optional[str]:
     if problems:
         more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
         return problems[0] + more
+    names = None if hashed is None else set(hashed)
     for name, digest in (body.get(HASH) or {}).items():
+        if names is not None and name not in names:
+            continue
         try:
             if file_digest(directory / name) != digest:
                 return f"{directory / name} is corrupted (its {HASH} differs from {MANIFEST}'s)"

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rosa_ds.ds.verify import checkpoint_damage
-from rosa_ds.recipe.faults import EXIT_DIVERGED, EXIT_SAVE_FAILED
+from rosa_ds.recipe.faults import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_SAVE_FAILED
 from tests.helpers.launch import ROOT, cli_command, launch_cli, metrics_records
 
 SHIM = ROOT / "tests" / "helpers" / "enospc"  # sitecustomize: ENOSPC after N bytes under a directory
@@ -141,6 +142,90 @@ def test_damaged_checkpoints_fall_back_then_a_full_disk_stops_cleanly(tmp_path, 
     assert checkpoint_damage(ckpts / STEP12) is None
 
 
+def test_a_damaged_frozen_record_falls_back_to_a_checkpoint_of_the_other_copy_and_is_written_again(
+        tmp_path, assets, trained):
+    """Steps 12 and 14 (one resample cycle) name the cycle's two copies of its frozen record; 16
+    bytes flipped in step 14's: the resume passes 14 over naming the record's file and loads 12;
+    the save of step 14 checks that copy's hashes, names it damaged and writes it again, so both
+    kept checkpoints end intact and the losses equal the uninterrupted run's bit for bit."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
+    ckpts = out / "checkpoints"
+    named = {c: json.loads((ckpts / c / "rosa_state.json").read_text())["frozen"] for c in (STEP12, STEP14)}
+    assert named[STEP12] != named[STEP14], named
+    shard = sorted((ckpts / "frozen" / named[STEP14]).glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = bytes(255 - b for b in data[len(data) // 2: len(data) // 2 + 16])
+    shard.write_bytes(bytes(data))
+    proc = launch_cli(args(assets) + ["--resume"], out)
+    log = proc.stderr
+    assert f"checkpoint {STEP14} is damaged, falling back to an earlier one: its frozen record: {shard} is " \
+           "corrupted" in log, log[-3000:]
+    assert log.index(f"resuming from {ckpts / STEP12}") < log.index(LOADED)
+    assert f"the frozen record {named[STEP14]} this checkpoint builds on is damaged ({shard} is corrupted" in log
+    assert losses(out) == losses(trained)
+    assert [checkpoint_damage(ckpts / c) for c in (STEP12, STEP14)] == [None, None]
+
+
+def test_resume_refuses_a_moved_step_to_sample_mapping_and_records_a_schedule_change(tmp_path, assets, trained,
+                                                                                       monkeypatch):
+    """--micro-batch 2 --grad-accum 2 (the same global batch of 8, other samples per step on each rank)
+    is refused in one line before the weights load, metrics.jsonl untouched; a changed --lr is
+    allowed, named in a notice and recorded in metrics.jsonl; stale .partial saves are removed.
+    That resumed run (the finished one: it only exports) then meets a full disk on rank 0 after
+    10 kB of the export: one line naming the file and the space, exit 4, no traceback, no partial
+    export left, the checkpoints kept."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("final_model"))
+    before = (out / "metrics.jsonl").read_text()
+    proc = launch_cli(args(assets) + ["--resume", "--micro-batch", "2", "--grad-accum", "2"], out, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert line.startswith(f"rosa_ds: error: --resume: cannot continue from {out / 'checkpoints' / STEP14}: it was "
+                           "saved with --micro-batch 4, this run has --micro-batch 2 (use --micro-batch 4: the same "
+                           "step would train other samples); it was saved with --grad-accum 1"), line
+    assert LOADED not in proc.stdout + proc.stderr and (out / "metrics.jsonl").read_text() == before
+    stale = [out / "checkpoints" / "step_00000015.partial", out / "checkpoints" / "frozen" / "x-0002.partial"]
+    for path in stale:  # an interrupted save the resumed run never reaches again
+        path.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("ROSA_DS_TEST_ENOSPC", f"{out / '.final_model.tmp'}:10000:0")
+    proc = launch_cli(args(assets) + ["--resume", "--lr", "6e-3"], out, check=False)
+    assert not any(p.exists() for p in stale)
+    assert f"resuming from {out / 'checkpoints' / STEP14} with a changed schedule: --lr 0.003 -> 0.006" in proc.stderr
+    changes = [(r["step"], r["changes"]) for r in metrics_records(out) if r.get("event") == "resume_changes"]
+    assert changes == [(14, {"lr": {"checkpoint": 3e-3, "now": 6e-3}})]
+    # the export's full disk
+    assert proc.returncode == EXIT_SAVE_FAILED, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert line.startswith(f"rosa_ds: error: the final model {out / 'final_model'} could not be written: no space "
+                           f"left on device writing {out}/.final_model.tmp"), line
+    assert "on rank 0" in line and "are free" in line and "rerun with --resume" in line, line
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(out.glob(".final_model*")) and not (out / "final_model").exists()
+    assert [checkpoint_damage(out / "checkpoints" / c) for c in (STEP12, STEP14)] == [None, None]
+
+
+def test_a_new_run_in_a_used_output_dir_is_refused_or_starts_over_with_overwrite(tmp_path, assets, trained):
+    """Without --resume, a finished run's directory is refused in one line before the weights load;
+    with --overwrite-output-dir the old checkpoints and metrics go first, so the new run's
+    checkpoints survive pruning and metrics.jsonl holds only its steps; its final step, also a
+    --save-every step, is saved once."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    proc = launch_cli(args(assets) + ["--lr", "1e-3"], out, check=False)
+    assert proc.returncode == 2 and LOADED not in proc.stdout + proc.stderr
+    assert error_line(proc).startswith(f"rosa_ds: error: --output-dir {out} holds another run (checkpoints, "
+                                       "metrics.jsonl, final_model); continue it with --resume, start over with "
+                                       "--overwrite-output-dir")
+    # one epoch of 7 steps, --save-every 7: the last step is a --save-every step too, saved once
+    launch_cli(args(assets) + ["--epochs", "1", "--save-every", "7", "--overwrite-output-dir"], out)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000007"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000007"
+    assert [r["step"] for r in metrics_records(out) if "loss" in r] == list(range(1, 8))
+    assert [r["step"] for r in metrics_records(out) if r.get("event") == "checkpoint"] == [7]
+
+
 def test_explicit_resume_of_a_damaged_checkpoint_is_one_line_before_weights_load(tmp_path, assets, trained):
     """``--resume PATH`` names one checkpoint: damaged, it is an error naming the file (no fallback)."""
     out = tmp_path / "run"
@@ -175,12 +260,72 @@ def fault_run(assets, out, fault, *extra, rank=0, env=None, check=False):
                       extra_env={"ROSA_FAULT": fault, "ROSA_FAULT_RANK": str(rank), **(env or {})})
 
 
-def test_sigterm_to_the_job_saves_the_current_step_and_resume_loses_nothing(tmp_path, assets):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, assets):
+    """``fault_args`` run without a fault: the reference of every resumed run below."""
+    full = tmp_path_factory.mktemp("faults") / "full"
+    launch_cli(fault_args(assets), full)
+    return full
+
+
+def rosa_launch(cmd: list) -> list:
+    """``python -m rosa_ds.launch`` in place of the ``deepspeed`` runner of ``cli_command``."""
+    return [sys.executable, "-m", "rosa_ds.launch", *cmd[1:]]
+
+
+def kill_job(marker: str) -> list:
+    """SIGKILL every process whose environment holds ``marker``, as Slurm ends a job step (by its
+    cgroup, not by process group or parentage); returns their pids."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def test_slurm_like_kill_through_rosa_ds_launch_keeps_the_signalled_step(tmp_path, assets, uninterrupted):
+    """The job step as Slurm runs it, through ``python -m rosa_ds.launch`` in its own session:
+    SIGTERM to the session's process group during step 9, and SIGKILL to every process of the job
+    the moment the launcher exits. The launcher exits only after the ranks finished step 9 and
+    saved it, with their code 75, so nothing is left to kill; the resumed run equals the
+    uninterrupted one bit for bit."""
+    out, stamp, release = tmp_path / "run", tmp_path / "held", tmp_path / "release"
+    cmd, env = cli_command(fault_args(assets), out, script=FAULT_SCRIPT,
+                           extra_env={"ROSA_FAULT": "hold@9", "ROSA_FAULT_RELEASE": str(release),
+                                      "ROSA_FAULT_STAMP": str(stamp)})
+    marker = f"ROSA_FAULT_STAMP={stamp}"
+    job = subprocess.Popen(rosa_launch(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not stamp.exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGTERM)  # the launcher's own group: the ranks are in the runner's session
+        time.sleep(1.0)  # forwarded within 0.2 s; step 9 then runs with the stop requested
+        release.write_text("go")
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        left = kill_job(marker)
+    assert job.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert left == [], left
+    line = error_line(subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr))
+    assert line.startswith("rosa_ds: preempted: stopped (SIGTERM) after step 9"), line
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000009"
+    assert not list((out / "checkpoints").rglob("*.partial"))
+    launch_cli(fault_args(assets, "--resume"), out)
+    assert [r["step"] for r in metrics_records(out) if "loss" in r] == list(range(1, 15))
+    assert losses(out) == losses(uninterrupted)  # bit for bit (fp32 on the CPU)
+
+
+def test_sigterm_to_the_job_saves_the_current_step_and_resume_loses_nothing(tmp_path, assets, uninterrupted):
     """SIGTERM to the job's process group during step 9 (after the resample at step 7): every
     rank finishes step 9, one checkpoint at step 9, ranks exit 75; the resumed run's losses equal
     an uninterrupted run's bit for bit, each step recorded once."""
-    full = tmp_path / "full"
-    launch_cli(fault_args(assets), full)
+    full = uninterrupted
     out = tmp_path / "preempted"
     proc = fault_run(assets, out, "sigterm@9")
     assert "rosa_ds: preempted: stopped (SIGTERM) after step 9" in error_line(proc)
@@ -201,13 +346,73 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds_with_one_line(tm
     cmd, env = cli_command(fault_args(assets), tmp_path / "run", script=FAULT_SCRIPT,
                            extra_env={"ROSA_FAULT": "sigkill@4", "ROSA_FAULT_RANK": "1",
                                       "ROSA_FAULT_STAMP": str(stamp)})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(rosa_launch(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           start_new_session=True)
     ended = time.time()
-    assert proc.returncode != 0
+    assert proc.returncode == 1  # the README's fault table (DeepSpeed's launcher passes on 247: -9)
     assert ended - float(stamp.read_text().split()[1]) <= 10
     assert error_line(proc).startswith("rosa_ds: error: another rank died"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_hung_rank_ends_the_job_within_the_dist_timeout_and_seconds(tmp_path, assets):
+    """Rank 1 hangs in step 3 with --dist-timeout 0.1 (6 s): rank 0's collective times out and it
+    exits with one line; ``rosa_ds.launch`` kills the hung rank ``PEER_GRACE_S`` later (DeepSpeed's
+    launcher alone would wait 30 s after its SIGTERM, which the hung rank does not act on)."""
+    from rosa_ds.launch import PEER_GRACE_S
+
+    stamp = tmp_path / "hung_at"
+    cmd, env = cli_command(fault_args(assets, "--dist-timeout", "0.1"), tmp_path / "run", script=FAULT_SCRIPT,
+                           extra_env={"ROSA_FAULT": "hang@3", "ROSA_FAULT_RANK": "1", "ROSA_FAULT_STAMP": str(stamp)})
+    proc = subprocess.run(rosa_launch(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    took = time.time() - float(stamp.read_text().split()[1])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert 6 <= took <= 6 + PEER_GRACE_S + 10, took  # the rest: polling and start-up noise on a loaded machine
+    assert "a collective waited longer than --dist-timeout" in error_line(proc)
+
+
+def test_sigterm_during_start_up_stops_at_once_with_nothing_to_save(tmp_path, assets):
+    """SIGTERM to the job once rank 0 holds the output-dir lock (its input checks, before the
+    weights load): every rank stops at once, exit 75, one line saying there was nothing to save."""
+    out = tmp_path / "run"
+    cmd, env = cli_command(fault_args(assets), out)
+    job = subprocess.Popen(rosa_launch(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / ".rosa_ds.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)
+    signalled = time.time()
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert time.time() - signalled < 15
+    line = error_line(subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr))
+    assert line.startswith("rosa_ds: preempted: stopped (SIGTERM) during start-up, before the first optimizer "
+                           "step: nothing to save"), line
+    assert LOADED not in stdout + stderr and not (out / "checkpoints").exists()
+    assert not (out / ".rosa_ds.lock").exists()
+
+
+def test_a_busy_master_port_is_one_line_and_the_job_ends_within_seconds(tmp_path, assets):
+    """Another process listens on the launcher's --master_port: rank 0 cannot host the rendezvous
+    and says so in one line naming the port; the job (through ``rosa_ds.launch``) ends with exit 2
+    instead of rank 1 waiting on the other listener."""
+    import socket
+
+    cmd, env = cli_command(fault_args(assets), tmp_path / "run")
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cmd[cmd.index("--master_port") + 1] = str(port)
+        start = time.time()
+        proc = subprocess.run(rosa_launch(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                              start_new_session=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert error_line(proc).startswith(f"rosa_ds: error: the rendezvous port {port} (--master_port of the launcher) "
+                                       "is in use on "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and time.time() - start < 120
 
 
 def test_ranks_stop_with_a_checkpoint_when_the_deepspeed_runner_alone_is_killed(tmp_path, assets):

@@ -9,9 +9,10 @@ import json
 import pytest
 
 from rosa_ds.ds.agree import CheckpointError
-from rosa_ds.ds.verify import check_compatible, checkpoint_damage, choose
+from rosa_ds.ds.verify import ResumeMismatch, check_choice, checkpoint_damage, choose
 from rosa_ds.ds.write_guard import WriteGuard, is_no_space
 from rosa_ds.recipe.metrics import rewind
+from rosa_ds.recipe.resume import notice, refusal
 from rosa_ds.utils.manifest import damage, listing, share, write_manifest
 
 
@@ -144,8 +145,10 @@ def test_no_latest_scans_the_step_dirs(ckpts):
 def test_all_damaged_or_nothing_to_resume_is_one_error(ckpts, tmp_path):
     for step in (3, 6, 9):
         (ckpts / f"step_{step:08d}" / "COMPLETE").unlink()
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*\(3 checkpoints, all damaged\)"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*\(3 checkpoints, all damaged: ") as err:
         choose(ckpts)
+    for step in (9, 6, 3):  # each damaged file named, in the order tried
+        assert f"step_{step:08d}: {ckpts / f'step_{step:08d}' / 'COMPLETE'} is missing" in str(err.value)
     only_partial = tmp_path / "p"
     (only_partial / "step_00000004.partial").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"only incomplete saves: step_00000004.partial"):
@@ -155,6 +158,40 @@ def test_all_damaged_or_nothing_to_resume_is_one_error(ckpts, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*/empty \(no checkpoint\)"):
         choose(tmp_path / "empty")
+
+
+def test_a_damaged_shared_frozen_record_falls_back_past_every_checkpoint_naming_it(tmp_path):
+    """Steps 6 and 9 share the record ``run-0001-b``, step 3 names ``run-0001``: 16 bytes flipped in
+    the shared record pass over both (each warning names the record's file) and load step 3."""
+    root = tmp_path / "checkpoints"
+    make_ckpt(root, 3)
+    make_ckpt(root, 6, frozen="run-0001-b")
+    make_ckpt(root, 9, frozen="run-0001-b")
+    shard = root / "frozen" / "run-0001-b" / "replicated-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[100:116] = bytes(255 - b for b in data[100:116])
+    shard.write_bytes(bytes(data))
+    choice = choose(root)
+    assert choice.path == root / "step_00000003"
+    names = [w.split(" is damaged")[0] for w in choice.warnings]
+    assert names == ["checkpoint step_00000009", "checkpoint step_00000006"]
+    assert all(f"its frozen record: {shard} is corrupted" in w for w in choice.warnings), choice.warnings
+
+
+def test_retention_keeps_a_fallback_that_names_another_frozen_record(tmp_path):
+    """The two newest share one record: the newest older checkpoint naming another is kept too,
+    with its record; everything else goes."""
+    from rosa_ds.ds.checkpoint import prune
+
+    root = tmp_path / "checkpoints"
+    for step, key in ((2, "run-0000"), (3, "run-0001"), (4, "run-0001-b"), (6, "run-0001-b"), (9, "run-0001-b")):
+        make_ckpt(root, step, frozen=key)
+    prune(root, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000006", "step_00000009"]
+    assert sorted(p.name for p in (root / "frozen").iterdir()) == ["run-0001", "run-0001-b"]
+    make_ckpt(root, 12, frozen="run-0001")  # the two newest name different records: two kept
+    prune(root, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000009", "step_00000012"]
 
 
 def test_an_explicit_damaged_checkpoint_is_an_error_naming_the_file(ckpts):
@@ -176,6 +213,14 @@ def write_run_config(ckpts, **values):
 NOW = {"world_size": 2, "zero_stage": 2, "method": "rosa", "rank": 4, "quantize_base": None}
 
 
+def check(choice, now):
+    """The trainer's check: ``verify.check_choice`` worded by ``recipe.resume``."""
+    try:
+        return check_choice(choice, now)
+    except ResumeMismatch as exc:
+        raise CheckpointError(refusal(exc)) from None
+
+
 @pytest.mark.parametrize("now, words", [
     ({"world_size": 1}, "saved by 2 ranks, this run has 1"),
     ({"zero_stage": 3}, "ZeRO stage 2, this run uses 3 (use the saving run's --deepspeed config)"),
@@ -186,20 +231,55 @@ NOW = {"world_size": 2, "zero_stage": 2, "method": "rosa", "rank": 4, "quantize_
 def test_resume_mismatch_is_one_line_naming_the_flag(ckpts, now, words):
     write_run_config(ckpts)
     choice = choose(ckpts)
-    check_compatible(choice, NOW)
+    check(choice, NOW)
     with pytest.raises(CheckpointError) as info:
-        check_compatible(choice, {**NOW, **now})
+        check(choice, {**NOW, **now})
     assert words in str(info.value) and str(info.value).startswith("--resume: cannot continue from")
     assert "RosaConfig" not in str(info.value) and "\n" not in str(info.value)
+
+
+PLAN = {"method": "rosa", "rank": 4, "micro_batch": 4, "grad_accum": 1, "data": "abc", "seq_len": 48, "pack": False,
+        "lr": 3e-3, "warmup": 0.1, "epochs": 2, "max_steps": None, "weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"micro_batch": 2}, "saved with --micro-batch 4, this run has --micro-batch 2 (use --micro-batch 4: the same "
+                         "step would train other samples)"),
+    ({"grad_accum": 2}, "saved with --grad-accum 1, this run has --grad-accum 2"),
+    ({"seq_len": 64}, "saved with --seq-len 48, this run has --seq-len 64"),
+    ({"pack": True}, "saved with --no-pack, this run has --pack (use --no-pack"),
+    ({"data": "other"}, "saved with other training data (--dataset, its content"),
+])
+def test_a_resume_that_moves_the_step_to_sample_mapping_is_refused(ckpts, change, words):
+    """Every fact the checkpoint recorded in its plan is compared; all differences in one line."""
+    ckpt = ckpts / "step_00000009"
+    state = json.loads((ckpt / "rosa_state.json").read_text())
+    choice = choose(ckpts)
+    choice.saved = {**state, "client_state": {"plan": PLAN}}
+    assert check(choice, {**NOW, **PLAN}) == []
+    with pytest.raises(CheckpointError) as info:
+        check(choice, {**NOW, **PLAN, **change, "world_size": 4})
+    text = str(info.value)
+    assert words in text and "saved by 2 ranks, this run has 4" in text and "\n" not in text
+
+
+def test_schedule_changes_are_returned_for_the_notice(ckpts):
+    choice = choose(ckpts)
+    choice.saved = {**choice.saved, "client_state": {"plan": PLAN}}
+    changes = check(choice, {**NOW, **PLAN, "lr": 6e-3, "epochs": 3})
+    assert [(d.field, d.saved, d.now) for d in changes] == [("lr", 3e-3, 6e-3), ("epochs", 2, 3)]
+    line, record = notice(choice.path, changes)
+    assert "--lr 0.003 -> 0.006, --epochs 2 -> 3" in line
+    assert record == {"lr": {"checkpoint": 3e-3, "now": 6e-3}, "epochs": {"checkpoint": 2, "now": 3}}
 
 
 def test_lora_rank_comes_from_the_run_config(ckpts):
     write_run_config(ckpts, method="lora", rank=16)
     choice = choose(ckpts)
     choice.saved["rosa_config"] = None
-    check_compatible(choice, {**NOW, "method": "lora", "rank": 16})
+    check(choice, {**NOW, "method": "lora", "rank": 16})
     with pytest.raises(CheckpointError, match="--rank 16, this run has --rank 4"):
-        check_compatible(choice, {**NOW, "method": "lora"})
+        check(choice, {**NOW, "method": "lora"})
 
 
 # ------------------------------------------------------------------ metrics rewind

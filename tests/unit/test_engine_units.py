@@ -47,8 +47,9 @@ def test_compatibility_reports_every_difference_at_once(tmp_path):
     with pytest.raises(CheckpointError) as err:
         check_compatible(_desc(), _desc(rank=4, world=4, stage=3, layers=(("h.0.k", 8, 8, 4),)), tmp_path)
     msg = str(err.value)
-    for part in ("world size (ranks): checkpoint 2, this run 4", "ZeRO stage: checkpoint 2, this run 3",
-                 "ROSA rank: checkpoint 8, this run 4", "only in checkpoint: ['h.0.q'], only now: ['h.0.k']"):
+    for part in ("world_size: checkpoint 2, this run 4", "zero_stage: checkpoint 2, this run 3",
+                 "rank: checkpoint 8, this run 4", "layers: checkpoint 1 layers (only here: ['h.0.q']), "
+                 "this run 1 layers (only here: ['h.0.k'])"):
         assert part in msg
     check_compatible(_desc(), _desc(), tmp_path)  # identical: no error
 
