@@ -30,7 +30,6 @@ import torch
 from bench.hardware import describe, one_line
 from bench.large_model import SHAPE
 from bench.report import save_results
-from bench.study import _commit
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = ("gram", "tridiag")  # today's, the new one
@@ -199,7 +198,7 @@ def main() -> None:
                "extrapolation": extrapolate(large, a.layers_2p5b)}
     command = "python -m bench.resample_cost" + (f" --layers-2p5b {a.layers_2p5b}" if a.layers_2p5b != 2 else "") \
         + (f" --max-matrices {a.max_matrices}" if a.max_matrices else "")
-    data = {"hardware": describe(), "commit": _commit(), "command": command, "results": results}
+    data = {"hardware": describe(), "command": command, "results": results}
     save_results(a.results, "resample_cost", data, markdown(data))
 
 
