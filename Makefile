@@ -14,7 +14,7 @@ NPROC   ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast test-multirank lint gpu-check bench bench-micro memory-report clean
+.PHONY: setup train test test-fast test-multirank lint gpu-check gpu-pack gpu-rehearsal bench bench-micro memory-report clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,15 @@ lint: setup
 # The CUDA path on one GPU (bench/results/gpu_check.md); on a machine without CUDA: says so, exits 0.
 gpu-check: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/gpu_check.py
+
+# The GPU verdict for a lent, offline GPU machine (docs: bench/gpu/run.sh): `make gpu-pack` here
+# (network) builds .gpu/ (wheels the device image lacks, model configs; under 60 MiB); the device
+# runs `bash bench/gpu/run.sh` with .gpu carried. `make gpu-rehearsal`: the same on the CPU accelerator.
+gpu-pack: setup
+	$(BIN)/python bench/gpu/pack.py
+
+gpu-rehearsal: setup
+	PYTHON=$(abspath $(BIN))/python OUT=runs/gpu_rehearsal bash bench/gpu/run.sh --rehearsal
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
