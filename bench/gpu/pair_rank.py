@@ -68,15 +68,16 @@ def logits(engine) -> torch.Tensor:
 
 def split_errors(engine, w0: dict) -> dict:
     """Per layer, on the rank holding W_f's fp32 master (every rank without masters):
-    ||W_f + A B - W_0|| / ||W_0|| in fp64 (collective: every rank gathers every factor)."""
+    ||W_f + A B - W_0|| / ||W_0|| in fp64, (m, n) layout (collective: every rank gathers every
+    factor). ``w0``: the target modules' weights before ROSA, by module name."""
     errors = {}
     for name, layer in iter_rosa_layers(engine.module):
         a, b = full_fp32(layer.rosa_A).double().cpu(), full_fp32(layer.rosa_B).double().cpu()
         with gathered([layer.base_layer.weight]):
-            wf = (layer.base_master if layer.has_master else layer.base_layer.weight).detach().double().cpu()
+            wf = layer.frozen_weight().detach().double().cpu()
         if layer.has_master or not engine.rosa_config.frozen_master:
-            wf = wf.t() if layer.transposed else wf
-            errors[name] = float((wf + a @ b - w0[name]).norm() / w0[name].norm())
+            w = w0[name].t() if layer.transposed else w0[name]
+            errors[name] = float((wf + a @ b - w).norm() / w.norm())
     return errors
 
 

@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import RosaConfig
 from ..ds.engine import param_groups
+from ..ds.params import write_pending_masters
 from ..ds.prepare import prepare_model
 from ..inject import iter_rosa_layers
 from ..layer import is_adapter_param
@@ -87,6 +88,7 @@ class RosaTrainerMixin:
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         self.rosa.check_optimizer()
+        write_pending_masters(self.rosa.factor_params)  # the first factorization's exact A, B
         if resume_from_checkpoint is not None:
             self.rosa.restore(Path(resume_from_checkpoint))
         return model, train_dataloader
