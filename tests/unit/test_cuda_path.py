@@ -301,3 +301,17 @@ def test_bf16_merges_keep_what_was_learned_with_an_fp32_master():
         errors[master] = float((layer.merged_weight().double() - w).norm() / w.norm())
     assert errors[True] < 1e-6, errors
     assert errors[False] > 1e-3, errors  # one bf16 rounding is 2^-9 = 2e-3 relative per value
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_baseline_adapters_take_the_base_dtype(dtype):
+    """The PEFT LoRA baseline in bf16: a model DeepSpeed builds bf16 under zero.Init (ZeRO-3) got
+    fp32 adapters from PEFT's autocast while ZeRO-2 (the model cast by DeepSpeed) trained bf16 ones;
+    the adapters and the trainable head must have the base's dtype whatever the stage."""
+    pytest.importorskip("peft")
+    from rosa_ds.recipe.baselines import apply_lora
+
+    model = apply_lora(tiny_model("bert-cls").to(dtype), 2, modules_to_save=["classifier"])
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert set(trainable.values()) == {dtype}, trainable
