@@ -27,6 +27,9 @@ from typing import Any, Union
 
 import torch
 
+from ..memory.plan import ZERO3_AUTO
+from .dist import accelerator_name
+
 AUTO = "auto"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMS = ("adamw", "adamw8bit")
@@ -299,6 +302,10 @@ def _fill_derived(cfg: dict) -> None:
         # DeepSpeed's WarmupLR family rejects 0 (and treats anything below 2 as 2).
         sched["warmup_num_steps"] = 1
     zero = cfg.get("zero_optimization") or {}
+    tuned = ZERO3_AUTO["cpu" if accelerator_name() == "cpu" else "cuda"]
+    for key, value in tuned.items():
+        if zero.get(key) == AUTO:
+            zero[key] = value
     for key in ("offload_optimizer", "offload_param"):
         off = zero.get(key)
         if isinstance(off, dict) and off.get("pin_memory") == AUTO:
