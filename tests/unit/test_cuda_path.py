@@ -24,11 +24,11 @@ class Reached(Exception):
 
 
 def simulate_accelerator(monkeypatch, dev=META):
-    """Every module of the seam that asks for the accelerator device gets ``dev``."""
-    from rosa_ds.ds import dist, prepare
+    """Every module of the seam that asks for the accelerator device gets ``dev`` (one place)."""
+    from tests.helpers import stand_in
 
-    for module in (dist, prepare):
-        monkeypatch.setattr(module, "device", lambda: dev)
+    stand_in.install(dev, monkeypatch.setattr)
+    assert set(stand_in.seam_devices().values()) == {str(dev)}
 
 
 def test_initialize_moves_the_model_to_the_accelerator_before_the_first_factorization(monkeypatch):
