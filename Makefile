@@ -36,9 +36,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The CUDA path on one GPU (bench/results/gpu_check.md); on a machine without CUDA: says so, exits 0.
-gpu-check: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/gpu_check.py
+# The GPU verdict (bench/gpu/run.sh: the pack's missing wheels installed offline into a temporary
+# target, then bench/gpu/check.py under one 7-minute deadline; verdict in $OUT or bench/results/).
+# No `setup`: a lent GPU machine is offline and uses its own Python (the .venv's if there is one).
+gpu-check:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(abspath $(BIN))/python,python3) bash bench/gpu/run.sh
 
 # The GPU verdict for a lent, offline GPU machine (docs: bench/gpu/run.sh): `make gpu-pack` here
 # (network) builds .gpu/ (wheels the device image lacks, model configs; under 60 MiB); the device

@@ -171,6 +171,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the results here (bench/gpu/check.py reads them)")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.simulate_cpu:
+        from bench.gpu.check import gpu_visible
+
+        if gpu_visible():  # a GPU node must not "pass" with nothing checked
+            print(f"gpu-check: a GPU is visible but torch {torch.__version__} has no CUDA; nothing checked")
+            return 2
         print("gpu-check: no CUDA device on this machine; nothing checked (run `make gpu-check` on a GPU node, "
               "or `python bench/gpu_check.py --simulate-cpu` to exercise the script on the CPU)")
         return 0
