@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -28,7 +29,6 @@ from typing import Any, Union
 import torch
 
 from ..memory.plan import ZERO3_AUTO
-from .dist import accelerator_name
 
 AUTO = "auto"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -291,6 +291,12 @@ def _resolve_precision(cfg: dict, run: RunValues, problems: list, source: str) -
             section = cfg.setdefault(k, {})
             if isinstance(section, dict):
                 section["enabled"] = chosen == k
+
+
+def accelerator_name() -> str:
+    """``cuda`` or ``cpu``: the accelerator DeepSpeed will pick, without importing DeepSpeed here
+    (the recipe's config imports this module; DS_ACCELERATOR=cpu forces DeepSpeed's CPU one)."""
+    return "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else "cpu"
 
 
 def _fill_derived(cfg: dict) -> None:
