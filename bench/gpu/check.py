@@ -14,6 +14,9 @@ Checks, most telling first:
   rank its own NCCL_HOSTID, socket transport), on one rank, and as the CPU fp32 reference: first
   factorization split error, 3 steps, a resample, save, resume bit for bit, sharded export; the
   losses and exported weights compared across the three;
+* ``step_llama7b_shape``: ``bench/gpu/step_rank.py``, the 2-layer Llama-7B-shaped model: step time,
+  tokens/s, MFU, peak allocated / reserved memory against the accountant, resample time per layer
+  on a heavy-tailed spectrum;
 * ``factorization``, ``quantization``, ``engine``: ``bench/gpu_check.py``'s one-GPU checks;
 * ``zero3_nf4`` (under ``compute-sanitizer`` when the image has it) and ``adamw8bit``:
   ``tests/multirank/scripts/bnb_rank.py`` on the device.
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.gpu.compare import pair_verdict  # noqa: E402
 
 PAIR_SCRIPT = ROOT / "bench" / "gpu" / "pair_rank.py"
+STEP_SCRIPT = ROOT / "bench" / "gpu" / "step_rank.py"
 BNB_SCRIPT = ROOT / "tests" / "multirank" / "scripts" / "bnb_rank.py"
 # two ranks on one GPU: NCCL refuses two ranks of one host on one device ("Duplicate GPU"), so each
 # rank claims its own host and the ranks talk over sockets, as two nodes would
@@ -187,16 +191,30 @@ def check_bnb(args: list[str], sanitize: bool = False):
     return run
 
 
+def check_step(ctx) -> dict:
+    """``step_rank.py``: speed, MFU, memory against the accountant, resample time per layer (on a
+    GPU the 2-layer Llama-7B-shaped model at 1 x 1024 tokens; the tiny Llama in a rehearsal)."""
+    shape = ["--model", "tiny-llama", "--seq-len", "32"] if ctx.rehearsal else ["--model", "llama-7b-2layer"]
+    r = launch(STEP_SCRIPT, shape, 1, ctx.deadline.left(), ctx.accel_env)[0]
+    finite = all(abs(x) < 1e3 for x in r["losses"])
+    measured = r.get("device_peak_allocated_bytes")
+    if measured:  # the accountant's step peak within a factor 2 of the device's (GPU only)
+        r["measured_over_predicted"] = measured / r["predicted_step_peak_bytes"]
+    ok = finite and (measured is None or 0.5 <= r["measured_over_predicted"] <= 2.0)
+    return {"ok": ok, "rows": r}
+
+
 CHECKS = {
     "environment": check_environment,
     "pair_zero3": check_pair(3),
     "pair_zero2": check_pair(2),
+    "step_llama7b_shape": check_step,
     "zero3_nf4": check_bnb(["--stage", "3", "--quantize-base", "nf4"], sanitize=True),
     "adamw8bit": check_bnb(["--stage", "2", "--optim", "adamw8bit"]),
     "factorization_quantization": check_gpu_check(["factorization", "quantization"]),
     "engine": check_gpu_check(["engine"]),
 }
-REHEARSAL = ["environment", "pair_zero3"]
+REHEARSAL = ["environment", "pair_zero3", "step_llama7b_shape"]
 
 
 class Context:

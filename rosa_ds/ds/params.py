@@ -87,17 +87,18 @@ def full_fp32_many(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 PENDING_MASTER = "_rosa_pending_fp32_master"
 
 
-def write_pending_masters(params: Iterable[torch.nn.Parameter]) -> int:
+def write_pending_masters(params: Iterable[torch.nn.Parameter], write: bool = True) -> int:
     """Write the values ``set_fp32_master`` kept before ``deepspeed.initialize`` into the fp32
     masters DeepSpeed has built since (call once after initialize, on every rank: collective-free,
-    each rank writes its own slice). Returns how many were written."""
+    each rank writes its own slice); ``write=False`` drops them (a checkpoint already restored
+    the masters). Returns how many were written."""
     written = 0
     for param in params:
         value = getattr(param, PENDING_MASTER, None)
         if value is None:
             continue
         delattr(param, PENDING_MASTER)
-        if has_fp32_master(param):
+        if write and has_fp32_master(param):
             set_fp32_master(param, value.to(device()))
             written += 1
     return written

@@ -88,7 +88,8 @@ class RosaTrainerMixin:
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         self.rosa.check_optimizer()
-        write_pending_masters(self.rosa.factor_params)  # the first factorization's exact A, B
+        # the first factorization's exact A, B; a resume has loaded the checkpoint's masters already
+        write_pending_masters(self.rosa.factor_params, write=resume_from_checkpoint is None)
         if resume_from_checkpoint is not None:
             self.rosa.restore(Path(resume_from_checkpoint))
         return model, train_dataloader

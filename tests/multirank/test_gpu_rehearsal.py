@@ -1,7 +1,8 @@
 """The GPU verdict's entry point (``bench/gpu/run.sh``) rehearsed on the CPU accelerator, so the
 one call a lent GPU gets cannot rot before a GPU arrives: a fake wheelhouse is installed offline
-into a temporary target, then the driver runs its environment check and the two-rank ZeRO-3 bf16
-pair (gloo) against one rank and the CPU fp32 reference, writing its verdict as it goes."""
+into a temporary target, then the driver runs its environment check, the two-rank ZeRO-3 bf16
+pair (gloo) against one rank and the CPU fp32 reference, and the step check (on the tiny Llama),
+writing its verdict as it goes."""
 import json
 import os
 import subprocess
@@ -50,6 +51,8 @@ def test_gpu_verdict_rehearsal_on_the_cpu_accelerator(tmp_path):
     assert pair["world2"]["split_error_max"] <= 1e-6  # the first factorization exact in bf16
     assert all(pair[n]["resumed_bit_for_bit"] and pair[n]["export_shards"] > 1 for n in ("world2", "world1"))
     assert pair["compare"]["loss_world2_vs_world1"] < 1e-3  # bf16 ZeRO-3 ranks vs one rank: same batches
+    step = verdict["checks"]["step_llama7b_shape"]["rows"]  # the tiny Llama in a rehearsal
+    assert step["losses"][-1] < step["losses"][0] and step["tokens_per_s"] > 0 < step["resample_seconds_per_layer"]
     assert verdict["verdict"] == "passed so far" and "## pair_zero3: passed" in (out / "gpu_verdict.md").read_text()
 
 
