@@ -21,5 +21,5 @@ mkdir -p "$RESULTS"
 export PYTHONPATH="$ROOT:$TARGET${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$TARGET/bin:$PATH"
 LEFT=$(( DEADLINE_S - ($(date +%s) - START) ))
-# the driver keeps its own deadline 20 s short of this one, so it writes its verdict before the kill
-timeout --kill-after=10 "$LEFT" "$PY" "$ROOT/bench/gpu/check.py" --out "$RESULTS" --deadline-s $(( LEFT - 20 )) "$@"
+# the driver keeps its own deadline 30 s short of this one, so it writes its verdict before the kill
+timeout --kill-after=10 "$LEFT" "$PY" "$ROOT/bench/gpu/check.py" --out "$RESULTS" --deadline-s $(( LEFT - 30 )) "$@"

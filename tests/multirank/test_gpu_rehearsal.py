@@ -36,9 +36,9 @@ def test_gpu_verdict_rehearsal_on_the_cpu_accelerator(tmp_path):
     fake_wheel(wheels, "deepspeed", "0.0.1")  # present: must be left alone (installing it would shadow it)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "ROSA_GPU_PACK": str(tmp_path / "pack"), "OUT": str(out),
-           "ROSA_GPU_DEADLINE_S": "240", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "ROSA_GPU_DEADLINE_S": "420", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--rehearsal"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=480)
     verdict = json.loads((out / "gpu_verdict.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     install = json.loads((out / "gpu_install.json").read_text())
