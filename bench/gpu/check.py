@@ -272,6 +272,8 @@ def run_checks(args) -> int:
         data["seconds"] = time.monotonic() - start
         write(data, args.out)
         print(f"gpu-check: {name}: {status} ({data['checks'][name]['seconds']:.0f} s)", flush=True)
+        if name == "environment" and status == "FAILED":  # no CUDA, or no deepspeed: nothing else can pass
+            break
     print(f"gpu-check: {data['verdict']}; {args.out}/gpu_verdict.md")
     return 1 if data["verdict"].startswith("FAILED") else 0
 
