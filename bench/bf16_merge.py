@@ -12,7 +12,9 @@ DeepSpeed's fp32 masters keep them:
 * ``bf16+master``: W_f stored in bf16 as the rounding of an fp32 master; merges read and write the
   master (``RosaConfig.frozen_master``, the default in bf16).
 
-After resamples 1, 2 and 4 it reports, summed over all matrices, the relative error against the
+It also reports the first factorization's split error ||W_f + A B - W_0|| / ||W_0|| in each way,
+and as it was when DeepSpeed's fp32 masters of A and B were built from the bf16 modules. After
+resamples 1, 2 and 4 it reports, summed over all matrices, the relative error against the
 reference of (a) the weight the forward uses, W_f(stored) + A B, and of (b) the merged weight a
 resample reads and the export writes (the master where there is one), and the same errors as a
 fraction of the update learned so far, ||W - W_ref|| / ||W_ref - W_0||.
@@ -20,6 +22,7 @@ fraction of the update learned so far, ||W - W_ref|| / ||W_ref - W_0||.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +34,9 @@ from bench.report import save_results
 ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("fp32", "bf16", "bf16+master")
+# the first factorization, also as it was before rosa_ds wrote the exact factors into the masters
+# after deepspeed.initialize (DeepSpeed built A's and B's fp32 masters from the bf16 modules)
+FIRST_VARIANTS = (*VARIANTS, "bf16+master, A B masters from the bf16 modules (before the fix)")
 CHECKPOINTS = (1, 2, 4)
 
 
@@ -73,6 +79,18 @@ class Layer:
         self.a, self.b = f.a, f.b
 
 
+def first_factorization_errors(w0: torch.Tensor, f) -> dict:
+    """||W_f + A B - W_0|| (absolute, fp64) of the first factorization as a resample reads it
+    (W_f's master where one is kept, A and B as their fp32 masters hold them) per variant."""
+    exact = f.a.double() @ f.b.double()
+    rounded = f.a.bfloat16().double() @ f.b.bfloat16().double()
+    w_f, w0 = f.w_frozen.double(), w0.double()
+    return {"fp32": float((w_f + exact - w0).norm()),
+            "bf16": float((f.w_frozen.bfloat16().double() + exact - w0).norm()),
+            "bf16+master": float((w_f + exact - w0).norm()),
+            FIRST_VARIANTS[3]: float((w_f + rounded - w0).norm())}
+
+
 def run(limit: int, size: float) -> dict:
     from rosa_ds.config import RosaConfig
     from rosa_ds.factorize import new_factors
@@ -82,9 +100,12 @@ def run(limit: int, size: float) -> dict:
     sums = {c: {v: {"forward": 0.0, "merged": 0.0} for v in VARIANTS} for c in CHECKPOINTS}
     ref_sq = {c: 0.0 for c in CHECKPOINTS}
     learned_sq = {c: 0.0 for c in CHECKPOINTS}
+    first = {v: 0.0 for v in FIRST_VARIANTS}
     start = time.perf_counter()
     for i, (_, w0) in enumerate(weights):
         f = new_factors(w0, config, 0, i)
+        for v, err in first_factorization_errors(w0, f).items():
+            first[v] += err ** 2
         layers = {v: Layer(v, f.w_frozen, f.a, f.b) for v in VARIANTS}
         g = torch.Generator().manual_seed(1000 + i)
         for k in range(1, max(CHECKPOINTS) + 1):
@@ -112,15 +133,17 @@ def run(limit: int, size: float) -> dict:
                 row[f"{what}_rel_error"] = err / ref_sq[k] ** 0.5
                 row[f"{what}_error_vs_learned"] = err / learned_sq[k] ** 0.5
             rows.append(row)
+    w0_norm = sum(float(w0.double().norm() ** 2) for _, w0 in weights) ** 0.5
     return {"matrices": len(weights), "update": size, "seconds": round(time.perf_counter() - start, 1),
-            "rows": rows}
+            "rows": rows, "first_factorization": {v: e ** 0.5 / w0_norm for v, e in first.items()}}
 
 
 def markdown(result: dict) -> str:
     lines = [f"# bf16 merges: re-rounded W_f vs an fp32 master ({result['matrices']} matrices of SmolLM2-135M, "
              f"R = 8, learned update {result['update']:g} ||W|| per epoch)", "",
              f"Machine: {one_line(result['hardware'])}. Command: "
-             f"`python bench/bf16_merge.py --update {result['update']:g}`, {result['seconds']} s.", "",
+             f"`python bench/bf16_merge.py --update {result['update']:g}`, {result['seconds']} s, "
+             f"commit {result.get('commit', '?')}.", "",
              "Relative error against the fp32 run of the weight the forward uses (W_f as stored + A B) and of the "
              "merged weight resamples read and the export writes; `/ learned` divides by the update learned so far, "
              "||W_ref - W_0||.", "",
@@ -131,6 +154,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['resamples']} | {r['variant']} | {r['forward_rel_error']:.2e} | "
                      f"{r['forward_error_vs_learned']:.1%} | {r['merged_rel_error']:.2e} | "
                      f"{r['merged_error_vs_learned']:.1%} |")
+    lines += ["", "First factorization (before any update): ||W_f + A B - W_0|| / ||W_0|| as a resample and the "
+              "export read it (W_f's master where kept, A and B as their fp32 masters hold them), summed over all "
+              "matrices.", "", "| variant | rel. error |", "|---|---|"]
+    lines += [f"| {v} | {e:.2e} |" for v, e in result["first_factorization"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +167,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="only the first N adapted matrices (0 = all)")
     ap.add_argument("--stem", default="bf16_merge", help="name of the result files in bench/results")
     args = ap.parse_args()
-    result = {**run(args.layers, args.update), "hardware": describe()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    result = {**run(args.layers, args.update), "hardware": describe(), "commit": commit.stdout.strip()}
     save_results(ROOT / "bench" / "results", args.stem, result, markdown(result))
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench.gpu.check import gpu_visible
 from bench.hardware import describe, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,8 +168,12 @@ def main() -> int:
     ap.add_argument("--simulate-cpu", action="store_true", help="run every check on the CPU accelerator")
     ap.add_argument("--quick", action="store_true", help="small sizes (implied by --simulate-cpu)")
     ap.add_argument("--skip", default="", help="comma-separated checks to skip: factorization,quantization,engine,cli")
+    ap.add_argument("--json", type=Path, help="also write the results here (bench/gpu/check.py reads them)")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.simulate_cpu:
+        if gpu_visible():  # a GPU node must not "pass" with nothing checked
+            print(f"gpu-check: a GPU is visible but torch {torch.__version__} has no CUDA; nothing checked")
+            return 2
         print("gpu-check: no CUDA device on this machine; nothing checked (run `make gpu-check` on a GPU node, "
               "or `python -m bench.gpu_check --simulate-cpu` to exercise the script on the CPU)")
         return 0
@@ -197,6 +202,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(data, indent=1))
     (out / "gpu_check.md").write_text(markdown(data))
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1))
     print(f"gpu-check: {'passed' if data['ok'] else 'FAILED'}; results in {out}/gpu_check.md")
     return 0 if data["ok"] else 1
 

@@ -292,7 +292,7 @@ def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.G
 
 def _factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator, solver: str,
                frozen: bool) -> Factors:
-    w = weight.detach().to(device="cpu" if weight.device.type == "meta" else weight.device)
+    w = weight.detach()
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
     # Tall orientation: the Gram matrix is then k x k, and LAPACK's divide-and-conquer SVD is
     # ~1.8x faster on it (576x1536 0.13 s, its transpose 0.072 s, one thread of a 2-core Xeon).

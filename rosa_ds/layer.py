@@ -96,10 +96,15 @@ class RosaLinear(nn.Module):
             p.requires_grad_(False)
         self.base_master: torch.Tensor | None = None  # fp32 (m, n) on the host: quantized or mastered W_f
         if quantize is not None:
-            check_kind(quantize)
-            # the master is a plain attribute (not registered): DeepSpeed must never see it
-            self.base_master = self.frozen_weight().detach().to("cpu", torch.float32, copy=True)
-            self.base_layer = QuantizedBase.from_module(base_layer, self.base_master, quantize)
+            self.quantize_base(quantize)
+
+    def quantize_base(self, kind: str) -> None:
+        """Replace the base by a ``QuantizedBase`` of W_f, its fp32 master kept on the host (call
+        with the base weight readable, e.g. gathered under ZeRO-3)."""
+        check_kind(kind)
+        # the master is a plain attribute (not registered): DeepSpeed must never see it
+        self.base_master = self.frozen_weight().detach().to("cpu", torch.float32, copy=True)
+        self.base_layer = QuantizedBase.from_module(self.base_layer, self.base_master, kind)
 
     @property
     def quantized(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -29,6 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..memory.ds_json import AUTO, batch_sizes, offload_device, offload_optimizer, offload_param, precision, zero_stage  # noqa: F401
+from ..memory.plan import ZERO3_AUTO
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMS = ("adamw", "adamw8bit", "sgd")
@@ -279,6 +281,12 @@ def _resolve_precision(cfg: dict, run: RunValues, problems: list, source: str) -
                 section["enabled"] = chosen == k
 
 
+def accelerator_name() -> str:
+    """``cuda`` or ``cpu``: the accelerator DeepSpeed will pick, without importing DeepSpeed here
+    (the recipe's config imports this module; DS_ACCELERATOR=cpu forces DeepSpeed's CPU one)."""
+    return "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else "cpu"
+
+
 def _fill_derived(cfg: dict) -> None:
     """``"auto"`` values that follow from the machine rather than from the run."""
     sched = (cfg.get("scheduler") or {}).get("params") or {}
@@ -288,6 +296,10 @@ def _fill_derived(cfg: dict) -> None:
         # DeepSpeed's WarmupLR family rejects 0 (and treats anything below 2 as 2).
         sched["warmup_num_steps"] = 1
     zero = cfg.get("zero_optimization") or {}
+    tuned = ZERO3_AUTO["cpu" if accelerator_name() == "cpu" else "cuda"]
+    for key, value in tuned.items():
+        if zero.get(key) == AUTO:
+            zero[key] = value
     for key in ("offload_optimizer", "offload_param"):
         off = zero.get(key)
         if isinstance(off, dict) and off.get("pin_memory") == AUTO:

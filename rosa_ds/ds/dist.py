@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..utils.dist import bounded_host_allocator, free_port, local_rank, rank_and_world
 
 __all__ = ["device", "init_distributed", "skip_cpu_shm_build", "shutdown_distributed", "barrier", "all_reduce",
-           "broadcast", "rank_and_world", "is_distributed", "accelerator_name"]
+           "broadcast", "rank_and_world", "is_distributed", "accelerator_name", "run_peak_bytes", "synchronize"]
 
 
 def accelerator_name() -> str:
@@ -139,13 +139,33 @@ def synchronize() -> None:
     get_accelerator().synchronize()
 
 
+_RUN_PEAK = {"allocated": 0, "reserved": 0}  # the highs seen before each phase reset (run_peak_bytes)
+
+
+def _fold_run_peak() -> None:
+    acc = get_accelerator()
+    _RUN_PEAK["allocated"] = max(_RUN_PEAK["allocated"], int(acc.max_memory_allocated()))
+    _RUN_PEAK["reserved"] = max(_RUN_PEAK["reserved"], int(acc.max_memory_reserved()))
+
+
+def run_peak_bytes() -> dict:
+    """The accelerator's peak allocated and reserved bytes over the whole process so far, whatever
+    phase resets ``PeakMemory`` made ({} on the CPU accelerator, whose counters are process RSS)."""
+    if accelerator_name() == "cpu":
+        return {}
+    _fold_run_peak()
+    return {"device_peak_allocated_bytes": _RUN_PEAK["allocated"], "device_peak_reserved_bytes": _RUN_PEAK["reserved"]}
+
+
 class PeakMemory:
     """The accelerator's peak allocated bytes over a phase: created at the phase's start (resets
-    the peak), ``read`` at its end. Only on a GPU: the CPU accelerator's counters are process RSS."""
+    the peak, after folding the high so far into ``run_peak_bytes``), ``read`` at its end. Only on
+    a GPU: the CPU accelerator's counters are process RSS."""
 
     def __init__(self) -> None:
         self.active = accelerator_name() != "cpu"
         if self.active:
+            _fold_run_peak()
             get_accelerator().reset_peak_memory_stats()
             self.start = int(get_accelerator().memory_allocated())
 

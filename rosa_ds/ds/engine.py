@@ -28,7 +28,7 @@ from . import checkpoint, export
 from .checkpoint import RosaState
 from .config import check_ds_config, load_template
 from .dist import init_distributed, rank_and_world
-from .params import settle
+from .params import settle, write_pending_masters
 from .prepare import place_masters, prepare_model, resolve_frozen_master
 from .resample import resample_engine
 
@@ -210,4 +210,6 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
     rosa_config = prepare_model(model, rosa_config, ds_config)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config,
                                               optimizer=optimizer, lr_scheduler=lr_scheduler)
+    # the first factorization's exact A, B: DeepSpeed built their masters from the rounded modules
+    write_pending_masters(p for p in model.parameters() if p.requires_grad)
     return RosaEngine(ds_engine, rosa_config, schedule or ScheduleConfig())

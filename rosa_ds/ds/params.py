@@ -84,11 +84,35 @@ def full_fp32_many(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [part.view_as(p) for p, part in zip(params, flat.split(sizes))]
 
 
+PENDING_MASTER = "_rosa_pending_fp32_master"
+
+
+def write_pending_masters(params: Iterable[torch.nn.Parameter], write: bool = True) -> int:
+    """Write the values ``set_fp32_master`` kept before ``deepspeed.initialize`` into the fp32
+    masters DeepSpeed has built since (call once after initialize, on every rank: collective-free,
+    each rank writes its own slice); ``write=False`` drops them (a checkpoint already restored
+    the masters). Returns how many were written."""
+    written = 0
+    for param in params:
+        value = getattr(param, PENDING_MASTER, None)
+        if value is None:
+            continue
+        delattr(param, PENDING_MASTER)
+        if write and has_fp32_master(param):
+            set_fp32_master(param, value.to(device()))
+            written += 1
+    return written
+
+
 def set_fp32_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Write ``value`` (the full fp32 tensor, identical on every rank) into this rank's slice of
     the fp32 master. ZeRO-3 partitions the flattened parameter, padded to a multiple of the
     world size, into equal slices; ``safe_set_full_*`` would crash on a ragged numel."""
-    if not has_fp32_master(param):  # before deepspeed.initialize: the module value is all there is
+    if not has_fp32_master(param):
+        # before deepspeed.initialize: DeepSpeed will build the master from the module value, which
+        # is rounded to bf16/fp16 (now, or when initialize casts the model), while W_f was computed
+        # from the exact value: keep it for ``write_pending_masters`` after initialize
+        setattr(param, PENDING_MASTER, value.detach().float().clone())
         return
     if is_zero3(param):
         part = param.ds_tensor.numel()

@@ -52,7 +52,27 @@ def _apply_unfactorized(model: nn.Module, config: RosaConfig, ds_config: dict) -
         return
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     with ZeroInit(config_dict_or_path=ds_config, dtype=dtype):
-        apply_rosa(model, config, factorize=False, gather=lambda module: gathered(list(module.parameters())))
+        apply_rosa(model, dataclasses.replace(config, quantize_base=None), factorize=False)
+    model.rosa_config = config
+    if config.quantize_base is not None:
+        _quantize_outside_zero_init(model, config.quantize_base)
+
+
+def _quantize_outside_zero_init(model: nn.Module, kind: str) -> None:
+    """Quantize each (gathered) base outside any ``zero.Init`` context: its patched tensor
+    constructors turn every floating tensor made inside into the training dtype, bitsandbytes'
+    fp32 absmax included, which its CUDA kernel then fills with fp32 through a raw pointer (twice
+    the bf16 buffer's bytes: an out-of-bounds write); the scales would also be stored rounded.
+    ``shutdown_init_context`` lifts an enclosing context too, ``restore_init_context`` puts it back."""
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    shutdown_init_context()
+    try:
+        for _, layer in iter_rosa_layers(model):
+            with gathered(list(layer.base_layer.parameters())):
+                layer.quantize_base(kind)
+    finally:
+        restore_init_context()
 
 
 def _to_accelerator(model: nn.Module) -> None:

@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import RosaConfig
 from ..ds.engine import param_groups
+from ..ds.params import write_pending_masters
 from ..layer import is_adapter_param
 from ..schedule import ScheduleConfig
 from .callback import RosaCallback
@@ -87,6 +88,8 @@ class RosaTrainerMixin:
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         self.rosa.check_optimizer()
+        # the first factorization's exact A, B; a resume has loaded the checkpoint's masters already
+        write_pending_masters(self.rosa.factor_params, write=resume_from_checkpoint is None)
         if resume_from_checkpoint is not None:
             self.rosa.restore(Path(resume_from_checkpoint))
         return model, train_dataloader

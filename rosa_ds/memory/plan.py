@@ -17,6 +17,20 @@ STAGES = (0, 1, 2, 3)
 DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 ACCELERATORS = ("cuda", "cpu")
+# The ZeRO-3 values the shipped templates leave "auto", by accelerator (``rosa_ds.ds.config`` fills
+# them; the planner plans with them). The CPU's keep gloo's few large messages small and do not
+# overlap (it doubles the buckets and gains nothing there). A GPU's prefetch whole layers, overlap
+# communication with compute and keep every ROSA factor (R x max(m, n) <= 1e6 elements for
+# R <= 64 at widths up to 16k) gathered: partitioned, each factor would be its own all-gather,
+# hundreds of tiny ones per pass.
+ZERO3_AUTO = {
+    "cpu": {"overlap_comm": False, "stage3_prefetch_bucket_size": 5_000_000,
+            "stage3_param_persistence_threshold": 1000, "stage3_max_live_parameters": 20_000_000,
+            "stage3_max_reuse_distance": 20_000_000},
+    "cuda": {"overlap_comm": True, "stage3_prefetch_bucket_size": 50_000_000,
+             "stage3_param_persistence_threshold": 1_000_000, "stage3_max_live_parameters": 1_000_000_000,
+             "stage3_max_reuse_distance": 1_000_000_000},
+}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # Resident categories (verified by the census) and the estimated transient ones (peak only).

@@ -25,7 +25,7 @@ from typing import Optional
 from ..errors import ConfigError
 from .counts import ModelCounts, arch_from_config, counts_from_module, load_config, meta_model
 from .phases import phase_peaks
-from .plan import MemoryPlan
+from .plan import ZERO3_AUTO, MemoryPlan
 
 # (zero stage, optimizer offload) -> the shipped DeepSpeed template that runs it
 TEMPLATES = {(1, False): "zero1", (2, False): "zero2", (2, True): "zero2_offload", (3, False): "zero3",
@@ -35,6 +35,18 @@ TEMPLATES = {(1, False): "zero1", (2, False): "zero2", (2, True): "zero2_offload
 TEMPLATE_BUFFERS = {"reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000,
                     "prefetch_bucket_size": 5_000_000, "param_persistence_threshold": 1000,
                     "max_live_parameters": 20_000_000, "overlap_comm": False}
+# the templates' "auto" ZeRO-3 values as MemoryPlan fields (TEMPLATE_BUFFERS holds the CPU's)
+ZERO3_FIELDS = {"stage3_prefetch_bucket_size": "prefetch_bucket_size", "overlap_comm": "overlap_comm",
+                "stage3_param_persistence_threshold": "param_persistence_threshold",
+                "stage3_max_live_parameters": "max_live_parameters"}
+
+
+def template_buffers(accelerator: str, stage: int) -> dict:
+    """The shipped ZeRO-``stage`` template's buffer sizes on ``accelerator`` as MemoryPlan fields."""
+    if stage != 3:
+        return dict(TEMPLATE_BUFFERS)
+    tuned = ZERO3_AUTO["cpu" if accelerator == "cpu" else "cuda"]
+    return {**TEMPLATE_BUFFERS, **{field: tuned[key] for key, field in ZERO3_FIELDS.items()}}
 # bytes the runtime takes besides the accounted tensors: CUDA context, cuBLAS workspace, NCCL
 # buffers and allocator slack on a GPU; the interpreter, torch, DeepSpeed, transformers, the
 # tokenizer and data on the CPU (measured: docs/memory.md "Preflight")
@@ -215,7 +227,7 @@ def plan_cluster(model, cluster: Cluster, *, global_batch: int, seq_len: int, dt
             plan = MemoryPlan(method=method, rank=rank, zero_stage=stage, world_size=world, dtype=dtype,
                               offload_optimizer=offload, optimizer=optimizer, micro_batch=micro, seq_len=seq_len,
                               activation_checkpointing=ckpt, accelerator=cluster.accelerator,
-                              attention_mask=attention_mask, **TEMPLATE_BUFFERS)
+                              attention_mask=attention_mask, **template_buffers(cluster.accelerator, stage))
             c = counts[method, q]
             phase, device, host = rank_need(c, plan)
             cost = step_seconds(c, plan, accum, cluster, speeds)

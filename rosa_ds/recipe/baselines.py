@@ -40,7 +40,11 @@ def apply_lora(model: nn.Module, rank: int, target_modules=None, modules_to_save
     alpha = rank if init == "paper" else (alpha or 2 * rank)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         fan_in_fan_out=fan_in_fan_out, modules_to_save=list(modules_to_save) or None)
-    peft_model = get_peft_model(model, config)
+    # autocast_adapter_dtype=False: the adapters take their base layer's dtype. PEFT's default
+    # upcasts bf16 adapters to fp32, which DeepSpeed undoes only for a model it casts itself: ZeRO-2
+    # trained bf16 adapters and ZeRO-3 (model built bf16 under zero.Init) fp32 ones, and a bf16
+    # head beside fp32 adapters trips ZeRO-3's one-dtype defragment
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     if init == "paper":
         paper_lora_init(peft_model)
     return peft_model

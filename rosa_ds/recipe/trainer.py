@@ -23,7 +23,7 @@ from ..ds import config as dsconfig
 from ..ds import verify
 from ..ds.agree import CheckpointError
 from ..ds.checkpoint import remove_partials
-from ..ds.dist import PeakMemory, all_reduce, init_distributed, shutdown_distributed
+from ..ds.dist import PeakMemory, all_reduce, init_distributed, run_peak_bytes, shutdown_distributed, synchronize
 from ..ds.engine import initialize
 from ..ds.export import NonFiniteExport, save_model
 from ..errors import ConfigError
@@ -219,7 +219,7 @@ class Trainer:
                 if not eng.at_boundary:  # a micro step inside an accumulation
                     continue
                 done_in_epoch += 1
-                rec, stop = self.log_step(epoch, losses, tokens, time.perf_counter() - t0)
+                rec, stop = self.log_step(epoch, losses, tokens, t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 **eval_postfix(self.last_eval))
@@ -267,11 +267,15 @@ class Trainer:
         self.step_peak = max(self.step_peak, peak.read("train_step").get("train_step_peak_bytes", 0))
         return loss.detach().float(), event
 
-    def log_step(self, epoch: int, losses: list, tokens: int, seconds: float) -> tuple[dict, bool]:
-        """The step's record (mean loss over ranks, tokens/s), the non-finite policy applied, and
-        whether every rank is to stop now: one all-reduce carries the loss, the token count and
-        each rank's stop request, so all ranks decide alike."""
+    def log_step(self, epoch: int, losses: list, tokens: int, started: float) -> tuple[dict, bool]:
+        """The step's record (mean loss over ranks, tokens/s over the step begun at ``started``,
+        a ``perf_counter`` reading), the non-finite policy applied, and whether every rank is to
+        stop now: one all-reduce carries the loss, the token count and each rank's stop request,
+        so all ranks decide alike. The clock is read once the accelerator has finished the step's
+        queued work (a GPU returns from ``step()`` before its kernels have run)."""
         eng = self.engine
+        synchronize()
+        seconds = time.perf_counter() - started
         local = [float(tokens), float(self.stop.requested)]
         stats = torch.cat([torch.stack(losses).mean().double().reshape(1),
                            torch.tensor(local, dtype=torch.float64, device=eng.device)])
@@ -450,13 +454,21 @@ class Trainer:
             self.stop.uninstall()
 
     def record_peak_rss(self) -> None:
-        """Every rank's peak resident memory over the whole run (a ``memory`` event), beside the
-        preflight's prediction: on the CPU the figure ``--max-memory`` bounds."""
+        """Every rank's peak memory over the whole run (a ``memory`` event) beside the preflight's
+        prediction: on the CPU the peak resident memory (the figure ``--max-memory`` bounds); on a
+        GPU the device's whole-run peak allocated / reserved bytes (the prediction is of device
+        memory), the host RSS recorded apart."""
+        device_peaks = run_peak_bytes()
         peaks = self._gather([peak_rss_bytes()])
-        self.metrics.write({"event": "memory", "peak_rss_bytes": peaks, "predicted_peak_bytes": self.fit.need,
-                            "predicted_phase": self.fit.phase, "available_bytes": self.fit.available})
-        log_rank0(f"peak RSS per rank: {', '.join(format_size(p) for p in peaks)} "
-                  f"(predicted {format_size(self.fit.need)} at {self.fit.phase})")
+        rec = {"event": "memory", "peak_rss_bytes": peaks, "predicted_peak_bytes": self.fit.need,
+               "predicted_phase": self.fit.phase, "available_bytes": self.fit.available}
+        if device_peaks:
+            rec = {**rec, "compared": "device", **{k: self._gather([v]) for k, v in device_peaks.items()}}
+        self.metrics.write(rec)
+        measured = rec.get("device_peak_allocated_bytes", peaks)
+        log_rank0(f"peak {'device memory' if device_peaks else 'RSS'} per rank: "
+                  f"{', '.join(format_size(p) for p in measured)} (predicted {format_size(self.fit.need)} "
+                  f"at {self.fit.phase})")
 
 
 def grad_norm_record(norm: Optional[float], ds_config: dict) -> dict:
@@ -494,8 +506,9 @@ def peak_rss_bytes() -> int:
 
 
 def to_device(batch: dict, device) -> dict:
-    """A host batch's tensors on the engine's device (non-blocking from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """A host batch's tensors on the engine's device (the loader does not pin its batches: a
+    plain, synchronous copy)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def check_output_dir(out: Path) -> None:

@@ -47,13 +47,16 @@ def _failure_report(failed: str, logs: list) -> RuntimeError:
 
 
 def launch_ranks(script: str | Path, args: list[str] | None = None, world_size: int = 2,
-                 timeout: float = 300, nodes: int = 1) -> list[Any]:
+                 timeout: float = 300, nodes: int = 1, extra_env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> list[Any]:
     """Run ``script`` on ``world_size`` ranks and return each rank's JSON result.
 
     The script receives ``--result PATH`` and must write its result there as JSON. With
     ``nodes > 1`` ranks are spread over simulated nodes (LOCAL_RANK restarts at 0 on each),
-    so code that confuses local and global rank fails. Raises with every rank's output on a
-    non-zero exit or on timeout (all ranks are killed).
+    so code that confuses local and global rank fails. ``extra_env`` is added to every rank's
+    environment, ``{rank}`` in a value replaced by the rank (e.g. one NCCL_HOSTID per rank);
+    ``prefix`` runs each rank under a wrapper (e.g. ``compute-sanitizer``).
+    Raises with every rank's output on a non-zero exit or on timeout (all ranks are killed).
     """
     port = free_port()
     per_node = world_size // nodes
@@ -62,8 +65,9 @@ def launch_ranks(script: str | Path, args: list[str] | None = None, world_size: 
         for rank in range(world_size):
             res = Path(tmp) / f"rank{rank}.json"
             log = open(Path(tmp) / f"rank{rank}.log", "w+")
-            cmd = [sys.executable, str(script), *(args or []), "--result", str(res)]
+            cmd = [*(prefix or []), sys.executable, str(script), *(args or []), "--result", str(res)]
             env = rank_env(rank, world_size, port, local_rank=rank % per_node, local_world_size=per_node)
+            env.update({k: v.replace("{rank}", str(rank)) for k, v in (extra_env or {}).items()})
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
             logs.append(log)
             results.append(res)

@@ -128,3 +128,13 @@ def test_quantized_base_matches_single_process_and_resumes_exactly(tmp_path, kin
     for full, res in zip(results, resumed):
         assert res["losses"] == {s: v for s, v in full["losses"].items() if int(s) >= 7}
     assert all(torch.equal(merged[k], merged_resumed[k]) for k in merged)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_zero3_bf16_quantized_base_keeps_fp32_scales(kind):
+    """Quantizing under zero.Init made the scales bf16 (its constructors cast every floating
+    tensor): bitsandbytes' CUDA kernel writes fp32 absmax through a raw pointer into it (out of
+    bounds), and the stored scales are rounded (0.31% for nf4)."""
+    script = Path(__file__).parent / "scripts" / "zero3_quant_rank.py"
+    layers = launch_ranks(script, ["--kind", kind], world_size=1, timeout=120)[0]["layers"]
+    assert len(layers) == 8 and all(l["dtype"] == "torch.float32" and l["scales_exact"] for l in layers), layers

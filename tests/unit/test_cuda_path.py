@@ -24,11 +24,11 @@ class Reached(Exception):
 
 
 def simulate_accelerator(monkeypatch, dev=META):
-    """Every module of the seam that asks for the accelerator device gets ``dev``."""
-    from rosa_ds.ds import dist, prepare
+    """Every module of the seam that asks for the accelerator device gets ``dev`` (one place)."""
+    from tests.helpers import stand_in
 
-    for module in (dist, prepare):
-        monkeypatch.setattr(module, "device", lambda: dev)
+    stand_in.install(dev, monkeypatch.setattr)
+    assert set(stand_in.seam_devices().values()) == {str(dev)}
 
 
 def test_initialize_moves_the_model_to_the_accelerator_before_the_first_factorization(monkeypatch):
@@ -301,3 +301,77 @@ def test_bf16_merges_keep_what_was_learned_with_an_fp32_master():
         errors[master] = float((layer.merged_weight().double() - w).norm() / w.norm())
     assert errors[True] < 1e-6, errors
     assert errors[False] > 1e-3, errors  # one bf16 rounding is 2^-9 = 2e-3 relative per value
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_baseline_adapters_take_the_base_dtype(dtype):
+    """The PEFT LoRA baseline in bf16: a model DeepSpeed builds bf16 under zero.Init (ZeRO-3) got
+    fp32 adapters from PEFT's autocast while ZeRO-2 (the model cast by DeepSpeed) trained bf16 ones;
+    the adapters and the trainable head must have the base's dtype whatever the stage."""
+    pytest.importorskip("peft")
+    from rosa_ds.recipe.baselines import apply_lora
+
+    model = apply_lora(tiny_model("bert-cls").to(dtype), 2, modules_to_save=["classifier"])
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert set(trainable.values()) == {dtype}, trainable
+
+
+def test_step_time_is_read_after_the_accelerator_finished_the_step(monkeypatch):
+    """A GPU returns from step() with its kernels still queued: the clock read before a
+    synchronization times the launch, not the step (tokens/s too high)."""
+    from rosa_ds.recipe import trainer as trainer_mod
+
+    trainer, _ = _trainer(monkeypatch)
+    order = []
+    monkeypatch.setattr(trainer_mod, "synchronize", lambda: order.append("synchronize"))
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(perf_counter=lambda: order.append("clock") or 5.0))
+    monkeypatch.setattr(trainer_mod, "all_reduce", lambda t: order.append("all_reduce") or t)
+    monkeypatch.setattr(trainer, "check_finite_step", lambda rec: order.append(rec["step_seconds"]))
+    trainer.engine.device = torch.device("cpu")  # values to read back; the order is the point
+    trainer.log_step(0, [torch.tensor(1.5)], 10, 1.0)
+    assert order[:4] == ["synchronize", "clock", "all_reduce", 4.0], order
+
+
+class FakeGpuMemory:
+    """The accelerator memory counters of a GPU whose peak is reset by each phase."""
+
+    def __init__(self):
+        self.peak, self.reserved = 0, 0
+
+    def device_name(self):
+        return "cuda"
+
+    def reset_peak_memory_stats(self):
+        self.peak = self.reserved = 0
+
+    def memory_allocated(self):
+        return 0
+
+    def max_memory_allocated(self):
+        return self.peak
+
+    def max_memory_reserved(self):
+        return self.reserved
+
+
+def test_the_memory_event_compares_the_whole_runs_device_peak_on_a_gpu(monkeypatch):
+    """Per-phase resets hid the run's peak, and on CUDA the record set host RSS beside a
+    prediction of device memory: the event carries the device's whole-run peak there."""
+    from rosa_ds.ds import dist
+
+    gpu = FakeGpuMemory()
+    monkeypatch.setattr(dist, "get_accelerator", lambda: gpu)
+    monkeypatch.setattr(dist, "_RUN_PEAK", {"allocated": 0, "reserved": 0})
+    dist.PeakMemory()
+    gpu.peak, gpu.reserved = 900, 1000  # a resample's high
+    step = dist.PeakMemory()  # the next phase resets the counters
+    gpu.peak, gpu.reserved = 300, 1000
+    assert step.read("train_step")["train_step_peak_bytes"] == 300
+    trainer, _ = _trainer(monkeypatch, world=1)
+    written = []
+    trainer.metrics = SimpleNamespace(write=written.append)
+    trainer.fit = SimpleNamespace(need=800, phase="resample", available=10_000)
+    trainer.record_peak_rss()
+    assert written[0]["compared"] == "device" and written[0]["device_peak_allocated_bytes"] == [900]
+    assert written[0]["device_peak_reserved_bytes"] == [1000] and written[0]["predicted_peak_bytes"] == 800

@@ -23,6 +23,22 @@ def template(name: str = "zero2") -> dict:
 def cpu_only(monkeypatch):
     monkeypatch.setattr(dc, "detect_precision", lambda: "fp32")
     monkeypatch.setattr(dc.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dc, "accelerator_name", lambda: "cpu")
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3_offload"])
+def test_zero3_buffers_are_chosen_by_accelerator(monkeypatch, name):
+    """The CPU's ZeRO-3 values on a GPU mean hundreds of tiny all-gathers of the factors per pass:
+    a GPU gets its own (prefetch >= 5e7, overlap on, every factor persistent); explicit JSON wins."""
+    cpu = build_ds_config(name, run(), 2)["zero_optimization"]
+    monkeypatch.setattr(dc, "accelerator_name", lambda: "cuda")
+    gpu = build_ds_config(name, run(), 2)["zero_optimization"]
+    assert cpu["stage3_prefetch_bucket_size"] == 5e6 and cpu["overlap_comm"] is False
+    assert gpu["stage3_prefetch_bucket_size"] >= 5e7 and gpu["overlap_comm"] is True
+    assert gpu["stage3_param_persistence_threshold"] >= 64 * 11008  # Llama-7B's largest factor at R = 64
+    explicit = template(name)
+    explicit["zero_optimization"]["overlap_comm"] = False
+    assert build_ds_config(explicit, run(), 2)["zero_optimization"]["overlap_comm"] is False
 
 
 @pytest.mark.parametrize("name", dc.TEMPLATE_NAMES)

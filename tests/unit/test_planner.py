@@ -9,7 +9,7 @@ import pytest
 import transformers as tf
 
 from rosa_ds.memory.phases import phase_peaks
-from rosa_ds.memory.plan import MemoryPlan
+from rosa_ds.memory.plan import ZERO3_AUTO, MemoryPlan
 from rosa_ds.memory.planner import (
     RUNTIME_RESERVE,
     TEMPLATE_BUFFERS,
@@ -20,6 +20,7 @@ from rosa_ds.memory.planner import (
     plan_cluster,
     planned_json,
     planned_markdown,
+    template_buffers,
 )
 from rosa_ds.recipe.config import parse_args
 from rosa_ds.utils.packages import package_dir
@@ -49,7 +50,8 @@ def test_template_buffers_are_the_shipped_templates():
         zero = json.loads((templates / f"{name}.json").read_text())["zero_optimization"]
         assert zero["stage"] == stage and ("offload_optimizer" in zero) == offload
         for key in zero.keys() & names.keys():
-            assert zero[key] == TEMPLATE_BUFFERS[names[key]], (name, key)
+            value = ZERO3_AUTO["cpu"][key] if zero[key] == "auto" else zero[key]  # "auto": chosen by accelerator
+            assert value == TEMPLATE_BUFFERS[names[key]], (name, key)
             checked.add(names[key])
     assert checked == set(TEMPLATE_BUFFERS)
 
@@ -69,7 +71,7 @@ def test_every_listed_configuration_fits_and_every_miss_does_not():
     for c in planned.fits + [m[0] for m in planned.misses]:
         p = MemoryPlan(method=c.method, rank=c.rank, zero_stage=c.zero_stage, world_size=2, dtype="bf16",
                        offload_optimizer=c.offload, optimizer=c.optimizer, micro_batch=c.micro_batch, seq_len=1024,
-                       activation_checkpointing=c.checkpointing, **TEMPLATE_BUFFERS)
+                       activation_checkpointing=c.checkpointing, **template_buffers("cuda", c.zero_stage))
         assert c.micro_batch * c.grad_accum * 2 == 16
         from rosa_ds.memory.counts import counts_from_config
 

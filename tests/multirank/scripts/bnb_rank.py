@@ -28,6 +28,7 @@ def parse():
     p.add_argument("--optim", default="adamw", choices=("adamw", "adamw8bit"))
     p.add_argument("--quantize-base", default=None)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (bench/gpu/check.py runs bf16 on the GPU)")
     p.add_argument("--steps-per-epoch", type=int, default=3)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-3)
@@ -44,6 +45,7 @@ def main() -> None:
     import rosa_ds
     from rosa_ds import RosaConfig
     from rosa_ds.ds import resample as ds_resample
+    from rosa_ds.ds.dist import device
     from rosa_ds.ds.optim import factor_state, flat_groups
     from rosa_ds.ds.params import full_fp32
     from rosa_ds.inject import iter_rosa_layers
@@ -54,7 +56,7 @@ def main() -> None:
     if a.no_reset:  # make the engine's state reset a no-op (the failure this test must detect)
         ds_resample.reset_factor_state = lambda optimizer, params: 0
     torch.manual_seed(1234)
-    cfg = ds_test_config(a.stage, "fp32", 2, lr=a.lr)
+    cfg = ds_test_config(a.stage, a.dtype, 2, lr=a.lr)
     kw = cfg.pop("optimizer")["params"]
     kw.pop("torch_adam", None)
     cfg["zero_allow_untested_optimizer"] = True
@@ -104,7 +106,7 @@ def main() -> None:
     losses, resamples, states = {}, [], {}
     for step in range(start, a.steps_per_epoch * a.epochs):
         engine.train()
-        loss = engine(**pattern_batch(step, world, 2, rank)).loss
+        loss = engine(**{k: v.to(device()) for k, v in pattern_batch(step, world, 2, rank).items()}).loss
         engine.backward(loss)
         engine.step()
         losses[step] = float(loss.detach())
