@@ -100,9 +100,10 @@ def say(c: Optional[dict], a: str, b: str, metric: str = "test loss") -> str:
     if c is None:
         return f"{metric}: {a} − {b}: fewer than 2 paired seeds"
     mde = "–" if c["mde"] is None else f"{c['mde']:.3f}"
-    return (f"{metric}: {a} − {b} = {c['diff']:+.4f} (sd {c['sd']:.4f}, n = {c['n']}, t = {c['t']:.2f}, df = "
+    diff = f"{c['diff']:+.4f}".replace("-", "−")
+    return (f"{metric}: {a} − {b} = {diff} (sd {c['sd']:.4f}, n = {c['n']}, t = {c['t']:.2f}, df = "
             f"{c['df']}, paired-t p = {c['p']:.4f}, sign-flip p = {c['sign_flip_p']:.3f}, detectable at 80%: "
-            f"{mde})").replace("+-", "−")
+            f"{mde})")
 
 
 def verdict(c: Optional[dict], complete: bool, lower_is_claim: bool = True) -> str:
