@@ -23,7 +23,7 @@ Design (sizes per scale and the run order: ``bench/capacity_plan.py``; data:
   warmup-decay schedule restarted at each resample (``--restart-schedule``), R = 8 and 32, 2 seeds.
 - Memorization: N random name → number facts, ``facts_epochs`` epochs; loss and exact-match
   recall on the facts themselves vs N, LoRA r=8 / ROSA r=8 (resampling every epoch) / full FT.
-- ΔW: every exported model's update against the pretrained weights (``rosa_ds.spectrum``); the
+- ΔW: every test-seed run's update against the pretrained weights (``rosa_ds.spectrum``); the
   number-of-resamples series is ROSA r=8 at one seed and rate with resampling every
   {never, 128, 64, 32, 16} steps. One run per resample count rather than checkpoints inside one
   run: each point is a finished run (its own LR schedule to the end), so the series answers "how
@@ -65,7 +65,9 @@ def score(run: CapacityRun, out: Path, data: Path, timeout_s: int) -> dict:
     """``bench.capacity_eval`` on the export in its own process (the trainer's ranks have exited)."""
     scored = out / "capacity_eval.json"
     cmd = [sys.executable, "-m", "bench.capacity_eval", "--model", str(out / "final_model"), "--data", str(data),
-           "--out", str(scored), "--base", model_dir(resolve_model("default"))]
+           "--out", str(scored)]
+    if run.phase == "seeds":  # the runs the report reads; a grid run's ΔW would cost ~1 min for nothing
+        cmd += ["--base", model_dir(resolve_model("default"))]
     if run.task == "facts":
         cmd += ["--facts", str(run.n_facts)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)

@@ -82,6 +82,9 @@ def write_blocks(sizes: BlockSizes, out: Path, model: str = "default") -> dict:
             blocks, bad = article_blocks(tokenizer, "\n\n".join(paragraphs))
             rows += [{"key": key, "text": t} for t in blocks]
             used, dropped = used + 1, dropped + bad
+        if part == "train" and len(rows) < sizes.train_blocks:
+            raise SystemExit(f"capacity: the training articles give {len(rows):,} blocks, fewer than the "
+                             f"{sizes.train_blocks:,} asked; fix: lower train_blocks or hold out fewer articles")
         if part == "train":
             rows = rows[:sizes.train_blocks]
         desc[part] = {"articles": used, "blocks": len(rows), "dropped_blocks": dropped,

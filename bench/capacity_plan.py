@@ -64,9 +64,8 @@ class Scale:
 SCALES = {
     # 2 CPU ranks x micro batch 4: 2,000 blocks = 250 optimizer steps; epoch-equivalent = 84 steps
     "cpu": Scale("cpu", train_blocks=2000, val_articles=100, test_articles=200, micro_batch=4, nproc=2),
-    # one 8-GPU node: 16,000 blocks (every article not held out gives ~5,700; enlarge with more data
-    # or --train-blocks once the corpus allows) -> with 8 x 8 per step, 250 steps as on CPU
-    "full": Scale("full", train_blocks=16000, val_articles=100, test_articles=200, micro_batch=8, nproc=8,
+    # one 8-GPU node: 5,000 blocks (the articles not held out give 6,554) = 156 steps of 8 x 4
+    "full": Scale("full", train_blocks=5000, val_articles=100, test_articles=200, micro_batch=4, nproc=8,
                   timeout_s=3600, results_stem="capacity_full"),
     # the pipeline end to end in minutes: one run of each kind, 2 optimizer steps
     "smoke": Scale("smoke", train_blocks=16, val_articles=2, test_articles=2, micro_batch=4, nproc=2,
