@@ -91,6 +91,8 @@ def execute(scale: Scale, run: CapacityRun, data: Path, runs_dir: Path) -> dict:
     rec.update(_compact(raw))
     rec["val_loss"] = rec.get("eval_loss_final")  # LM: the validation blocks; facts: the facts themselves
     rec.update(score(run, out, data, scale.timeout_s))
+    if rec["returncode"] != 0:  # the export stays for a look; the next sitting retrains the run anyway
+        return rec
     for heavy in ("final_model", "checkpoints"):
         shutil.rmtree(out / heavy, ignore_errors=True)
     return rec
