@@ -67,8 +67,9 @@ SCALES = {
     # one 8-GPU node: 5,000 blocks (the articles not held out give 6,554) = 156 steps of 8 x 4
     "full": Scale("full", train_blocks=5000, val_articles=100, test_articles=200, micro_batch=4, nproc=8,
                   timeout_s=3600, results_stem="capacity_full"),
-    # the pipeline end to end in minutes: one run of each kind, 2 optimizer steps
-    "smoke": Scale("smoke", train_blocks=16, val_articles=2, test_articles=2, micro_batch=4, nproc=2,
+    # the pipeline end to end in minutes: one run of each kind, 4 optimizer steps (DeepSpeed's
+    # WarmupDecayLR runs its first two steps at rate 0: with 2 steps nothing would train)
+    "smoke": Scale("smoke", train_blocks=32, val_articles=2, test_articles=2, micro_batch=4, nproc=2,
                    lrs={"rosa": (1e-3,), "lora": (1e-3,), "full": (5e-5,)}, sgd_lrs=(1e-2,),
                    mem_lrs={"rosa": (4e-3,), "lora": (4e-3,), "full": (1e-4,)}, test_seeds=(1,),
                    arm2_seeds=(1,), arm2_ranks=(8,), variants=("ee",), epoch_equivalents=2, resample_every=1,
