@@ -26,7 +26,7 @@ from typing import Optional
 from safetensors.torch import load_file
 
 from bench.study_eval import greedy, headline, load_export, mean_target_loss, split_data
-from rosa_ds.spectrum import summarize, update_ranks
+from rosa_ds.spectrum import layer_type, summarize, update_ranks
 
 NUMBER = re.compile(r"\s*(\d+)")
 
@@ -38,10 +38,18 @@ def recalled(generated: str, reference: str) -> bool:
 
 
 def delta_w(base_dir: Path, model_dir: Path) -> dict:
-    """Per layer type rank summary of ΔW over the projection matrices (names ending ``proj.weight``)."""
+    """Per layer type rank summary of ΔW over the projection matrices (names ending ``proj.weight``),
+    with the mean Frobenius norm of ΔW beside it: a ROSA merge-and-split rounds every entry in fp32,
+    a full-rank ΔW of tiny norm that the 1%-relative numerical rank counts in full when the
+    trained update is ~0 (a run at rate 0 reads rank ~560 of 576), so a rank means something only
+    next to a norm well above that floor."""
     start, end = load_file(str(base_dir / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
-    names = [n for n in end if n.endswith("proj.weight")]
-    return summarize(update_ranks(start, end, names))
+    ranks = update_ranks(start, end, [n for n in end if n.endswith("proj.weight")])
+    out = summarize(ranks)
+    for kind, summary in out.items():
+        norms = [r.norm for name, r in ranks.items() if layer_type(name) == kind]
+        summary["norm"] = sum(norms) / len(norms)
+    return out
 
 
 def score_blocks(model_dir: Path, data: Path) -> dict:

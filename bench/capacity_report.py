@@ -221,15 +221,17 @@ def result_table(g: dict, configs: list[str], key: str = "test_loss", label: str
 
 
 def layer_table(g: dict, configs: list[str]) -> list[str]:
-    """ΔW per layer type, first seed of each config: numerical / effective rank (of min(m, n))."""
+    """ΔW per layer type, first seed of each config: numerical / effective rank (of min(m, n)) and
+    the mean Frobenius norm (a rank next to a norm near fp32 round-off is noise: bench.capacity_eval)."""
     firsts = {c: g[c][min(g[c])] for c in configs if g.get(c)}
     kinds = sorted({k for r in firsts.values() for k in (r.get("delta_w") or {})})
     if not kinds:
         return ["No ΔW measured yet."]
     lines = ["| layer type | " + " | ".join(firsts) + " |", "|---" * (len(firsts) + 1) + "|"]
     for k in kinds:
-        cells = [(lambda d: f"{d['numerical_rank']:.1f} / {d['effective_rank']:.1f} (of {d['size']:.0f})" if d
-                  else "–")((r.get("delta_w") or {}).get(k)) for r in firsts.values()]
+        cells = [(lambda d: f"{d['numerical_rank']:.1f} / {d['effective_rank']:.1f} (of {d['size']:.0f}), "
+                  f"‖ΔW‖ {d.get('norm', float('nan')):.2g}" if d else "–")((r.get("delta_w") or {}).get(k))
+                 for r in firsts.values()]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
 
@@ -327,6 +329,9 @@ DESIGN_NOTES = """- **Epoch-equivalent**: the data is one pass, so ROSA's "every
   optimizer steps (2 resamples: the paper's schedule for a 3-epoch run, which never resamples after
   the last epoch); "every 64 steps" gives 3 at the CPU scale's 250 steps.
 - **Re-warmup**: `--rewarmup-steps 8` (the rate ramps over 8 steps after each resample).
+- **ΔW's floor**: a ROSA merge-and-split rounds every weight in fp32, a full-rank ΔW of tiny norm;
+  the numerical rank counts it in full when the trained update is ~0, so every rank is shown next
+  to ‖ΔW‖ (the smoke run at rate 0 read rank ~560 of 576 for q_proj from round-off alone).
 - **The rank of ΔW vs resamples**: one finished run per resample count (never, every 128, 64, 32,
   16 steps), not checkpoints inside one run: each point has its own full schedule.
 - **Not yet built (TODO, Q4)**: gradient-aligned subspaces (`--strategy gradient`: at a resample,
