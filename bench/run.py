@@ -5,6 +5,7 @@
     python -m bench.run --suite quick --only rosa-r8,lora-r8   # rerun some runs, keep the others
     python -m bench.run --suite quick --report-only [--recollect]   # rebuild Markdown and plots
     python -m bench.run --suite study [--scale full] [--stop-after MIN]   # ROSA vs LoRA study (bench/study.py)
+    python -m bench.run --suite capacity [--scale full] [--stop-after MIN]   # where ROSA beats LoRA (bench/capacity.py)
 
 From the repository root. Each run is a real `deepspeed --num_gpus N launch/train.py` job on the
 suite's shared flags (same model, data, seed, steps, DeepSpeed config), so the numbers are what
@@ -22,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import report, study
+from bench import capacity, report, study
 from bench.collect import collect
 from bench.hardware import describe
 from bench.suites import SUITES
@@ -33,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if "--suite" in argv and argv[argv.index("--suite") + 1:][:1] == ["study"]:
-        i = argv.index("--suite")  # the study has its own driver: tuned, multi-seed, resumable
-        return study.main(argv[:i] + argv[i + 2:])
+    drivers = {"study": study.main, "capacity": capacity.main}  # own drivers: tuned, multi-seed, resumable
+    if "--suite" in argv and argv[argv.index("--suite") + 1:][:1] and argv[argv.index("--suite") + 1] in drivers:
+        i = argv.index("--suite")
+        return drivers[argv[i + 1]](argv[:i] + argv[i + 2:])
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="quick")

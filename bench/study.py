@@ -184,13 +184,15 @@ def save(path: Path, data: dict) -> None:
 
 
 def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float] = None,
-          max_runs: Optional[int] = None, runner: Callable = execute, splits_root: Optional[Path] = None) -> dict:
-    """Run what is left of the plan (re-planned after every run), saving after each."""
+          max_runs: Optional[int] = None, runner: Callable = execute, splits_root: Optional[Path] = None,
+          planner: Callable = plan, prepare: Callable = write_splits, label: str = "study") -> dict:
+    """Run what is left of ``planner``'s plan (re-planned after every run), saving after each;
+    ``prepare(scale, root)`` writes the data files once and returns (their dir, a description)."""
     data = load(path, scale)
-    splits, desc = write_splits(scale, splits_root or runs_dir / f"study-{scale.name}")
+    splits, desc = prepare(scale, splits_root or runs_dir / f"{label}-{scale.name}")
     if data.get("splits", desc) != desc:
-        raise SystemExit(f"study: the split files differ from the ones {path} was run on ({data['splits']} vs {desc}); "
-                         "the corpus or the split code changed: start a new results file")
+        raise SystemExit(f"{label}: the split files differ from the ones {path} was run on ({data['splits']} vs "
+                         f"{desc}); the corpus or the split code changed: start a new results file")
     data["splits"] = desc
     sitting = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "hardware": describe(),
                "runs": [], "wall_seconds": 0.0}  # the hardware record names the code commit too
@@ -198,14 +200,15 @@ def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float
     # wall clock, not perf_counter: a suspended VM's monotonic clock stops, and --stop-after means wall time
     start, tried = time.time(), set()
     while True:
-        todo = [r for r in plan(scale, data["runs"]) if not finished(data["runs"].get(r.name)) and r.name not in tried]
+        todo = [r for r in planner(scale, data["runs"])
+                if not finished(data["runs"].get(r.name)) and r.name not in tried]
         if not todo or (max_runs is not None and len(sitting["runs"]) >= max_runs):
             break
         if stop_after_s is not None and time.time() - start > stop_after_s:
             break
         run = todo[0]
         tried.add(run.name)
-        print(f"[study {scale.name}] {run.name} ({len(todo)} named runs left)", flush=True)
+        print(f"[{label} {scale.name}] {run.name} ({len(todo)} named runs left)", flush=True)
         try:
             rec = runner(scale, run, splits, runs_dir)
         except Exception as exc:  # a scorer timeout, an unreadable output: recorded, not fatal to the sitting
@@ -226,9 +229,15 @@ def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.run --suite study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    cli(argv, "python -m bench.run --suite study", __doc__, SCALES, plan, drive, study_report.write)
+
+
+def cli(argv: Optional[list[str]], prog: str, doc: str, scales: dict, planner: Callable, driver: Callable,
+        write: Callable) -> None:
+    """The resumable driver's command line (the study's and the capacity suite's): train what is
+    left with ``driver``, or only ``--plan`` / ``--report-only``; then ``write`` the report."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(scales), default="cpu")
     p.add_argument("--results", type=Path, default=ROOT / "bench/results")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench", help="training output dirs (not committed)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
@@ -237,20 +246,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plan", action="store_true", help="print what is done and what is left; train nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the JSON")
     a = p.parse_args(argv)
-    scale = SCALES[a.scale]
+    scale = scales[a.scale]
     a.results.mkdir(parents=True, exist_ok=True)
     path = a.results / f"{scale.results_stem}.json"
     if a.plan:
         data = load(path, scale)
-        for r in plan(scale, data["runs"]):
+        for r in planner(scale, data["runs"]):
             rec = data["runs"].get(r.name)
             print(f"{'done' if finished(rec) else 'todo'}  {r.name}  ({r.phase})")
         return
     if not a.report_only:
-        drive(scale, path, a.runs_dir, None if a.stop_after is None else a.stop_after * 60, a.max_runs)
-    md = study_report.write(path, scale)
+        driver(scale, path, a.runs_dir, None if a.stop_after is None else a.stop_after * 60, a.max_runs)
+    md = write(path, scale)
     print(f"wrote {path} and {md}")
-
 
 if __name__ == "__main__":
     main()

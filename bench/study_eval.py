@@ -28,13 +28,15 @@ from rosa_ds.recipe.data.collate import PadCollator
 from rosa_ds.recipe.data.config import DataConfig
 
 
-def split_data(tokenizer, split_dir: Path, seq_len: int):
+def split_data(tokenizer, split_dir: Path, seq_len: int, text_field: str | None = None,
+               files: tuple[str, str] = ("val.jsonl", "test.jsonl")):
     """(val split, test split, test prompts) tokenized as the trainer does: val read as the
     "training" file and test as the eval file, so every test prompt is kept for generation.
-    The trainer itself scores the validation split (its last evaluation is the run's val loss)."""
-    cfg = DataConfig(task="causal_lm", dataset=str(split_dir / "val.jsonl"), eval_dataset=str(split_dir / "test.jsonl"),
-                     prompt_field="prompt", target_field="target", seq_len=seq_len, num_samples=10**6,
-                     cache_dir="")
+    The trainer itself scores the validation split (its last evaluation is the run's val loss).
+    ``text_field``: plain-text rows (loss on every token) instead of prompt / target."""
+    fields = {"text_field": text_field} if text_field else {"prompt_field": "prompt", "target_field": "target"}
+    cfg = DataConfig(task="causal_lm", dataset=str(split_dir / files[0]), eval_dataset=str(split_dir / files[1]),
+                     seq_len=seq_len, num_samples=10**6, cache_dir="", **fields)
     data = tokenize_data(check_data(cfg), tokenizer)
     return data.train, data.eval, data.eval_prompts
 
@@ -82,15 +84,20 @@ def headline(tokenizer, new_ids: list[int]) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def evaluate(model_dir: Path, split_dir: Path, seq_len: int = 128, max_new_tokens: int = 32) -> dict:
+def load_export(model_dir: Path):
+    """(model in eval mode, tokenizer with a pad token, device) of an exported plain model, fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval(), tokenizer, device
+
+
+def evaluate(model_dir: Path, split_dir: Path, seq_len: int = 128, max_new_tokens: int = 32) -> dict:
+    start = time.perf_counter()
+    model, tokenizer, device = load_export(model_dir)
     _, test, prompts = split_data(tokenizer, split_dir, seq_len)
     # the validation loss is the trainer's last evaluation (same data and loss: 1e-7 apart in fp32 on CPU;
     # at --scale full the trainer's is in its bf16 engine, this one the fp32 export)

@@ -4,12 +4,14 @@ far (pure: no training, no files). Shared by the driver (``bench.study``) and th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 DIVERGED = 3  # the trainer's exit code for a non-finite loss (--nan-policy stop)
 MAX_GRID_STEPS = 2  # factor-2 extensions of a learning-rate grid whose best rate is at its edge
+SCORES = ("test_loss", "exact_match")  # a record holding one was scored (LM test split; memorized facts)
 MAX_ATTEMPTS = 2  # sittings that may try a failing (not diverged) run before it is given up
 
 
@@ -108,7 +110,7 @@ def finished(rec: Optional[dict]) -> bool:
         return False
     if rec.get("returncode") == DIVERGED or gave_up(rec):
         return True
-    return rec.get("returncode") == 0 and ("test_loss" in rec or rec.get("task") == "cls")
+    return rec.get("returncode") == 0 and (any(k in rec for k in SCORES) or rec.get("task") == "cls")
 
 
 def selection_loss(rec: dict) -> float:
@@ -131,16 +133,22 @@ def grid(scale: Scale, method: str, rank: int, records: dict) -> list[StudyRun]:
     """The seed-0 learning-rate grid of one method and rank. A best rate at the grid's edge is not
     a tuned rate: the grid grows by one factor-2 step past that edge (up to ``MAX_GRID_STEPS``
     times), so the choice is bracketed by a worse rate on each side, or the limit is reached."""
-    lrs = list(scale.lrs[method])
-    for _ in range(MAX_GRID_STEPS):
-        lr = chosen_lr([StudyRun("lm", method, rank, scale.seeds[0], x) for x in lrs], records)
+    return extend_grid(scale.lrs[method], lambda lr: StudyRun("lm", method, rank, scale.seeds[0], lr), records)
+
+
+def extend_grid(lrs, make: Callable[[float], Any], records: dict, extensions: int = MAX_GRID_STEPS) -> list:
+    """The runs ``make(lr)`` over ``lrs``, grown past an edge that holds the best rate (see ``grid``)
+    at most ``extensions`` times; any run type with ``name`` and ``lr`` whose records carry ``val_loss``."""
+    lrs = list(lrs)
+    for _ in range(extensions):
+        lr = chosen_lr([make(x) for x in lrs], records)
         if lr is None or lr not in (lrs[0], lrs[-1]):
             break
         if lr == lrs[-1]:
             lrs.append(lr * 2)
         else:
             lrs.insert(0, lr / 2)
-    return [StudyRun("lm", method, rank, scale.seeds[0], x) for x in lrs]
+    return [make(x) for x in lrs]
 
 
 def lm_block(scale: Scale, method: str, rank: int, records: dict) -> list[StudyRun]:

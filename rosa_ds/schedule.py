@@ -17,12 +17,17 @@ class ScheduleConfig:
             integer N: after every N optimizer steps.
         rewarmup_steps: K > 0 scales the learning rate by (s+1)/K for the K optimizer steps after
             each resample (ReLoRA's "jagged" schedule); 0 keeps the schedule continuous.
+        restart_schedule: after each resample the learning rate follows the run's warmup-decay
+            schedule again from its start (same warmup and total steps), as the ROSA paper's code
+            does by building a new optimizer and scheduler per subspace; False keeps one schedule.
     """
 
     resample_every: Union[str, int] = opt(
         "epoch", "ROSA: merge and redraw the subspace every 'epoch', 'never', or N optimizer steps")
     rewarmup_steps: int = opt(
         0, "ROSA: K optimizer steps of LR re-warmup after each resample (0 = continuous schedule)", minimum=0)
+    restart_schedule: bool = opt(
+        False, "ROSA: restart the warmup-decay LR schedule from its start at each resample (the paper's code)")
 
     def __post_init__(self) -> None:
         every = self.resample_every
@@ -49,15 +54,37 @@ class ScheduleConfig:
         resample would only merge, which the export does anyway."""
         return self.resample_every == "epoch" and epoch + 1 < num_epochs and not finished(done, total_steps)
 
-    def lr_factor(self, steps_since_resample: int | None) -> float:
+    def lr_factor(self, steps_since_resample: int | None, base: tuple[int, int, int] | None = None) -> float:
         """Multiplier for the scheduled learning rate at the next optimizer step.
 
         ``steps_since_resample`` counts optimizer steps taken since the last resample (None if
         none happened yet; the base schedule's own warmup covers the start of training).
+        ``base`` = (scheduler iteration now, warmup steps, total steps) of the run's warmup-decay
+        schedule; with ``restart_schedule`` the factor is warmup_decay(s − 1) / warmup_decay(now),
+        the rate a scheduler restarted at the last resample would give (1.0 where the current
+        rate is 0: the final step, nothing to rescale).
         """
-        if not self.rewarmup_steps or steps_since_resample is None or steps_since_resample >= self.rewarmup_steps:
-            return 1.0
-        return (steps_since_resample + 1) / self.rewarmup_steps
+        factor = 1.0
+        if self.rewarmup_steps and steps_since_resample is not None and steps_since_resample < self.rewarmup_steps:
+            factor = (steps_since_resample + 1) / self.rewarmup_steps
+        if self.restart_schedule and steps_since_resample is not None and base is not None:
+            now, warmup, total = base
+            current = warmup_decay(now, warmup, total)
+            if current > 0:
+                factor *= warmup_decay(steps_since_resample - 1, warmup, total) / current
+        return factor
+
+
+def warmup_decay(iteration: int, warmup: int, total: int) -> float:
+    """DeepSpeed's ``WarmupDecayLR`` multiplier (linear warmup) at scheduler ``iteration``:
+    0 before the first step (iteration −1), iteration / warmup during warmup, then a linear decay
+    (total − iteration) / (total − warmup) to 0 at ``total``. The optimizer step that follows
+    ``k`` applied steps uses iteration k − 1 (DeepSpeed steps the scheduler after the optimizer)."""
+    if iteration < 0:
+        return 0.0
+    if iteration < warmup:
+        return iteration / warmup
+    return max(0.0, (total - iteration) / max(1.0, total - warmup))
 
 
 def finished(done: Optional[int], total_steps: Optional[int]) -> bool:

@@ -95,7 +95,7 @@ class RosaEngine:
         boundary = self.ds.is_gradient_accumulation_boundary()
         state = self.state
         since = None if state.last_resample_applied is None else state.applied_steps - state.last_resample_applied
-        factor = self.schedule.lr_factor(since) if boundary else 1.0
+        factor = self.schedule.lr_factor(since, self._schedule_position()) if boundary else 1.0
         groups = self.ds.optimizer.param_groups
         saved = [g["lr"] for g in groups]
         if factor != 1.0:
@@ -113,6 +113,14 @@ class RosaEngine:
                 state.applied_steps, self.total_steps, self.global_step):
             return self.resample()
         return None
+
+    def _schedule_position(self) -> Optional[tuple[int, int, int]]:
+        """(iteration, warmup steps, total steps) of a warmup-decay scheduler, for a restarted
+        schedule; None without one (``initialize`` refuses --restart-schedule then)."""
+        sched = getattr(self.ds, "lr_scheduler", None)
+        if not all(hasattr(sched, a) for a in ("last_batch_iteration", "warmup_num_steps", "total_num_steps")):
+            return None
+        return int(sched.last_batch_iteration), int(sched.warmup_num_steps), int(sched.total_num_steps)
 
     def grad_norm(self) -> Optional[float]:
         """L2 norm of the whole (all-reduced, unscaled) gradient at the last optimizer step, before
@@ -212,4 +220,8 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
                                               optimizer=optimizer, lr_scheduler=lr_scheduler)
     # the first factorization's exact A, B: DeepSpeed built their masters from the rounded modules
     write_pending_masters(p for p in model.parameters() if p.requires_grad)
-    return RosaEngine(ds_engine, rosa_config, schedule or ScheduleConfig())
+    engine = RosaEngine(ds_engine, rosa_config, schedule or ScheduleConfig())
+    if engine.schedule.restart_schedule and engine._schedule_position() is None:
+        raise ConfigError("--restart-schedule restarts a warmup-decay schedule, but the DeepSpeed config has no "
+                          "WarmupDecayLR scheduler; fix: keep the template's scheduler or drop --restart-schedule")
+    return engine

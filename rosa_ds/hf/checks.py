@@ -29,9 +29,10 @@ def check_training_args(args, schedule: ScheduleConfig) -> Optional[dict]:
     if optim.startswith(UNRESETTABLE_OPTIMIZERS):
         raise RosaTrainerError(f"--optim {optim} cannot be reset at a ROSA resample (its state is not per-parameter "
                                "Adam-style moments); use --optim adamw_torch, or an optimizer in the DeepSpeed config")
-    if schedule.rewarmup_steps:
-        raise RosaTrainerError("ScheduleConfig(rewarmup_steps=...) is not supported by rosa_ds.hf: the Trainer's "
-                               "--lr-scheduler-type drives the learning rate; set rewarmup_steps=0")
+    if schedule.rewarmup_steps or schedule.restart_schedule:
+        raise RosaTrainerError("ScheduleConfig(rewarmup_steps=..., restart_schedule=...) is not supported by "
+                               "rosa_ds.hf: the Trainer's --lr-scheduler-type drives the learning rate; set "
+                               "rewarmup_steps=0 and restart_schedule=False")
     if not getattr(args, "deepspeed", None):
         return None
     ds_config = args.hf_deepspeed_config.config

@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 MODULES = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "__init__")
 # scripts that write their launcher's per-rank or per-run scratch JSON (``--result`` / ``--out``), which the
 # launcher folds into a results file of its own
-SCRATCH_WRITERS = {"resample_rank", "large_rank", "gpu_engine_rank", "study_eval"}
+SCRATCH_WRITERS = {"resample_rank", "large_rank", "gpu_engine_rank", "study_eval", "capacity_eval"}
 
 
 def _write_run(out: Path, step_s: float, resample_s: float, losses: list[float], trainable: int) -> None:

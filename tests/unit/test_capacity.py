@@ -1,0 +1,207 @@
+"""The capacity suite (issue 30) without training: its data, plan, statistics, report, and the
+restarted learning-rate schedule against DeepSpeed's own scheduler."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import capacity_report
+from bench.capacity_data import BLOCK, BlockSizes, article_blocks, fact_names, facts, split_articles, write_blocks
+from bench.capacity_eval import recalled
+from bench.capacity_plan import SCALES, plan
+from bench.paired_stats import min_detectable_effect, paired_t, sign_flip_p, t_power, t_two_sided_p
+from bench.study import duplicate_groups
+from rosa_ds.recipe.data.sources import read_bbc
+from rosa_ds.schedule import ScheduleConfig, warmup_decay
+
+CPU = SCALES["cpu"]
+
+
+# ---------------------------------------------------------------- data
+
+class CharTokenizer:
+    """One id per character; ids >= 200 decode to '?', which re-tokenizes differently (a BPE merge
+    across a cut, in miniature)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(i) if i < 200 else "?" for i in ids)
+
+
+def test_article_blocks_are_exact_width_and_drop_blocks_that_do_not_round_trip():
+    body = "a" * 10 + "d" * 2 + "b" * 9 + "\u00ff" + "c" * 7  # 29 chars; ÿ (255) does not round-trip
+    blocks, dropped = article_blocks(CharTokenizer(), body, width=5)
+    assert dropped == 1 and all(len(b) == 5 for b in blocks)
+    assert blocks == ["aaaaa", "aaaaa", "ddbbb", "bbbbb"]  # the tail (4 chars) is not a block
+
+
+def test_splits_keep_duplicate_groups_and_articles_apart():
+    parts = split_articles(BlockSizes(train_blocks=10, val_articles=100, test_articles=200))
+    keys = [k for ks in parts.values() for k in ks]
+    assert len(keys) == len(set(keys)) and len(parts["test"]) >= 200 and len(parts["val"]) >= 100
+    where = {k: name for name, ks in parts.items() for k in ks}
+    for group in duplicate_groups(read_bbc("bbc-headlines").records):
+        assert len({where[k] for k in group}) == 1
+
+
+def test_written_blocks_are_exactly_one_row_of_the_trainer(tmp_path):
+    from rosa_ds.recipe.data.encode import encode_text
+    from rosa_ds.recipe.models import load_tokenizer
+
+    desc = write_blocks(BlockSizes(train_blocks=6, val_articles=1, test_articles=1), tmp_path)
+    assert desc["train"]["blocks"] == 6 and desc["test"]["blocks"] >= 1
+    rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    held_out = {json.loads(x)["key"] for p in ("val", "test")
+                for x in (tmp_path / f"{p}.jsonl").read_text().splitlines()}
+    assert not held_out & {r["key"] for r in rows}
+
+    class Ex:
+        def __init__(self, text):
+            self.values, self.loc = {"text": text}, "x"
+
+    ids, labels, truncated = encode_text(load_tokenizer("default"), [Ex(r["text"]) for r in rows], BLOCK)
+    assert truncated == 0 and all(len(x) == BLOCK for x in ids) and labels == ids  # no pad, loss on every token
+
+
+def test_facts_are_deterministic_unique_and_nested():
+    assert facts(50) == facts(50) and facts(100)[:50] == facts(50)
+    names = fact_names(2000)
+    assert len(set(names)) == 2000
+    row = facts(1)[0]
+    assert row["prompt"].startswith("The locker code of ") and row["prompt"].endswith(" is")
+    assert len(row["target"]) == 6 and row["target"][1:5].isdigit() and row["target"].endswith(".")
+
+
+def test_exact_match_reads_the_leading_number():
+    assert recalled("4821.", " 4821.") and recalled(" 4821 is it", " 4821.")
+    assert not recalled("482", " 4821.") and not recalled("the code", " 4821.")
+
+
+# ---------------------------------------------------------------- the plan
+
+def _done(val: float, **extra) -> dict:
+    return {"returncode": 0, "val_loss": val, "test_loss": val + 0.1, **extra}
+
+
+def test_plan_starts_with_the_capacity_check_and_names_seeds_after_the_grid():
+    first = plan(CPU, {})
+    assert [r.name for r in first[:8]] == [f"a1-full-lr{x:g}-s0" for x in CPU.lrs["full"]] + \
+        [f"a1-lora-r8-lr{x:g}-s0" for x in CPU.lrs["lora"]]
+    assert all(r.phase == "grid" for r in first)  # nothing else is nameable yet
+    # LoRA's grid finished: the best validation loss (an inner rate) picks the test seeds' rate
+    records = {f"a1-lora-r8-lr{x:g}-s0": _done(v) for x, v in zip(CPU.lrs["lora"], (3.2, 3.0, 3.1, 3.3))}
+    seeds = [r for r in plan(CPU, records) if r.config == "a1-lora-r8" and r.phase == "seeds"]
+    assert [(r.seed, r.lr) for r in seeds] == [(1, 5e-4), (2, 5e-4), (3, 5e-4)]
+
+
+def test_rosa_variants_run_at_rosas_rate_and_arm2_at_full_fts_sgd_rate():
+    records = {f"a1-rosa-r8-rs64-lr{x:g}-s0": _done(v) for x, v in zip(CPU.lrs["rosa"], (3.2, 3.1, 3.0, 3.05))}
+    records.update({f"a2-full-lr{x:g}-s0": _done(v) for x, v in zip(CPU.sgd_lrs, (3.3, 3.1, 3.2, 3.4))})
+    runs = plan(CPU, records)
+    variants = [r for r in runs if r.config.startswith("a1-rosa-r8-") and r.config != "a1-rosa-r8-rs64"]
+    assert {r.variant for r in variants} == set(CPU.variants) and {r.lr for r in variants} == {1e-3}
+    arm2 = [r for r in runs if r.arm == "a2" and r.phase == "seeds"]
+    assert {r.lr for r in arm2} == {1e-2} and {r.seed for r in arm2} == set(CPU.arm2_seeds)
+    flags = {r.config: r.flags(CPU, Path("/d")) for r in arm2}
+    assert "--lora-init" in flags["a2-lora-r8"] and "--optim" in flags["a2-lora-r32"]
+    rosa = flags["a2-rosa-r8"]
+    assert "--restart-schedule" in rosa and rosa[rosa.index("--resample-every") + 1] == str(CPU.epoch_equivalent)
+    growth = [r for r in runs if r.arm == "growth"]
+    assert [r.variant for r in growth] == [f"every{n}" for n in CPU.growth_every] and growth[0].lr == 1e-3
+
+
+def test_lm_flags_train_one_pass_of_plain_text_blocks():
+    run = plan(CPU, {})[0]
+    flags = run.flags(CPU, Path("/d"))
+    for flag, value in (("--text-field", "text"), ("--seq-len", "128"), ("--epochs", "1"), ("--seed", "0")):
+        assert flags[flags.index(flag) + 1] == value
+    assert CPU.steps == 250 and CPU.epoch_equivalent == 84
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_t_test_p_values_are_exact():
+    assert t_two_sided_p(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6), abs=1e-12)  # closed form at df 2
+    assert t_two_sided_p(1.5, 1) == pytest.approx(1 - 2 / math.pi * math.atan(1.5), abs=1e-12)  # Cauchy
+    assert t_two_sided_p(2.228138852, 10) == pytest.approx(0.05, abs=1e-8)  # the table's t(0.975, 10)
+    res = paired_t([3.0, 3.2, 3.1], [3.1, 3.25, 3.3])  # differences -0.1, -0.05, -0.2
+    d = [-0.1, -0.05, -0.2]
+    t = (sum(d) / 3) / (torch.tensor(d).std().item() / math.sqrt(3))
+    assert res["df"] == 2 and res["t"] == pytest.approx(t) and res["p"] == pytest.approx(t_two_sided_p(t, 2))
+
+
+def test_sign_flip_is_exact_over_all_patterns():
+    assert sign_flip_p([0.1, 0.2, 0.3]) == 0.25  # only all-plus and all-minus are as extreme: 2 / 8
+    assert sign_flip_p([0.3, -0.1, 0.2, 0.05]) == pytest.approx(6 / 16)  # |sum| >= 0.45: 6 of 16 patterns
+
+
+def test_min_detectable_effect_has_the_asked_power():
+    assert t_power(0.0, 2) == pytest.approx(0.05, abs=1e-6)  # no effect: power is the level
+    mde = min_detectable_effect(1.0, 3)
+    assert t_power(mde * math.sqrt(3), 2) == pytest.approx(0.8, abs=1e-3)
+    large = min_detectable_effect(1.0, 400) * math.sqrt(400)  # normal limit: z(0.975) + z(0.8) = 2.8016
+    assert large == pytest.approx(2.8016, rel=0.01)
+
+
+# ---------------------------------------------------------------- restarted schedule
+
+def test_restart_schedule_reproduces_a_fresh_deepspeed_scheduler_after_each_resample():
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    def lrs_of(n):  # the rates DeepSpeed's scheduler gives n optimizer steps from a fresh start
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = WarmupDecayLR(opt, total_num_steps=20, warmup_num_steps=4, warmup_max_lr=1.0,
+                                   warmup_type="linear"), []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, sched
+
+    cfg, every = ScheduleConfig(6, restart_schedule=True), 6
+    base, sched = lrs_of(0)
+    used, last = [], None
+    opt = sched.optimizer
+    for k in range(18):  # k applied steps so far; resamples after steps 6 and 12
+        since = None if last is None else k - last
+        used.append(opt.param_groups[0]["lr"] * cfg.lr_factor(since, (sched.last_batch_iteration, 4, 20)))
+        opt.step()
+        sched.step()
+        if cfg.due_after_step(k + 1):
+            last = k + 1
+    fresh, _ = lrs_of(every)
+    full, _ = lrs_of(18)
+    assert used[:6] == pytest.approx(full[:6])  # before the first resample: the run's own schedule
+    assert used[6:12] == pytest.approx(fresh) and used[12:18] == pytest.approx(fresh)
+    assert warmup_decay(-1, 4, 20) == 0.0 and warmup_decay(2, 4, 20) == 0.5 and warmup_decay(20, 4, 20) == 0.0
+    assert ScheduleConfig(6).lr_factor(2, (10, 4, 20)) == 1.0  # off: the schedule is untouched
+
+
+# ---------------------------------------------------------------- the report
+
+def test_report_with_no_results_states_the_rule_and_every_run_todo(tmp_path):
+    md = capacity_report.write(tmp_path / "capacity.json", CPU).read_text()
+    assert "## Decision rule" in md and "paired t-test" in md and "sign-flip" in md
+    assert "**pending**" in md and "| 1 | a1-full-lr1e-05-s0 | grid | todo |" in md
+    assert "| done |" not in md and not (tmp_path / "capacity.json").exists()
+
+
+def test_capacity_check_and_q1_follow_the_decision_rule(tmp_path):
+    runs = {}
+    for method, lrs, base in (("full", CPU.lrs["full"], 3.0), ("lora-r8", CPU.lrs["lora"], 3.1)):
+        for x in lrs:
+            runs[f"a1-{method}-lr{x:g}-s0"] = {"name": f"a1-{method}-lr{x:g}-s0", "config": f"a1-{method}",
+                                               "seed": 0, "lr": x, "phase": "grid", "started": "0",
+                                               **_done(base + (0 if x == lrs[1] else 0.2))}
+        for s, jitter in zip((1, 2, 3), (0.0, 0.01, -0.005)):
+            runs[f"a1-{method}-lr{lrs[1]:g}-s{s}"] = {"name": "x", "config": f"a1-{method}", "seed": s, "lr": lrs[1],
+                                                      "phase": "seeds", "started": "1", "returncode": 0,
+                                                      "val_loss": base, "test_loss": base + jitter}
+    (tmp_path / "capacity.json").write_text(json.dumps({"scale": "cpu", "sittings": [], "runs": runs}))
+    md = capacity_report.write(tmp_path / "capacity.json", CPU).read_text()
+    assert "**capacity-bound**: test loss: full FT − LoRA r=8 = −0.1000" in md  # same jitter: sd 0, p 0
+    assert "| Q1. ROSA r=8 beats LoRA r=8 where capacity binds (Arm 1, tuned AdamW) | **pending** |" in md
