@@ -295,6 +295,13 @@ def _fill_derived(cfg: dict) -> None:
     if sched.get("warmup_num_steps") == 0 and (cfg.get("scheduler") or {}).get("type", "").startswith("Warmup"):
         # DeepSpeed's WarmupLR family rejects 0 (and treats anything below 2 as 2).
         sched["warmup_num_steps"] = 1
+    fill_machine_autos(cfg)
+
+
+def fill_machine_autos(cfg: dict) -> dict:
+    """Fill (in place) the ZeRO ``"auto"`` values chosen by accelerator rather than by the run
+    (ZeRO-3 buffers and overlap, ``ZERO3_AUTO``; offload ``pin_memory``). Also for a config a
+    Trainer fills itself: transformers and accelerate know none of these keys and refuse "auto"."""
     zero = cfg.get("zero_optimization") or {}
     tuned = ZERO3_AUTO["cpu" if accelerator_name() == "cpu" else "cuda"]
     for key, value in tuned.items():
@@ -305,6 +312,7 @@ def _fill_derived(cfg: dict) -> None:
         if isinstance(off, dict) and off.get("pin_memory") == AUTO:
             # Page-locked host memory speeds CUDA copies; the cpu accelerator ignores it anyway.
             off["pin_memory"] = torch.cuda.is_available()
+    return cfg
 
 
 def problems_of(cfg: dict, source: str = "<dict>", client_optimizer: bool = False) -> list[str]:

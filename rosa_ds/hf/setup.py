@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..config import RosaConfig
+from ..ds.config import fill_machine_autos
 from ..ds.dist import adopt_process_group
 from ..ds.prepare import prepare_model
 from ..inject import iter_rosa_layers
@@ -65,13 +66,14 @@ def trainer_ds_config(args, schedule: ScheduleConfig) -> Optional[dict]:
     ds_config = check_training_args(args, schedule)
     if ds_config is not None:  # --deepspeed: the arguments' config, filled at their creation
         drop_template_scheduler(ds_config, args)
-        return ds_config
+        return fill_machine_autos(ds_config)
     plugin = getattr(args, "deepspeed_plugin", None)
     if plugin is None:
         return None
     # accelerate launch --use_deepspeed: the Trainer fills a copy of the plugin's config in __init__
     for live in (plugin.deepspeed_config, plugin.hf_ds_config.config):
         drop_template_scheduler(live, args, quiet=live is not plugin.deepspeed_config)
+        fill_machine_autos(live)
     ds_config = _fill_batch(plugin.deepspeed_config, args)
     check_stage(ds_config, "accelerate's DeepSpeed config")
     return ds_config

@@ -111,9 +111,16 @@ def _trainer(monkeypatch, world=2):
         def step(self):
             return None
 
+        def grad_norm(self):
+            return 0.5
+
+        def write_scalars(self, values):
+            pass
+
     trainer = Trainer(parse_args(["--micro-batch", "2"]))
     trainer.engine, trainer.world, trainer.rank = FakeEngine(), world, 0
     trainer.metrics = MetricsWriter(Path("unused.jsonl"), enabled=False)
+    trainer.ds_config = {"gradient_clipping": 1.0}
     trainer.collate = PadCollator(0)
     return trainer, FakeEngine
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from rosa_ds.recipe import trainer as trainer_module  # noqa: E402
 from rosa_ds.recipe.cli import main  # noqa: E402
+from rosa_ds.recipe.data.config import DataError  # noqa: E402
 from rosa_ds.utils.dist import exit_now, global_rank  # noqa: E402
 
 # "kind@step[,kind@step...]"
@@ -84,7 +85,7 @@ trainer_module.Trainer.micro_step = micro_step
 def check(self):
     if global_rank() != rank:
         time.sleep(float(os.environ.get("ROSA_FAULT_DELAY", "3")))
-    raise ValueError("--dataset has a record the run cannot use (an injected error)")
+    raise DataError("--dataset has a record the run cannot use (an injected error)")
 
 
 if any(kind == "error" for kind, _ in FAULTS):

@@ -122,7 +122,7 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
         from rosa_ds.recipe.memory_report import write_run_report
 
         cfg = SimpleNamespace(method=method, rosa=SimpleNamespace(rank=RANK_R), micro_batch=2,
-                              data=SimpleNamespace(seq_len=12), optim=optimizer)
+                              data=SimpleNamespace(seq_len=12), optim=optimizer, gradient_checkpointing=False)
         trainer = SimpleNamespace(engine=SimpleNamespace(ds=engine), cfg=cfg, rank=rank, world=world,
                                   out=report_dir, ds_config=ds_config(stage, dtype, optimizer, offload))
         report = write_run_report(trainer)
