@@ -17,7 +17,7 @@ from bench.capacity_plan import Scale, plan
 from bench.hardware import one_line
 from bench.paired_stats import min_detectable_effect, paired_t, sign_flip_p
 from bench.study_plan import finished, selection_loss
-from bench.study_report import _fmt, stats
+from bench.study_report import _fmt, finish_log_plot, stats
 
 ALPHA = 0.05
 CAPACITY_GAP = 0.03  # nats: full FT must beat LoRA r=8 by this much on test for the task to bind capacity
@@ -310,17 +310,8 @@ def plot_memorization(g: dict, scale: Scale, path: Path) -> bool:
         drawn = True
         for ax, key in ((axes[0], "exact_match"), (axes[1], "fact_loss")):
             ax.plot([n for n, _ in pts], [r[key] for _, r in pts], style, label=body)
-    for ax, label in ((axes[0], "exact-match recall on the trained facts"), (axes[1], "loss on the facts")):
-        ax.set_xscale("log")
-        ax.set_xlabel("facts N")
-        ax.set_ylabel(label)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    if drawn:
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return drawn
+    return finish_log_plot(fig, ((axes[0], "exact-match recall on the trained facts"), (axes[1], "loss on the facts")),
+                           "facts N", path, drawn)
 
 
 # ---------------------------------------------------------------- the document

@@ -307,7 +307,8 @@ def plot(groups: dict, scale, path: Path) -> bool:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
-    for ax, key, label in ((axes[0], LOSS, "test loss (lower is better)"), (axes[1], ROUGE, "test ROUGE-L")):
+    panels = ((axes[0], "test loss (lower is better)"), (axes[1], "test ROUGE-L"))
+    for (ax, _), key in zip(panels, (LOSS, ROUGE)):
         for method, style in (("rosa", "o-"), ("lora", "s--")):
             pts = [(groups[c]["trainable"], stats(groups[c][key])) for c in (f"lm-{method}-r{R}" for R in scale.ranks)
                    if c in groups and groups[c][key] and groups[c]["trainable"]]
@@ -319,8 +320,16 @@ def plot(groups: dict, scale, path: Path) -> bool:
             m, s, _ = stats(groups["lm-full"][key])
             ax.axhline(m, color="gray", ls=":", label="full fine-tuning")
             ax.axhspan(m - s, m + s, color="gray", alpha=0.15)
+    return finish_log_plot(fig, panels, "trainable parameters", path, drawn)
+
+
+def finish_log_plot(fig, axes_labels, xlabel: str, path: Path, drawn: bool) -> bool:
+    """Log-x axes with their labels and legends; the figure saved only if anything was drawn."""
+    import matplotlib.pyplot as plt
+
+    for ax, label in axes_labels:
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
