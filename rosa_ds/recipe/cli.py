@@ -23,11 +23,12 @@ def main(argv: Optional[list] = None) -> int:
         from ..ds.write_guard import CheckpointWriteError
         from .config import parse_args
         from .trainer import Trainer
+
+        quiet_progress_bars()  # imports transformers: still start-up
     except Preempted as exc:
         if global_rank() == 0:
             print(f"rosa_ds: preempted: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    quiet_progress_bars()
     try:
         try:
             cfg = parse_args(argv)
