@@ -47,6 +47,10 @@ class Scale:
     facts_epochs: int = 10
     mem_seeds: tuple = (0,)
     growth_every: tuple = (128, 32, 16)
+    # the capacity check's pilot pair, run before the rest of the grids: the rates the BBC study chose
+    # (bench/results/study.md) for full FT and LoRA r=8, so an hour in it is known whether the gap
+    # exists before hours go into a task that is not capacity-bound
+    pilot_lrs: tuple = (("full", 5e-5), ("lora", 1e-3))
     grid_extensions: int = 2  # factor-2 steps past a grid edge that holds the best rate (bench.study_plan)
     timeout_s: int = 7200
     results_stem: str = "capacity"
@@ -191,8 +195,10 @@ def plan(scale: Scale, records: dict) -> list[CapacityRun]:
     """Every run nameable from what is finished, the decisive ones first: the capacity check and
     Arm 1, Arm 2, the memorization probe, then the resample-count series (ROSA r=8 at its Arm-1
     rate, first test seed, resampling every N in ``growth_every``; Arm 1's fixed and every-64
-    runs at that seed are its 0- and 3-resample points)."""
+    runs at that seed are its 0- and 3-resample points). The pilot pair (``Scale.pilot_lrs``) leads."""
     runs, rates = arm1(scale, records)
+    pilots = [r for r in runs if r.phase == "grid" and (r.method, r.lr) in scale.pilot_lrs]
+    runs = pilots + [r for r in runs if r not in pilots]
     runs += arm2(scale, records) + memorization(scale, records)
     rosa = rates[("rosa", "rs64")]
     if rosa is not None:

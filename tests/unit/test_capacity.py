@@ -89,8 +89,10 @@ def _done(val: float, **extra) -> dict:
 
 def test_plan_starts_with_the_capacity_check_and_names_seeds_after_the_grid():
     first = plan(CPU, {})
-    assert [r.name for r in first[:8]] == [f"a1-full-lr{x:g}-s0" for x in CPU.lrs["full"]] + \
-        [f"a1-lora-r8-lr{x:g}-s0" for x in CPU.lrs["lora"]]
+    pilot = ["a1-full-lr5e-05-s0", "a1-lora-r8-lr0.001-s0"]  # the study's chosen rates: the gap seen early
+    assert [r.name for r in first[:8]] == pilot + [
+        n for n in [f"a1-full-lr{x:g}-s0" for x in CPU.lrs["full"]] + [f"a1-lora-r8-lr{x:g}-s0" for x in CPU.lrs["lora"]]
+        if n not in pilot]
     assert all(r.phase == "grid" for r in first)  # nothing else is nameable yet
     # LoRA's grid finished: the best validation loss (an inner rate) picks the test seeds' rate
     records = {f"a1-lora-r8-lr{x:g}-s0": _done(v) for x, v in zip(CPU.lrs["lora"], (3.2, 3.0, 3.1, 3.3))}
@@ -186,7 +188,7 @@ def test_restart_schedule_reproduces_a_fresh_deepspeed_scheduler_after_each_resa
 def test_report_with_no_results_states_the_rule_and_every_run_todo(tmp_path):
     md = capacity_report.write(tmp_path / "capacity.json", CPU).read_text()
     assert "## Decision rule" in md and "paired t-test" in md and "sign-flip" in md
-    assert "**pending**" in md and "| 1 | a1-full-lr1e-05-s0 | grid | todo |" in md
+    assert "**pending**" in md and "| 1 | a1-full-lr5e-05-s0 | grid | todo |" in md
     assert "| done |" not in md and not (tmp_path / "capacity.json").exists()
 
 
