@@ -90,9 +90,8 @@ def _done(val: float, **extra) -> dict:
 def test_plan_starts_with_the_capacity_check_and_names_seeds_after_the_grid():
     first = plan(CPU, {})
     pilot = ["a1-full-lr5e-05-s0", "a1-lora-r8-lr0.001-s0"]  # the study's chosen rates: the gap seen early
-    assert [r.name for r in first[:8]] == pilot + [
-        n for n in [f"a1-full-lr{x:g}-s0" for x in CPU.lrs["full"]] + [f"a1-lora-r8-lr{x:g}-s0" for x in CPU.lrs["lora"]]
-        if n not in pilot]
+    grids = [f"a1-full-lr{x:g}-s0" for x in CPU.lrs["full"]] + [f"a1-lora-r8-lr{x:g}-s0" for x in CPU.lrs["lora"]]
+    assert [r.name for r in first[:8]] == pilot + [n for n in grids if n not in pilot]
     assert all(r.phase == "grid" for r in first)  # nothing else is nameable yet
     # LoRA's grid finished: the best validation loss (an inner rate) picks the test seeds' rate
     records = {f"a1-lora-r8-lr{x:g}-s0": _done(v) for x, v in zip(CPU.lrs["lora"], (3.2, 3.0, 3.1, 3.3))}
