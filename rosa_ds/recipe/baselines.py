@@ -89,7 +89,3 @@ def lora_transform(peft_model):
     """The export's unit transform for a PEFT model (``rosa_ds.ds.export.save_model``)."""
     return lambda unit, values, master: lora_merged_state_dict(values, peft_model)
 
-
-def classification_head(model: nn.Module) -> list[str]:
-    """Names of a sequence-classification head (kept fully trainable under every method)."""
-    return [name for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)]

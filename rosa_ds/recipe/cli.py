@@ -22,7 +22,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         from ..ds.write_guard import CheckpointWriteError
         from .config import parse_args
-        from .trainer import Trainer
+        from .trainer import run
 
         quiet_progress_bars()  # imports transformers: still start-up
     except Preempted as exc:
@@ -33,7 +33,7 @@ def main(argv: Optional[list] = None) -> int:
         try:
             cfg = parse_args(argv)
             log_rank0(f"accelerator: {accelerator_name()}")
-            Trainer(cfg, stop).run()
+            run(cfg, stop)
         finally:
             stop.uninstall()  # reporting an error: a signal (the launcher ending the job) ends it as usual
     except (Preempted, Diverged, CheckpointWriteError) as exc:  # agreed by every rank: rank 0 says it

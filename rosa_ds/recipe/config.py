@@ -7,7 +7,8 @@ checkpoints, DeepSpeed). The command line and config files stay flat (``--rank``
 ``--resample-every`` ...): each flag is a field name of exactly one of them.
 
 Precedence: defaults (the component's, then the default job's ``JOB_DEFAULTS`` and the task's
-``TASK_DEFAULTS``) < ``--config`` file (JSON or YAML) < flags actually given on the command line.
+``Task.defaults``, ``rosa_ds.recipe.tasks``) < ``--config`` file (JSON or YAML) < flags actually
+given on the command line.
 ``TrainConfig.explicit`` records which options the user set (in the file or on the command line):
 only those can contradict an explicit value of the DeepSpeed JSON (see
 ``rosa_ds.ds.config.build_ds_config``). ``save_resolved`` writes a flat JSON that round-trips
@@ -18,7 +19,7 @@ finish in about 5 minutes on 2 cores: 256 training samples / (4 per rank × 2 ra
 optimizer steps per epoch, 2 epochs (one resample in between) = 64 steps at ~3 s per step.
 ``--task classification`` alone is the packaged MiniLM-L6 encoder on BBC 5-way topics with the
 same 64 steps (first 128 tokens of each article), a higher learning rate for the new head
-(``CLASSIFICATION_LR``) and 200 held-out articles for evaluation.
+(``Method.lrs``, ``rosa_ds.recipe.methods``) and 200 held-out articles for evaluation.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from typing import Any, Optional, Union
 from ..config import RosaConfig
 from ..ds.config import OPTIMS, PRECISIONS, RunValues, precision, resolve_template
 from ..errors import ConfigError
-from ..memory.plan import METHODS
 from ..schedule import ScheduleConfig
 from ..utils.options import (
     OptionError,
@@ -51,6 +51,8 @@ from ..utils.packages import is_installed
 from ..utils.sizes import parse_size
 from .baselines import LORA_INITS
 from .data.config import DataConfig
+from .methods import METHODS, method_of
+from .tasks import task_of
 
 # The components a run is made of: (attribute of TrainConfig, config class).
 COMPONENTS = (("rosa", RosaConfig), ("schedule", ScheduleConfig), ("data", DataConfig))
@@ -58,17 +60,6 @@ COMPONENTS = (("rosa", RosaConfig), ("schedule", ScheduleConfig), ("data", DataC
 SHARED = {"seed": ("rosa", "data")}
 # Sizes of the default job where they differ from the components' library defaults.
 JOB_DEFAULTS = {"seq_len": 128, "max_train_samples": 256, "max_eval_samples": 32}
-# Per-task defaults that replace a default when the user did not set the option. 200 held-out
-# articles (not 32): accuracy in 0.5% steps instead of 3%; eval is forward-only (~5 s).
-# Each task its own default --output-dir, so one task's run never replaces the other's.
-TASK_DEFAULTS = {"classification": {"max_eval_samples": 200, "output_dir": "runs/default-cls"}}
-# Peak learning rates that suit short runs: adapters tolerate ~25x more than full fine-tuning.
-DEFAULT_LR = {"rosa": 5e-4, "lora": 5e-4, "full": 2e-5}
-# Classification trains a newly initialised head (and the pooler's inputs) from scratch in 64 steps,
-# which needs ~4x the LM rates. Measured on MiniLM-L6 / bbc-topics, 64 steps of 8, 200 held-out
-# articles, one process: ROSA r=8 reaches 66% accuracy at 5e-4 and 93% at 2e-3; full FT 91% by
-# step 32 at 1e-4.
-CLASSIFICATION_LR = {"rosa": 2e-3, "lora": 2e-3, "full": 1e-4}
 NOT_SAVED = ("config", "local_rank", "overwrite_output_dir")  # launcher/bookkeeping options, not run settings
 
 
@@ -78,8 +69,7 @@ class TrainConfig:
 
     # -- model and method
     model: str = opt("default", "hub name, local directory, or .gguf file; 'default' = the embedded model of the task")
-    method: str = opt("rosa", "rosa (random subspace adaptation), lora (peft baseline) or full fine-tuning",
-                      tuple(sorted(METHODS, key=("rosa", "lora", "full").index)))
+    method: str = opt("rosa", " or ".join(m.help for m in METHODS.values()), tuple(METHODS))
     lora_init: str = opt("peft", "--method lora only: peft (PEFT's default init, scale 2) or paper (the ROSA paper "
                                  "code's LoRA: A = 0, B ~ N(0, 1), scale 1; for reproducing its protocol)", LORA_INITS)
     # -- optimization
@@ -134,7 +124,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_options(self)
         if self.lr is None:
-            self.lr = (CLASSIFICATION_LR if self.data.task == "classification" else DEFAULT_LR)[self.method]
+            self.lr = method_of(self.method).default_lr(self.data.task)
         if not self.lr > 0:
             raise OptionError("TrainConfig", "lr", f"must be a positive number, got {self.lr}; fix: e.g. --lr 5e-4")
         self.explicit = frozenset(self.explicit)
@@ -143,12 +133,7 @@ class TrainConfig:
     def _check_cross_fields(self) -> None:
         if self.model.endswith(".gguf") and not Path(self.model).is_file():
             raise ConfigError(f"--model {self.model} not found; fix: give an existing .gguf file")
-        if self.rosa.quantize_base is not None and self.method != "rosa":
-            raise ConfigError(f"--quantize-base applies to --method rosa only (got --method {self.method}); "
-                              "fix: drop --quantize-base or use --method rosa")
-        if self.lora_init != "peft" and self.method != "lora":
-            raise ConfigError(f"--lora-init applies to --method lora only (got --method {self.method}); "
-                              "fix: drop --lora-init or use --method lora")
+        method_of(self.method).check(self)
         if self.overwrite_output_dir and self.resume:
             raise ConfigError("--overwrite-output-dir deletes the checkpoints --resume would continue from; "
                               "fix: give one of them")
@@ -169,7 +154,7 @@ class TrainConfig:
         value goes to the component that declares it; errors name the flag."""
         values, explicit = dict(values or {}), frozenset(explicit)
         task = values.get("task", DataConfig.task)
-        for name, value in {**JOB_DEFAULTS, **TASK_DEFAULTS.get(task, {})}.items():
+        for name, value in {**JOB_DEFAULTS, **task_of(task).defaults}.items():
             if name not in explicit and name not in values:
                 values[name] = value
         try:

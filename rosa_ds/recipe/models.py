@@ -29,11 +29,8 @@ from ..utils.io import atomic_dir, cache_root, exclusive, file_digest, stable_ha
 from ..utils.log import log_rank0, log_this_rank
 from ..utils.packages import DEFAULT_GGUF, MINILM, SMOLLM2, install_hint, package_dir
 from ..utils.safetensors_io import check_safetensors
-from .data.config import TASKS
+from .tasks import TASKS
 
-# What ``default`` means per task: a 6-layer encoder classifies BBC topics on 2 CPU cores in minutes,
-# where the 135M-parameter decoder would take several times longer for no gain in accuracy.
-DEFAULT_SPEC = {"causal_lm": "default", "classification": "default-classifier"}
 # Encoder-only architectures: they classify but cannot generate text.
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
                  "mpnet", "camembert", "modernbert", "ernie", "mobilebert", "squeezebert"}
@@ -86,11 +83,11 @@ def _local(spec: str, path: Path) -> ModelSource:
 
 def resolve_model(spec: str, task: Optional[str] = None) -> ModelSource:
     """Map a spec to a ModelSource (cheap: file-system checks only; raises ModelSpecError).
-    With ``task``, ``default`` is that task's embedded model (see ``DEFAULT_SPEC``)."""
+    With ``task``, ``default`` is that task's embedded model (``Task.default_model``)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"model spec must be a non-empty string, got {spec!r}; {FIX}")
-    if spec == "default" and task in DEFAULT_SPEC:
-        spec = DEFAULT_SPEC[task]
+    if spec == "default" and task in TASKS:
+        spec = TASKS[task].default_model
     if spec in ("default", "default-classifier"):
         return _builtin(spec)
     path = Path(spec).expanduser()
@@ -129,7 +126,7 @@ def check_task(source: ModelSource, config, task: str) -> None:
     if task not in TASKS:
         raise ModelSpecError(f"task {task!r} does not exist; choose one of {', '.join(TASKS)}")
     model_type = getattr(config, "model_type", "")
-    if task == "causal_lm" and model_type in ENCODER_TYPES:
+    if TASKS[task].generates and model_type in ENCODER_TYPES:
         raise ModelSpecError(f"model {source.spec!r} is an encoder ({model_type}) and cannot generate text; use "
                              "--task classification, or a decoder model such as --model default")
 
@@ -277,15 +274,16 @@ def load_model_and_tokenizer(spec: str, task: str = "causal_lm", num_labels: Opt
     from ``label_names`` and, for decoder models, the pad id (they classify from the last non-pad
     token). ``partitioned`` (a ZeRO-3 DeepSpeed config): built partitioned and each rank reads only
     its own partition of every weight (``rosa_ds.ds.load``); the process group must exist."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     source = check_model_spec(spec, task)
-    extra = _label_kwargs(num_labels, label_names) if task == "classification" else {}
+    labelled = TASKS[task].labelled
+    extra = _label_kwargs(num_labels, label_names) if labelled else {}
     start = time.perf_counter()
     path = model_dir(source)
     tokenizer = load_tokenizer(source)
-    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    if task == "classification":
+    cls = TASKS[task].model_class()
+    if labelled:
         extra["pad_token_id"] = tokenizer.pad_token_id
     if partitioned is not None:
         from ..ds.load import load_partitioned
@@ -293,7 +291,7 @@ def load_model_and_tokenizer(spec: str, task: str = "causal_lm", num_labels: Opt
         config = AutoConfig.from_pretrained(path, local_files_only=True, **extra)
         model = load_partitioned(lambda: cls.from_config(config, dtype=dtype), local_model_dir(source), partitioned,
                                  dtype)
-    elif task == "classification":
+    elif labelled:  # the pretrained head (if any) has another number of classes: a new one is built
         model = cls.from_pretrained(path, dtype=dtype, local_files_only=True, ignore_mismatched_sizes=True, **extra)
     else:
         model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)

@@ -14,12 +14,13 @@ from typing import Optional
 
 import torch
 
-from ..ds import config as dsconfig
 from ..errors import ConfigError
 from ..memory.counts import arch_from_config, counts_from_module
 from ..memory.plan import MemoryPlan
 from ..memory.planner import Cluster, best_for, plan_cluster, rank_need
 from ..utils.sizes import format_size, parse_size
+from .methods import method_of
+from .tasks import task_of
 
 
 @dataclass
@@ -37,32 +38,28 @@ class Verdict:
 
 def meta_counts(cfg, model_config):
     """Counts of the run's model on the meta device (no weights), as the engine will train it."""
-    import transformers as tf
-
-    from .baselines import classification_head
-
-    classification = cfg.data.task == "classification"
+    task = task_of(cfg.data.task)
     with torch.device("meta"):
-        cls = tf.AutoModelForSequenceClassification if classification else tf.AutoModelForCausalLM
-        model = cls.from_config(model_config)
-    keep = tuple(cfg.rosa.modules_to_save or (classification_head(model) if classification else ()))
+        model = task.model_class().from_config(model_config)
+    keep = tuple(cfg.rosa.modules_to_save or task.keep(model))
     counts = counts_from_module(model, cfg.method, cfg.rosa.rank, cfg.rosa.target_modules, keep,
-                                cfg.rosa.quantize_base if cfg.method == "rosa" else None)
-    counts.arch = arch_from_config(model_config, classification=classification)
+                                method_of(cfg.method).quantize_base(cfg))
+    counts.arch = arch_from_config(model_config, classification=task.labelled)
     return counts
 
 
-def run_plan(cfg, ds_config: dict, world: int, accelerator: str, dp_rank: int = 0,
-             frozen_master: Optional[bool] = None) -> MemoryPlan:
+def run_plan(cfg, ds_config: dict, world: int, accelerator: str, dp_rank: int = 0) -> MemoryPlan:
     """The run as the memory accountant sees it: the one translation of a run's settings into a
     ``MemoryPlan`` (preflight and the run's memory report both use it, so they predict alike).
 
     With --pack a row holds at most seq_len tokens and transformers still builds a (block-diagonal)
-    mask per layer, so micro_batch x seq_len with a mask stays an upper bound.
+    mask per layer, so micro_batch x seq_len with a mask stays an upper bound. ``frozen_master``
+    is ``RosaConfig.frozen_master`` as given: None resolves by precision in the plan as in the engine.
     """
     return MemoryPlan.from_ds_config(ds_config, method=cfg.method, rank=cfg.rosa.rank, world_size=world,
                                      dp_rank=dp_rank, micro_batch=cfg.micro_batch, seq_len=cfg.data.seq_len,
-                                     optimizer=cfg.optim, accelerator=accelerator, frozen_master=frozen_master,
+                                     optimizer=cfg.optim, accelerator=accelerator,
+                                     frozen_master=cfg.rosa.frozen_master,
                                      activation_checkpointing=cfg.gradient_checkpointing)
 
 
@@ -84,7 +81,7 @@ def suggestion(cfg, model_config, plan: MemoryPlan, available: int, world: int) 
     """The planner's best configuration of the same global batch that fits, as flags."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cluster = Cluster(available, local, max(world // max(local, 1), 1), accelerator=plan.accelerator)
-    quantize = ("nf4",) if cfg.method == "rosa" and cfg.optim == "adamw" else ()
+    quantize = ("nf4",) if method_of(cfg.method).quantizes and cfg.optim == "adamw" else ()
     planned = plan_cluster(model_config, cluster, global_batch=cfg.micro_batch * cfg.grad_accum * world,
                            seq_len=cfg.data.seq_len, dtype=plan.dtype, rank=cfg.rosa.rank,
                            methods=(cfg.method,), quantize=quantize, targets=cfg.rosa.target_modules,
@@ -95,16 +92,15 @@ def suggestion(cfg, model_config, plan: MemoryPlan, available: int, world: int) 
     return f"fix: run with {best.flags()} (predicted {format_size(best.device_peak)} per rank)"
 
 
-def check_fits(cfg, model_config, ds_config: dict, world: int) -> Verdict:
-    """The run's predicted per-rank peak; one ValueError line if it does not fit what is available."""
-    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    available = available_bytes(cfg, accelerator)
-    counts = meta_counts(cfg, model_config)
-    plan = run_plan(cfg, ds_config, world, accelerator)
-    v = verdict(counts, plan, available)
+def check_fits(cfg, model_config, plan: MemoryPlan) -> Verdict:
+    """The run's predicted per-rank peak under ``plan`` (``run_plan``); one line if it does not fit
+    what is available."""
+    available = available_bytes(cfg, plan.accelerator)
+    v = verdict(meta_counts(cfg, model_config), plan, available)
     if v.fits:
         return v
-    stage = dsconfig.zero_stage(ds_config)
+    world = plan.world_size
+    stage = plan.zero_stage
     where = "--max-memory" if cfg.max_memory and parse_size(cfg.max_memory) == available else "the GPU's memory"
     raise ConfigError(f"the run is predicted to need {format_size(v.need)} per rank at its peak ({v.phase}; "
                       f"ZeRO-{stage}"

@@ -13,6 +13,7 @@ from ..ds.verify import Difference, ResumeMismatch
 from ..utils.io import stable_hash
 from ..utils.options import flag_name
 from .config import TrainConfig, sync_from_ds
+from .methods import method_of
 
 # Facts that decide which samples an optimizer step trains.
 STEP_SAMPLE = ("world_size", "micro_batch", "grad_accum", "data", "seq_len", "pack")
@@ -31,9 +32,7 @@ def plan_facts(cfg: TrainConfig, ds_config: dict, train_examples: list) -> dict:
              "data": data_fingerprint(train_examples), "seq_len": cfg.data.seq_len, "pack": cfg.data.pack,
              "lr": used.lr, "warmup": cfg.warmup, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
              "weight_decay": used.weight_decay}
-    if cfg.method in ("rosa", "lora"):
-        facts["rank"] = cfg.rosa.rank
-    return facts
+    return {**facts, **method_of(cfg.method).resume_facts(cfg)}
 
 
 def refusal(exc: ResumeMismatch) -> str:

@@ -129,13 +129,13 @@ def _bad_records(tmp_path, kind):
 def test_bad_input_is_one_clear_line_before_weights_load(tmp_path, assets, kind, monkeypatch, capsys):
     """In process (fast): ``load_model_and_tokenizer`` is replaced by a tripwire, so an error raised
     after the weights would have loaded fails the test instead of passing it."""
-    from rosa_ds.recipe import cli, trainer
+    from rosa_ds.recipe import build, cli
     from tests.helpers.assets import write_tiny_dataset
 
     def tripwire(*args, **kwargs):
         raise AssertionError("model weights were loaded before the bad input was reported")
 
-    monkeypatch.setattr(trainer, "load_model_and_tokenizer", tripwire)
+    monkeypatch.setattr(build, "load_model_and_tokenizer", tripwire)
     monkeypatch.setenv("ROSA_DS_CACHE", str(tmp_path / "cache"))
     rows, flags, message = _bad_records(tmp_path, kind)
     data = write_tiny_dataset(tmp_path / "data.jsonl", records=rows)

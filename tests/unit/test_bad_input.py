@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rosa_ds.recipe import cli
-from rosa_ds.recipe.trainer import Trainer
+from rosa_ds.recipe import trainer as trainer_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,10 +34,10 @@ def assets(cli_assets, tmp_path_factory):
 
 
 def run_cli(assets, tmp_path, monkeypatch, capsys, extra):
-    def tripwire(self):
-        raise AssertionError("the input checks passed: setup (weight loading) was reached")
+    def tripwire(spec):
+        raise AssertionError("the input checks passed: the build (weight loading) was reached")
 
-    monkeypatch.setattr(Trainer, "setup", tripwire)
+    monkeypatch.setattr(trainer_module, "build", tripwire)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("ROSA_DS_CACHE", str(tmp_path / "cache"))
     subst = {"{A}": str(assets), "{OUT}": str(tmp_path / "out")}
@@ -84,7 +84,7 @@ def test_the_lock_is_taken_over_from_a_dead_holder(assets, tmp_path, monkeypatch
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / ".rosa_ds.lock").write_text(json.dumps(
         {"host": os.uname().nodename, "pid": dead.pid, "start": 1, "since": "earlier"}))
-    with pytest.raises(AssertionError, match="setup .weight loading. was reached"):
+    with pytest.raises(AssertionError, match="the build .weight loading. was reached"):
         run_cli(assets, tmp_path, monkeypatch, capsys, [])
     assert not (tmp_path / "out" / ".rosa_ds.lock").exists()
 
@@ -97,10 +97,10 @@ def test_only_the_projects_own_errors_are_one_line(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     for raised, expected in ((ConfigError("--lr 0 is not positive; fix: give a positive --lr"), 2),
                              (ValueError("a bug"), None)):
-        def run(self, exc=raised):
+        def run(cfg, stop=None, exc=raised):
             raise exc
 
-        monkeypatch.setattr(Trainer, "run", run)
+        monkeypatch.setattr(trainer_module, "run", run)
         if expected is None:
             with pytest.raises(ValueError, match="a bug"):
                 cli.main([])

