@@ -69,7 +69,7 @@ class RosaConfig:
         None, "leaf names of the layers to adapt, or one 're:<regex>' on full names; none = per-architecture defaults",
         nargs="+")
     strategy: str = opt("random", "ROSA: which singular triplets are trainable", STRATEGIES)
-    seed: int = opt(0, "base seed of the subspace draws (the recipe sets it from --seed)", flag=False)
+    seed: int = opt(0, "base seed of the subspace draws (the recipe sets it from its own seed)", flag=False)
     modules_to_save: tuple = opt(
         default_factory=tuple, help="modules kept fully trainable (e.g. classifier); none = the classification "
         "head for classification", nargs="+")

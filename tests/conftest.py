@@ -21,6 +21,16 @@ def rel():
     return rel_err
 
 
+@pytest.fixture(autouse=True)
+def unrendered_field_names():
+    """Every test starts with errors naming config fields as is: the Trainer path sets its words
+    for the whole process (``rosa_ds.errors.set_field_words``), which must not leak into the next test."""
+    from rosa_ds.errors import field_words
+
+    with field_words(None):
+        yield
+
+
 @pytest.fixture(scope="session")
 def cli_assets(tmp_path_factory) -> Path:
     """A tiny Llama model directory (``llama/``) and 64 prompt/target records (``data.jsonl``),

@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 
 from ..config import RosaConfig
+from ..errors import config_field
 from ..inject import iter_rosa_layers
 from ..schedule import ScheduleConfig
 from ..utils.io import atomic_write_text, replace_dir
@@ -316,7 +317,8 @@ def resolve(root: Path, tag: Optional[str]) -> tuple[Path, str]:
         if not latest.exists():
             partials = sorted(p.name for p in root.glob("*.partial")) if root.is_dir() else []
             hint = f" (found only incomplete saves: {', '.join(partials)})" if partials else ""
-            raise CheckpointError(f"no complete checkpoint in {root}{hint}; check the path, or start without --resume")
+            raise CheckpointError(f"no complete checkpoint in {root}{hint}; check the path, or start without "
+                                  f"{config_field('resume')}")
         tag = latest.read_text().strip()
     ckpt = root / tag
     if not (ckpt / "COMPLETE").exists():

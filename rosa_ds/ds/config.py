@@ -3,9 +3,10 @@
 A template (``ds_configs/zero2.json`` ...) says *how* to shard (ZeRO stage, offload, buckets);
 the run says *how much* (micro-batch, accumulation, learning rate, schedule length, precision).
 ``build_ds_config`` fills every ``"auto"`` from a ``RunValues`` and keeps explicit JSON values,
-except where they contradict a flag the user set explicitly: all such contradictions are
-collected and raised as ONE ``DSConfigError``, each naming the JSON key, its value, the flag,
-its value and the fix (the pattern of accelerate's ``HfDeepSpeedConfig.fill_match``).
+except where they contradict a setting the user made explicitly: all such contradictions are
+collected and raised as ONE ``DSConfigError``, each naming the JSON key, its value, the setting
+(as its field, ``rosa_ds.errors.config_field``: the recipe says a flag), its value and the fix (the
+pattern of accelerate's ``HfDeepSpeedConfig.fill_match``).
 
 Batch sizes obey DeepSpeed's identity  train_batch_size = micro × accum × world_size.
 
@@ -28,7 +29,7 @@ from typing import Any, Union
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_field
 from ..memory.ds_json import AUTO, batch_sizes, offload_device, offload_optimizer, offload_param, precision, zero_stage  # noqa: F401
 from ..memory.plan import ZERO3_AUTO
 
@@ -37,12 +38,8 @@ OPTIMS = ("adamw", "adamw8bit", "sgd")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_NAMES = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 
-# The flag that sets each run value, named in error messages.
-FLAGS = {
-    "micro_batch": "--micro-batch", "grad_accum": "--grad-accum", "lr": "--lr",
-    "weight_decay": "--weight-decay", "warmup_steps": "--warmup", "total_steps": "--max-steps",
-    "precision": "--precision",
-}
+# The run values a user sets explicitly (``RunValues.explicit``): only these contradict the JSON.
+EXPLICIT_FIELDS = ("micro_batch", "grad_accum", "lr", "weight_decay", "warmup_steps", "total_steps", "precision")
 # JSON locations of each run value; all listed locations of one value must agree.
 KNOB_PATHS = {
     "micro_batch": (("train_micro_batch_size_per_gpu",),),
@@ -110,10 +107,10 @@ class RunValues:
         if self.optim not in OPTIMS:
             raise ConfigError(f"RunValues.optim {self.optim!r} does not exist; choose one of {', '.join(OPTIMS)}")
         self.explicit = frozenset(self.explicit)
-        unknown = self.explicit - set(FLAGS) - {"optim"}
+        unknown = self.explicit - set(EXPLICIT_FIELDS) - {"optim"}
         if unknown:
             raise ConfigError(f"RunValues.explicit names unknown fields {sorted(unknown)}; "
-                              f"use names from {sorted(FLAGS)}")
+                              f"use names from {sorted(EXPLICIT_FIELDS)}")
 
 
 # ---------------------------------------------------------------- public helpers
@@ -152,7 +149,7 @@ def load_template(template: Union[str, Path, dict]) -> tuple[dict, str]:
 
 
 def client_optimizer_config(cfg: dict) -> tuple[dict, dict]:
-    """Split a filled config for a client optimizer (``--optim adamw8bit``).
+    """Split a filled config for a client optimizer (``optim="adamw8bit"``).
 
     Returns (config without its ``optimizer`` block and with ``zero_allow_untested_optimizer``
     set, the optimizer's params: lr, betas, eps, weight_decay) so the engine can build
@@ -183,7 +180,7 @@ def plain_sgd(cfg: dict) -> None:
 def build_ds_config(template: Union[str, Path, dict], run: RunValues, world_size: int) -> dict:
     """Fill every ``"auto"`` of ``template`` from ``run``; raise one error listing every problem.
 
-    Explicit JSON values are kept unless they contradict an explicitly set flag. Checks: batch
+    Explicit JSON values are kept unless they contradict an explicitly set run value. Checks: batch
     identity (train_batch_size = micro × accum × world), then everything ``problems_of`` checks
     (ZeRO stage 1..3, offload, precision, no ``"auto"`` left behind).
     """
@@ -224,7 +221,7 @@ def _resolve_knob(cfg: dict, knob: str, run_value: Any, explicit: bool, problems
     if found and explicit:
         for path, v in found:
             if not _same(v, run_value):
-                problems.append(_contradiction(".".join(path), v, source, FLAGS[knob], run_value))
+                problems.append(_contradiction(".".join(path), v, source, knob, run_value))
     elif found:
         value = found[0][1]
     for path in KNOB_PATHS[knob]:
@@ -250,9 +247,9 @@ def _resolve_batch(cfg: dict, values: dict, accum_pinned: bool, world: int, prob
         else:
             if accum_pinned and total != micro * accum * world:
                 problems.append(
-                    f"train_batch_size={total} in {source} contradicts {FLAGS['micro_batch']} {micro} × "
-                    f"{FLAGS['grad_accum']} {accum} × world size {world} = {micro * accum * world}; fix: set "
-                    f"train_batch_size to \"auto\" (or {micro * accum * world}) or change those flags")
+                    f"train_batch_size={total} in {source} contradicts {config_field('micro_batch')} {micro} × "
+                    f"{config_field('grad_accum')} {accum} × world size {world} = {micro * accum * world}; fix: set "
+                    f"train_batch_size to \"auto\" (or {micro * accum * world}) or change those settings")
             accum = total // (micro * world)
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = accum
@@ -272,8 +269,7 @@ def _resolve_precision(cfg: dict, run: RunValues, problems: list, source: str) -
         chosen = "fp32"  # the JSON forbids the detected/requested low precision
     if explicit and chosen != wanted:
         key = f"{on[0]}.enabled" if on else f"{wanted}.enabled"
-        problems.append(f"{key}={json.dumps(bool(on))} in {source} contradicts --precision {wanted}; fix: drop "
-                        f'--precision, or set {key} to "auto" (or to {json.dumps(not on)}) in the JSON')
+        problems.append(_contradiction(key, bool(on), source, "precision", wanted, not on))
     for k, v in flags.items():
         if v == AUTO:
             section = cfg.setdefault(k, {})
@@ -361,8 +357,8 @@ def _offload_problems(cfg: dict, stage: Any, source: str, client_optimizer: bool
                    "fix: set stage 3 or remove offload_param")
     if client_optimizer and offload_optimizer(cfg) and cfg.get("zero_force_ds_cpu_optimizer") is not False:
         out.append(f"zero_optimization.offload_optimizer in {source} runs DeepSpeed's CPU Adam, so a client "
-                   "optimizer (e.g. --optim adamw8bit) cannot be offloaded; fix: use --optim adamw or a config "
-                   "without offload_optimizer")
+                   f"optimizer (e.g. {config_field('optim')} adamw8bit) cannot be offloaded; fix: use "
+                   f"{config_field('optim')} adamw or a config without offload_optimizer")
     return out
 
 
@@ -382,10 +378,14 @@ def _precision_problems(cfg: dict, source: str) -> list[str]:
 
 # ---------------------------------------------------------------- small utilities
 
-def _contradiction(key: str, json_value: Any, source: str, flag: str, flag_value: Any) -> str:
-    shown = json.dumps(json_value)
-    return (f"{key}={shown} in {source} contradicts {flag} {flag_value}; fix: drop {flag}, or set "
-            f'{key} to "auto" (or to {json.dumps(flag_value)}) in the JSON')
+def _contradiction(key: str, json_value: Any, source: str, name: str, run_value: Any,
+                   agreeing: Any = _MISSING) -> str:
+    """``key``'s JSON value contradicts the run value of the field ``name``; the fix offers
+    ``agreeing`` as the JSON value that would agree (default: the run value itself)."""
+    shown, setting = json.dumps(json_value), config_field(name)
+    agreeing = run_value if agreeing is _MISSING else agreeing
+    return (f"{key}={shown} in {source} contradicts {setting} {run_value}; fix: drop {setting}, or set "
+            f'{key} to "auto" (or to {json.dumps(agreeing)}) in the JSON')
 
 
 def _get(cfg: dict, path: tuple) -> Any:

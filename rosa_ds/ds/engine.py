@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import RosaConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, config_field
 from ..layer import is_adapter_param
 from ..schedule import ScheduleConfig
 from . import checkpoint, export
@@ -222,6 +222,7 @@ def initialize(model: nn.Module, rosa_config: Optional[RosaConfig] = None, confi
     write_pending_masters(p for p in model.parameters() if p.requires_grad)
     engine = RosaEngine(ds_engine, rosa_config, schedule or ScheduleConfig())
     if engine.schedule.restart_schedule and engine._schedule_position() is None:
-        raise ConfigError("--restart-schedule restarts a warmup-decay schedule, but the DeepSpeed config has no "
-                          "WarmupDecayLR scheduler; fix: keep the template's scheduler or drop --restart-schedule")
+        restart = config_field("restart_schedule")
+        raise ConfigError(f"{restart} restarts a warmup-decay schedule, but the DeepSpeed config has no "
+                          f"WarmupDecayLR scheduler; fix: keep the template's scheduler or drop {restart}")
     return engine

@@ -226,7 +226,7 @@ def stream_plain(model, writer, transform: Optional[Callable] = None, is_unit: O
                               "training diverged); no model was written")
     if rank == 0 and largest[0] > SUSPICIOUS_MAGNITUDE:
         log_rank0(f"warning: the exported weight {largest[1]} reaches |w| = {largest[0]:.3g}; pretrained weights are "
-                  "O(1): the run has probably diverged (check --lr and the loss curve)")
+                  "O(1): the run has probably diverged (check the learning rate and the loss curve)")
 
 
 def save_model(model, out_dir: Path, tokenizer=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import config_field
 from ..utils.manifest import MANIFEST, damage
 from .agree import CheckpointError
 from .frozen_record import RECORDS, record_dir
@@ -102,16 +103,16 @@ def container(where: Path) -> Optional[Path]:
 
 def choose(where: Path) -> Choice:
     """The checkpoint ``--resume where`` loads (see the module docstring)."""
-    where = Path(where)
+    where, resume = Path(where), config_field("resume")
     if not where.is_dir():
-        raise CheckpointError(f"--resume {where}: no such directory; give a checkpoint or a checkpoints directory")
+        raise CheckpointError(f"{resume} {where}: no such directory; give a checkpoint or a checkpoints directory")
     root = container(where)
     if root is None:
         problem = checkpoint_damage(where)
         if problem:
-            raise CheckpointError(f"--resume {where}: the checkpoint is damaged: {problem}; resume from another "
+            raise CheckpointError(f"{resume} {where}: the checkpoint is damaged: {problem}; resume from another "
                                   "checkpoint (or its checkpoints directory, which skips damaged ones) or start "
-                                  "again without --resume")
+                                  f"again without {resume}")
         return Choice(where, _saved(where))
     order, warnings = candidates(root)
     damaged = []
@@ -124,8 +125,8 @@ def choose(where: Path) -> Choice:
     partials = sorted(p.name for p in root.glob("*.partial"))
     found = (f"{len(order)} checkpoints, all damaged: {'; '.join(damaged)}" if order
              else f"only incomplete saves: {', '.join(partials)}" if partials else "no checkpoint")
-    raise CheckpointError(f"--resume {where}: no intact checkpoint in {root} ({found}); check the path, "
-                          "or start again without --resume")
+    raise CheckpointError(f"{resume} {where}: no intact checkpoint in {root} ({found}); check the path, "
+                          f"or start again without {resume}")
 
 
 def _saved(ckpt: Path) -> dict:

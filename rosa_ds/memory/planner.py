@@ -22,7 +22,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_field
+from ..utils.options import flag_name
 from .counts import ModelCounts, arch_from_config, counts_from_module, load_config, meta_model
 from .phases import phase_peaks
 from .plan import ZERO3_AUTO, MemoryPlan
@@ -112,21 +113,27 @@ class Candidate:
     def template(self) -> str:
         return TEMPLATES[(self.zero_stage, self.offload)]
 
-    def flags(self, precision: Optional[str] = None) -> str:
-        """The trainer's flags for this configuration."""
-        out = [f"--method {self.method}", f"--deepspeed {self.template}", f"--micro-batch {self.micro_batch}",
-               f"--grad-accum {self.grad_accum}"]
+    def settings(self, precision: Optional[str] = None) -> dict:
+        """The training recipe's settings for this configuration, by field (``True``: a switch on)."""
+        out = {"method": self.method, "deepspeed": self.template, "micro_batch": self.micro_batch,
+               "grad_accum": self.grad_accum}
         if self.method != "full":
-            out.append(f"--rank {self.rank}")
+            out["rank"] = self.rank
         if self.checkpointing:
-            out.append("--gradient-checkpointing")
+            out["gradient_checkpointing"] = True
         if self.optimizer == "adamw8bit":
-            out.append("--optim adamw8bit")
+            out["optim"] = "adamw8bit"
         if self.quantize_base:
-            out.append(f"--quantize-base {self.quantize_base}")
+            out["quantize_base"] = self.quantize_base
         if precision:
-            out.append(f"--precision {precision}")
-        return " ".join(out)
+            out["precision"] = precision
+        return out
+
+    def flags(self, precision: Optional[str] = None) -> str:
+        """The training command line for this configuration, which the planner's report prints:
+        ``settings`` as the flags the recipe derives from field names (``flag_name``)."""
+        settings = self.settings(precision)
+        return " ".join(flag_name(k) if v is True else f"{flag_name(k)} {v}" for k, v in settings.items())
 
     def label(self) -> str:
         return (f"{self.method}{'+' + self.quantize_base if self.quantize_base else ''}, {self.template}, "
@@ -163,7 +170,7 @@ def micro_batches(global_batch: int, world: int) -> list[int]:
     """Micro-batch sizes that divide the per-rank share of the global batch (powers of two and the
     share itself)."""
     if global_batch % world:
-        raise ConfigError(f"--global-batch {global_batch} is not a multiple of the {world} ranks; "
+        raise ConfigError(f"{config_field('global_batch')} {global_batch} is not a multiple of the {world} ranks; "
                           f"give a multiple of {world}")
     share = global_batch // world
     return sorted({m for m in (1 << k for k in range(share.bit_length())) if share % m == 0} | {share})

@@ -6,10 +6,11 @@ import sys
 import time
 from typing import Optional
 
-from ..errors import RosaError
+from ..errors import RosaError, field_words
 from ..utils.dist import global_rank
 from ..utils.log import log_rank0, setup_logging
 from .faults import Diverged, Preempted, StopRequest
+from .words import flag_words
 
 # The project's own errors (``rosa_ds.errors.RosaError``) are one line and their exit code;
 # anything else is a bug and keeps its traceback. ROSA_DS_DEBUG=1 keeps the traceback for these too.
@@ -17,6 +18,12 @@ RANK0_GRACE = 20.0  # seconds another rank waits before reporting an error itsel
 
 
 def main(argv: Optional[list] = None) -> int:
+    """Run the recipe; errors name settings by their flags (``words.flag_words``) while it runs."""
+    with field_words(flag_words):
+        return _main(argv)
+
+
+def _main(argv: Optional[list]) -> int:
     setup_logging()
     stop = StopRequest().install()  # before the heavy imports: a SIGTERM during them is a start-up stop
     try:

@@ -56,6 +56,7 @@ def run_cli(assets, tmp_path, monkeypatch, capsys, extra):
     (["--seq-len", "4096"], "--seq-len 4096 is longer than the model's context"),
     (["--deepspeed", "{A}/contradicting.json", "--lr", "1e-3"], "train_micro_batch_size_per_gpu"),
     (["--deepspeed", "{A}/batch.json"], "train_batch_size"),
+    (["--deepspeed", "{A}/contradicting.json"], "contradicts --micro-batch 4; fix: drop --micro-batch"),
     (["--model", "{A}/damaged"], "model file {A}/damaged/model.safetensors is damaged (truncated: "),
     (["--output-dir", "{A}/a_file"], "--output-dir {A}/a_file is a file, not a directory"),
     (["--output-dir", "/proc/rosa_ds_run"], "--output-dir /proc/rosa_ds_run is not writable"),

@@ -11,8 +11,10 @@ import pytest
 from rosa_ds.ds.agree import CheckpointError
 from rosa_ds.ds.verify import ResumeMismatch, check_choice, checkpoint_damage, choose
 from rosa_ds.ds.write_guard import WriteGuard, is_no_space
+from rosa_ds.errors import field_words
 from rosa_ds.recipe.metrics import rewind
 from rosa_ds.recipe.resume import notice, refusal
+from rosa_ds.recipe.words import flag_words
 from rosa_ds.utils.manifest import damage, listing, share, write_manifest
 
 
@@ -153,8 +155,10 @@ def test_all_damaged_or_nothing_to_resume_is_one_error(ckpts, tmp_path):
     (only_partial / "step_00000004.partial").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"only incomplete saves: step_00000004.partial"):
         choose(only_partial)
-    with pytest.raises(CheckpointError, match=r"--resume .*/nowhere: no such directory"):
+    with pytest.raises(CheckpointError, match=r"`resume` .*/nowhere: no such directory") as info:
         choose(tmp_path / "nowhere")
+    with field_words(flag_words):
+        assert str(info.value).startswith("--resume ")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*/empty \(no checkpoint\)"):
         choose(tmp_path / "empty")
@@ -200,7 +204,10 @@ def test_an_explicit_damaged_checkpoint_is_an_error_naming_the_file(ckpts):
     with pytest.raises(CheckpointError) as info:
         choose(ckpt)
     text = str(info.value)
-    assert text.startswith(f"--resume {ckpt}: the checkpoint is damaged: {ckpt / 'optim.pt'} is corrupted")
+    assert text.startswith(f"`resume` {ckpt}: the checkpoint is damaged: {ckpt / 'optim.pt'} is corrupted")
+    with field_words(flag_words):
+        assert str(info.value).startswith(f"--resume {ckpt}: the checkpoint is damaged")
+        assert str(info.value).endswith("start again without --resume")
     assert "\n" not in text
     assert choose(ckpts / "step_00000006").path == ckpts / "step_00000006"  # an intact one loads as given
 

@@ -1,12 +1,15 @@
 """DeepSpeed templates: "auto" filling, contradictions reported together, batch identity, checks."""
 import copy
 import json
+import re
 from dataclasses import replace
 
 import pytest
 
 from rosa_ds.ds import config as dc
 from rosa_ds.ds.config import DSConfigError, RunValues, build_ds_config
+from rosa_ds.errors import field_words
+from rosa_ds.recipe.words import flag_words
 
 RUN = dict(micro_batch=4, grad_accum=2, lr=3e-4, total_steps=100, warmup_steps=10, weight_decay=0.01)
 
@@ -109,10 +112,12 @@ def test_all_contradictions_in_one_error():
     tpl["scheduler"]["params"].update(warmup_num_steps=5, total_num_steps=50)
     tpl["bf16"]["enabled"] = True
     flags = run(micro_batch=8, grad_accum=1, lr=1e-4, weight_decay=0.0, warmup_steps=7, total_steps=70,
-                precision="fp32", explicit=set(dc.FLAGS))
+                precision="fp32", explicit=set(dc.EXPLICIT_FIELDS))
     with pytest.raises(DSConfigError) as info:
         build_ds_config(tpl, flags, world_size=2)
     msg = str(info.value)
+    with field_words(flag_words):  # as the recipe's command line says them
+        rendered = str(info.value)
     expected = [
         'train_micro_batch_size_per_gpu=4 in <dict> contradicts --micro-batch 8; fix: drop --micro-batch, or set '
         'train_micro_batch_size_per_gpu to "auto" (or to 8)',
@@ -125,8 +130,13 @@ def test_all_contradictions_in_one_error():
         '"auto" (or to false)',
         "train_batch_size=24 in <dict> is not divisible by micro-batch 8 × world size 2 = 16",
     ]
+    fields = {"--micro-batch": "micro_batch", "--grad-accum": "grad_accum", "--lr": "lr",
+              "--weight-decay": "weight_decay", "--warmup": "warmup_steps", "--max-steps": "total_steps",
+              "--precision": "precision"}
     for fragment in expected:
-        assert fragment in msg, fragment
+        assert fragment in rendered, fragment
+        unrendered = re.sub(r"--[a-z-]+", lambda m: f"`{fields[m.group()]}`", fragment)
+        assert unrendered in msg, unrendered
     assert msg.startswith("8 problems in DeepSpeed config <dict>:")
     assert len(info.value.problems) == 8 and isinstance(info.value, ValueError)
 
@@ -134,10 +144,12 @@ def test_all_contradictions_in_one_error():
 def test_batch_identity_contradiction_names_flags():
     tpl = template()
     tpl["train_batch_size"] = 32
-    with pytest.raises(DSConfigError, match=r"train_batch_size=32 in <dict> contradicts --micro-batch 4 × "
-                                            r"--grad-accum 2 × world size 2 = 16; fix: set train_batch_size to "
-                                            r'"auto" \(or 16\)'):
+    with pytest.raises(DSConfigError, match=r"train_batch_size=32 in <dict> contradicts `micro_batch` 4 × "
+                                            r"`grad_accum` 2 × world size 2 = 16; fix: set train_batch_size to "
+                                            r'"auto" \(or 16\)') as info:
         build_ds_config(tpl, run(explicit={"grad_accum"}), 2)
+    with field_words(flag_words):
+        assert "contradicts --micro-batch 4 × --grad-accum 2 × world size 2 = 16" in str(info.value)
 
 
 @pytest.mark.parametrize("micro,world,total", [(4, 2, 20), (3, 1, 10), (5, 3, 45 + 1)])

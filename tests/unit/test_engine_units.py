@@ -6,6 +6,8 @@ import pytest
 
 from rosa_ds import RosaConfig
 from rosa_ds.ds.checkpoint import FORMAT, CheckpointError, check_compatible, resolve
+from rosa_ds.errors import field_words
+from rosa_ds.recipe.words import flag_words
 from rosa_ds.schedule import ScheduleConfig
 
 
@@ -24,8 +26,10 @@ def test_resolve_uses_latest_and_accepts_a_checkpoint_dir(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*start without --resume"):
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*start without `resume`") as info:
         resolve(tmp_path, None)
+    with field_words(flag_words):
+        assert str(info.value).endswith("start without --resume")
 
 
 def test_half_written_checkpoint_is_refused(tmp_path):

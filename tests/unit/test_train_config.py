@@ -5,6 +5,7 @@ import pytest
 
 from rosa_ds import RosaConfig
 from rosa_ds.ds import config as dc
+from rosa_ds.errors import field_words
 from rosa_ds.recipe.config import (
     COMPONENTS,
     TrainConfig,
@@ -15,6 +16,7 @@ from rosa_ds.recipe.config import (
     save_resolved,
 )
 from rosa_ds.recipe.data import DataConfig
+from rosa_ds.recipe.words import flag_words
 from rosa_ds.schedule import ScheduleConfig
 
 
@@ -79,8 +81,10 @@ def test_explicit_flag_contradicting_json_is_reported(tmp_path):
     path.write_text(json.dumps(tpl))
     assert dc.batch_sizes(dc.build_ds_config(path, parse_args([]).run_values(10), 2))[0] == 2
     with pytest.raises(dc.DSConfigError,
-                       match="train_micro_batch_size_per_gpu=2 in .*ds.json contradicts --micro-batch 8"):
+                       match="train_micro_batch_size_per_gpu=2 in .*ds.json contradicts `micro_batch` 8") as info:
         dc.build_ds_config(path, parse_args(["--micro-batch", "8"]).run_values(10), 2)
+    with field_words(flag_words):  # the command line says the flag
+        assert "ds.json contradicts --micro-batch 8; fix: drop --micro-batch" in str(info.value)
 
 
 def test_saved_config_round_trips(tmp_path):
