@@ -30,14 +30,17 @@ hardware record, so runs spread over several machines stay attributed.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -183,11 +186,39 @@ def save(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+@contextmanager
+def one_sitting(path: Path, label: str):
+    """Hold an exclusive lock on ``path``'s sitting for the sitting's whole length: a second sitting
+    on the same results would train the same run into the same directory (each run's directory is
+    emptied first, so even the trainer's own output-dir lock would be deleted under it) and both
+    would rewrite the results file. The kernel drops the lock when the process ends, however it ends."""
+    lock = path.with_suffix(".sitting.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise SystemExit(f"{label}: another sitting is running on {path} ({f.read().strip() or 'pid unknown'}); "
+                             "fix: wait for it to end (or stop it), then run this again") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        f.flush()
+        yield
+
+
 def drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float] = None,
           max_runs: Optional[int] = None, runner: Callable = execute, splits_root: Optional[Path] = None,
           planner: Callable = plan, prepare: Callable = write_splits, label: str = "study") -> dict:
     """Run what is left of ``planner``'s plan (re-planned after every run), saving after each;
-    ``prepare(scale, root)`` writes the data files once and returns (their dir, a description)."""
+    ``prepare(scale, root)`` writes the data files once and returns (their dir, a description).
+    One sitting at a time per results file (``one_sitting``)."""
+    with one_sitting(path, label):
+        return _drive(scale, path, runs_dir, stop_after_s, max_runs, runner, splits_root, planner, prepare, label)
+
+
+def _drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float], max_runs: Optional[int],
+           runner: Callable, splits_root: Optional[Path], planner: Callable, prepare: Callable, label: str) -> dict:
     data = load(path, scale)
     splits, desc = prepare(scale, splits_root or runs_dir / f"{label}-{scale.name}")
     if data.get("splits", desc) != desc:

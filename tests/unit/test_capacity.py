@@ -206,3 +206,16 @@ def test_capacity_check_and_q1_follow_the_decision_rule(tmp_path):
     md = capacity_report.write(tmp_path / "capacity.json", CPU).read_text()
     assert "**capacity-bound**: test loss: full FT − LoRA r=8 = −0.1000" in md  # same jitter: sd 0, p 0
     assert "| Q1. ROSA r=8 beats LoRA r=8 where capacity binds (Arm 1, tuned AdamW) | **pending** |" in md
+
+
+def test_a_second_sitting_on_the_same_results_is_refused_in_one_line(tmp_path):
+    """Two sittings on one results file trained the same run into the same directory at once."""
+    from bench.study import one_sitting
+
+    results = tmp_path / "capacity.json"
+    with one_sitting(results, "capacity"):
+        with pytest.raises(SystemExit, match=r"another sitting is running on .*capacity.json \(pid \d+ since"):
+            with one_sitting(results, "capacity"):
+                pass
+    with one_sitting(results, "capacity"):  # released when the first ended
+        pass
