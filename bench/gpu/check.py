@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PAIR_SCRIPT = ROOT / "bench" / "gpu" / "pair_rank.py"
 STEP_SCRIPT = ROOT / "bench" / "gpu" / "step_rank.py"
+LOAD_SCRIPT = ROOT / "bench" / "gpu" / "load_rank.py"
 BNB_SCRIPT = ROOT / "tests" / "multirank" / "scripts" / "bnb_rank.py"
 # two ranks on one GPU: NCCL refuses two ranks of one host on one device ("Duplicate GPU"), so each
 # rank claims its own host and the ranks talk over sockets, as two nodes would
@@ -203,8 +204,18 @@ def check_step(ctx) -> dict:
     return {"ok": ok, "rows": r}
 
 
+def check_load(ctx) -> dict:
+    """``load_rank.py``: ZeRO-3 partitioned loading on the accelerator equals ``from_pretrained``
+    (every weight bit for bit, the logits of a fixed batch to 1e-6 relative), fp32 and bf16."""
+    rows = launch(LOAD_SCRIPT, ["--model", "tiny-llama"], 1, ctx.deadline.left(), ctx.accel_env)[0]["rows"]
+    ok = all(not r["params_differing"] and r["partitioned"] and r["logits_max_relative_difference"] <= 1e-6
+             for r in rows)
+    return {"ok": ok, "rows": {r["dtype"]: r for r in rows}}
+
+
 CHECKS = {
     "environment": check_environment,
+    "load_partitioned": check_load,
     "pair_zero3": check_pair(3),
     "pair_zero2": check_pair(2),
     "step_llama7b_shape": check_step,
@@ -213,7 +224,7 @@ CHECKS = {
     "factorization_quantization": check_gpu_check(["factorization", "quantization"]),
     "engine": check_gpu_check(["engine"]),
 }
-REHEARSAL = ["environment", "pair_zero3", "step_llama7b_shape"]
+REHEARSAL = ["environment", "pair_zero3", "step_llama7b_shape", "load_partitioned"]
 
 
 class Context:
