@@ -1,6 +1,6 @@
 """Which checkpoint a resume loads, decided from the files alone, before any weight loads.
 
-``choose`` runs in ``Trainer.check`` on every rank independently (no process group exists yet);
+``choose`` runs in the recipe's ``check`` on every rank independently (no process group exists yet);
 it reads only the files, so every rank chooses the same checkpoint. A checkpoint is intact when
 its ``COMPLETE`` manifest lists files that are all there with their sizes and sha256, its
 ``rosa_state.json`` reads, and the frozen record it names is intact the same way

@@ -170,7 +170,7 @@ class OutputLock:
                 seen = self._read()
                 holder = _parse(seen)
                 if holder is not None and all(holder.get(k) == me[k] for k in ("host", "pid", "start")):
-                    self.held = True  # this process took it already (``Trainer.check`` run twice)
+                    self.held = True  # this process took it already (``trainer.run`` called twice in one process)
                     return
                 if holder is not None and self._alive(holder):
                     raise ConfigError(self._in_use(holder, me["host"]))
