@@ -16,8 +16,8 @@ Three solvers give the singular directions (``RosaConfig.solver``):
 - ``svd``: ``torch.linalg.svd`` of W (LAPACK gesdd on CPU).
 - ``gram``: with X = W oriented tall (p x k, p >= k, k = min(m, n)), the eigenvectors
   of the k x k Gram matrix G = X^T X are X's right singular vectors and its eigenvalues are
-  S^2. One fp32 GEMM and one symmetric eigensolve cost ~2.2x less than the SVD (SmolLM2-135M's
-  210 matrices, one thread of a 2-core AMD EPYC: 5.85 s vs 12.86 s, bench/results/solvers.md).
+  S^2. One fp32 GEMM and one symmetric eigensolve cost about half of the SVD's time
+  (bench/results/solvers.md has the measurement).
   Squaring costs accuracy where S_i^2 < ~1e-3 S_0^2:
   there G's rounding (eps_32 |G|) is no longer small against S_i^2, so that tail's vectors are
   refined by a Rayleigh-Ritz step in fp64 with X itself (not G): Y = X V_tail, the SVD of the
@@ -294,8 +294,8 @@ def _factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.
                frozen: bool) -> Factors:
     w = weight.detach()
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-    # Tall orientation: the Gram matrix is then k x k, and LAPACK's divide-and-conquer SVD is
-    # ~1.8x faster on it (576x1536 0.13 s, its transpose 0.072 s, one thread of a 2-core Xeon).
+    # Tall orientation: the Gram matrix is then k x k, and LAPACK's divide-and-conquer SVD of a
+    # tall matrix is faster than of its wide transpose (about 1.8x on a 576 x 1536 weight).
     wide = w.shape[0] < w.shape[1]
     x = w.t() if wide else w
     start = time.perf_counter()
