@@ -8,6 +8,7 @@ JSON result, so tests compare numbers instead of asserting that it ran. ``launch
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -190,6 +191,13 @@ def wait_ranks(procs: list[subprocess.Popen], timeout: float) -> int:
     return failed & 0xFF
 
 
+def in_group(pgid: int) -> dict:
+    """``Popen`` arguments that start the child in process group ``pgid`` (0: a new one it leads)."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    return {"preexec_fn": functools.partial(os.setpgid, 0, pgid)}  # Python 3.10
+
+
 def signal_group(pgid: int, signum: int) -> None:
     try:
         os.killpg(pgid, signum)
@@ -224,7 +232,7 @@ def launch_direct(script: str | Path, args: list[str], cache: Path, world: int =
         try:
             for cmd, rank_env in ranks:
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=out, stderr=err,
-                                              process_group=procs[0].pid if procs else 0))
+                                              **in_group(procs[0].pid if procs else 0)))
             code = wait_ranks(procs, timeout)
         except subprocess.TimeoutExpired as e:
             e.output, e.stderr = read_back(out), read_back(err)
