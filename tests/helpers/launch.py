@@ -3,10 +3,12 @@
 ``launch_ranks`` starts N processes of a rank script (gloo on 127.0.0.1) the way DeepSpeed's
 launcher does (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and returns each rank's
 JSON result, so tests compare numbers instead of asserting that it ran. ``launch_cli`` runs
-``deepspeed --num_gpus N launch/train.py ...`` itself.
+``launch/train.py --output-dir OUT ARGS`` on N ranks: started directly (``launch_direct``) unless
+``runner="deepspeed"`` asks for the real ``deepspeed --num_gpus N`` runner (``launch_deepspeed``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -106,6 +108,11 @@ def run_session(cmd: list[str], env: dict, timeout: float, check: bool = True) -
     job is; raises with its output on failure if ``check``."""
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           start_new_session=True)
+    return checked(proc, check)
+
+
+def checked(proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    """``proc``; with ``check``, an AssertionError with its output if it failed."""
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -139,19 +146,127 @@ def launch_accelerate(script: str | Path, args: list[str], ds_config: Path, worl
     return run_session(cmd, launcher_env(), timeout)
 
 
+# DeepSpeed's per-node launcher (deepspeed/launcher/launch.py) polls its ranks once a second; when one
+# exits non-zero it sends the others SIGTERM, SIGKILL 30 s later, and exits with that rank's code.
+DS_POLL_S, DS_TERM_GRACE_S = 1.0, 30.0
+
+
+def direct_ranks(script: str | Path, args: list[str], env: dict, world: int = 2) -> list[tuple[list[str], dict]]:
+    """Each rank's command line and environment as DeepSpeed's per-node launcher gives them on one
+    node: ``python -u SCRIPT --local_rank=R ARGS`` with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE,
+    CROSS_RANK/CROSS_SIZE (node 0 of 1), MASTER_ADDR 127.0.0.1, a free MASTER_PORT and the visible
+    devices 0..N-1, on top of ``env`` (and the NVML-based CUDA check that importing DeepSpeed
+    turns on in the runner's environment unless set)."""
+    node = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(world), "CROSS_RANK": "0", "CROSS_SIZE": "1", "LOCAL_SIZE": str(world),
+            "CUDA_VISIBLE_DEVICES": ",".join(str(r) for r in range(world))}
+    return [([sys.executable, "-u", str(script), f"--local_rank={rank}", *args],
+             {**node, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(world)]
+
+
+def wait_ranks(procs: list[subprocess.Popen], timeout: float) -> int:
+    """The job's exit code as DeepSpeed's launcher passes it on: 0 once every rank exited 0; else
+    the first non-zero code (a rank killed by signal N: 256 - N, as its ``sys.exit(-N)`` gives),
+    the other ranks given ``DS_POLL_S`` to exit, then SIGTERM, then SIGKILL ``DS_TERM_GRACE_S``
+    later. Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds (the caller kills)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = next((code for code in codes if code), None)
+        if failed is not None or None not in codes:
+            break
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired([p.args for p in procs], timeout)
+        time.sleep(0.1)
+    if failed is None:
+        return 0
+    for signum, grace in ((None, DS_POLL_S), (signal.SIGTERM, DS_TERM_GRACE_S), (signal.SIGKILL, 10)):
+        if all(p.poll() is not None for p in procs):
+            break
+        if signum is not None:
+            signal_group(procs[0].pid, signum)
+        end = time.monotonic() + grace
+        while any(p.poll() is None for p in procs) and time.monotonic() < end:
+            time.sleep(0.1)
+    return failed & 0xFF
+
+
+def in_group(pgid: int) -> dict:
+    """``Popen`` arguments that start the child in process group ``pgid`` (0: a new one it leads)."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    return {"preexec_fn": functools.partial(os.setpgid, 0, pgid)}  # Python 3.10
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # every process of the group is gone
+        pass
+
+
+def launch_direct(script: str | Path, args: list[str], cache: Path, world: int = 2, check: bool = True,
+                  timeout: float = CLI_TIMEOUT, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``script`` on ``world`` ranks started here, without the ``deepspeed`` runner: what
+    ``launch_deepspeed`` runs, with the ranks' command lines and environments DeepSpeed's launcher
+    would give them (``direct_ranks``), its exit code (``wait_ranks``) and the ranks' output
+    together in stdout and stderr, as a ``CompletedProcess``.
+
+    Why: the runner imports DeepSpeed, then starts ``python -m deepspeed.launcher.launch``, which
+    imports it again, before any rank starts: seconds per launch that test nothing when the test is
+    about what the ranks do (a run's metrics, its checkpoints, its one-line errors). Where the
+    launcher is the point, tests keep the real one: ``launch_cli(..., runner="deepspeed")`` for
+    the documented ``deepspeed --num_gpus 2 launch/train.py`` run (tests/multirank/test_cli.py)
+    and the faults the runner takes part in (a SIGTERM to the job's process group, a rank whose
+    error the launcher must let reach the terminal); ``cli_command`` with the tests' own process
+    handling for signals, killed and hung ranks, the runner killed alone and ``python -m
+    rosa_ds.launch`` (tests/multirank/test_faults.py); ``launch_deepspeed`` and
+    ``launch_accelerate`` for the Hugging Face Trainer (tests/multirank/test_hf_trainer.py).
+
+    The ranks form one process group, led by rank 0, so that a timeout kills all of them (and
+    anything they started); it raises ``subprocess.TimeoutExpired`` with their output then."""
+    env = {**launcher_env(), "ROSA_DS_CACHE": str(cache), **(extra_env or {})}
+    ranks = direct_ranks(script, args, env, world)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        procs: list[subprocess.Popen] = []
+        try:
+            for cmd, rank_env in ranks:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=out, stderr=err,
+                                              **in_group(procs[0].pid if procs else 0)))
+            code = wait_ranks(procs, timeout)
+        except subprocess.TimeoutExpired as e:
+            e.output, e.stderr = read_back(out), read_back(err)
+            raise
+        finally:
+            if procs:
+                signal_group(procs[0].pid, signal.SIGKILL)  # a timeout, or a rank's leftover children
+            for p in procs:
+                p.wait()
+        return checked(subprocess.CompletedProcess(ranks[0][0], code, read_back(out), read_back(err)), check)
+
+
+def read_back(file) -> str:
+    file.seek(0)
+    return file.read().decode("utf-8", errors="replace")
+
+
 def cli_command(args: list[str], out: Path, world: int = 2, script: Path = ROOT / "launch" / "train.py",
                 extra_env: dict | None = None) -> tuple[list[str], dict]:
-    """The command line and environment of a CLI run (see ``launch_cli``)."""
+    """The command line and environment of a CLI run under the real ``deepspeed`` runner (see
+    ``launch_cli``)."""
     return deepspeed_command(script, ["--output-dir", str(out), *args], Path(out).parent / "cache", world, extra_env)
 
 
 def launch_cli(args: list[str], out: Path, world: int = 2, check: bool = True,
                timeout: float = CLI_TIMEOUT, script: Path = ROOT / "launch" / "train.py",
-               extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N launch/train.py --output-dir OUT ARGS`` (or ``script``) with a free
-    port, one thread per rank, a cache beside ``out`` and a hard timeout (``launch_deepspeed``)."""
-    return launch_deepspeed(script, ["--output-dir", str(out), *args], Path(out).parent / "cache", world, check,
-                            timeout, extra_env)
+               extra_env: dict | None = None, runner: str = "direct") -> subprocess.CompletedProcess:
+    """``launch/train.py --output-dir OUT ARGS`` (or ``script``) on ``world`` ranks with a free port,
+    one thread per rank, a cache beside ``out`` and a hard timeout: the ranks started directly
+    (``launch_direct``), or with ``runner="deepspeed"`` by ``deepspeed --num_gpus N``
+    (``launch_deepspeed``)."""
+    launch = {"direct": launch_direct, "deepspeed": launch_deepspeed}[runner]
+    return launch(script, ["--output-dir", str(out), *args], Path(out).parent / "cache", world, check, timeout,
+                  extra_env)
 
 
 def metrics_records(out: Path) -> list[dict]:

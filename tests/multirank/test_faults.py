@@ -1,4 +1,7 @@
-"""Faults on real CLI runs (2 CPU ranks, the DeepSpeed launcher, a tiny model).
+"""Faults on real CLI runs (2 CPU ranks, a tiny model). A fault the launcher takes part in (a signal
+to the job, a killed or hung rank, the runner killed, an error that must reach the terminal) runs
+under the real ``deepspeed`` runner or ``python -m rosa_ds.launch``; the checkpoint and resume cases
+start their ranks directly (``launch_cli``).
 
 Damaged checkpoints and a full disk: one trained output is shared (``trained``: 14 steps, a
 resample at step 7, checkpoints at steps 12 and 14 kept); each case copies it and damages the
@@ -255,17 +258,17 @@ def fault_args(assets, *extra):
             "--max-eval-samples", "8", "--num-samples", "0", *extra]
 
 
-def fault_run(assets, out, fault, *extra, rank=0, env=None, check=False):
-    return launch_cli(fault_args(assets, *extra), out, check=check, script=FAULT_SCRIPT,
+def fault_run(assets, out, fault, *extra, rank=0, env=None, check=False, runner="direct"):
+    return launch_cli(fault_args(assets, *extra), out, check=check, script=FAULT_SCRIPT, runner=runner,
                       extra_env={"ROSA_FAULT": fault, "ROSA_FAULT_RANK": str(rank), **(env or {})})
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, assets):
-    """``fault_args`` run without a fault: the reference of every resumed run below."""
-    full = tmp_path_factory.mktemp("faults") / "full"
-    launch_cli(fault_args(assets), full)
-    return full
+def uninterrupted(trained):
+    """The reference of every resumed run below: ``trained``, the same training as ``fault_args``
+    (the same template, data, seed and steps; its checkpoints every 3 steps and one greedy sample
+    per evaluation change no loss), so one launch serves both."""
+    return trained
 
 
 def rosa_launch(cmd: list) -> list:
@@ -327,7 +330,7 @@ def test_sigterm_to_the_job_saves_the_current_step_and_resume_loses_nothing(tmp_
     an uninterrupted run's bit for bit, each step recorded once."""
     full = uninterrupted
     out = tmp_path / "preempted"
-    proc = fault_run(assets, out, "sigterm@9")
+    proc = fault_run(assets, out, "sigterm@9", runner="deepspeed")  # the runner and launcher get it too
     assert "rosa_ds: preempted: stopped (SIGTERM) after step 9" in error_line(proc)
     assert "Traceback" not in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step_00000009"  # the epoch's end (7), then 9
@@ -495,7 +498,7 @@ def test_a_second_run_on_a_live_dir_is_refused_and_nan_stop_keeps_the_last_good_
 def test_an_error_found_first_by_rank_1_still_reaches_the_terminal(tmp_path, assets):
     """Rank 1 finds the error at once, rank 0 three seconds later: the launcher kills every rank
     when the first exits, so rank 1 waits for rank 0 to print (and is killed meanwhile)."""
-    proc = fault_run(assets, tmp_path / "run", "error@0", rank=1, env={"ROSA_FAULT_DELAY": "3"})
+    proc = fault_run(assets, tmp_path / "run", "error@0", rank=1, env={"ROSA_FAULT_DELAY": "3"}, runner="deepspeed")
     assert proc.returncode != 0
     assert error_line(proc) == "rosa_ds: error: --dataset has a record the run cannot use (an injected error)"
     assert "Traceback" not in proc.stderr

@@ -30,14 +30,24 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def test_zero3_loading_is_partitioned_and_exact(llama_dir):
+@pytest.fixture(scope="module")
+def large_run(tmp_path_factory, llama_dir):
+    """One launch for both tests (the export starts with the measured partitioned load): each
+    rank's results and the export's folder."""
+    out = tmp_path_factory.mktemp("large_export")
+    results = launch_ranks(SCRIPT, ["--model-dir", str(llama_dir[0]), "--out", str(out), "--max-shard", "30"],
+                           world_size=2, timeout=600)
+    return results, out
+
+
+def test_zero3_loading_is_partitioned_and_exact(llama_dir, large_run):
     """Each rank reads only its partition: the peak host memory a rank gains while loading is at
     most 0.6 x the model's bytes (half of it plus the largest module built in full by zero.Init),
     and the gathered parameters equal the saved ones bit for bit."""
     from transformers import AutoModelForCausalLM
 
     path, model_bytes = llama_dir
-    results = launch_ranks(SCRIPT, ["--model-dir", str(path)], world_size=2, timeout=300)
+    results, _ = large_run
     reference = AutoModelForCausalLM.from_pretrained(path)
     expected = {n: _digest(p) for n, p in reference.named_parameters()}
     for r in results:
@@ -48,7 +58,7 @@ def test_zero3_loading_is_partitioned_and_exact(llama_dir):
     assert sum(r["local_numel"] for r in results) >= model_bytes // 4  # the partitions cover the model
 
 
-def test_sharded_export_equals_the_merge_reloads_and_streams(llama_dir, tmp_path):
+def test_sharded_export_equals_the_merge_reloads_and_streams(llama_dir, large_run):
     """ZeRO-3, 2 ranks: the streamed export with 30 MB shards writes several shards and an index
     whose tensors equal the in-memory merge bit for bit, reloads with plain from_pretrained, and
     the writing rank's host memory grows by at most one shard + the largest unit + 48 MB (the
@@ -58,9 +68,8 @@ def test_sharded_export_equals_the_merge_reloads_and_streams(llama_dir, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    path, model_bytes = llama_dir
-    results = launch_ranks(SCRIPT, ["--mode", "export", "--model-dir", str(path), "--out", str(tmp_path),
-                                    "--max-shard", "30"], world_size=2, timeout=600)
+    _, model_bytes = llama_dir
+    results, tmp_path = large_run
     out = tmp_path / "model"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -74,5 +83,5 @@ def test_sharded_export_equals_the_merge_reloads_and_streams(llama_dir, tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert all(torch.equal(reloaded[k], merged[k]) for k in merged)
     largest_unit = max(v.numel() * v.element_size() for v in merged.values())
-    peak = results[0]["peak_increase"]
+    peak = results[0]["export_peak_increase"]
     assert peak <= (30 << 20) + largest_unit + (48 << 20), (peak, largest_unit, model_bytes)
