@@ -1,8 +1,8 @@
 """The GPU verdict's entry point (``bench/gpu/run.sh``) rehearsed on the CPU accelerator, so the
 one call a lent GPU gets cannot rot before a GPU arrives: a fake wheelhouse is installed offline
 into a temporary target, then the driver runs its environment check, the two-rank ZeRO-3 bf16
-pair (gloo) against one rank and the CPU fp32 reference, and the step check (on the tiny Llama),
-writing its verdict as it goes."""
+pair (gloo) against one rank and the CPU fp32 reference, the step check (on the tiny Llama) and the
+partitioned load against ``from_pretrained``, writing its verdict as it goes."""
 import json
 import os
 import subprocess
@@ -53,6 +53,9 @@ def test_gpu_verdict_rehearsal_on_the_cpu_accelerator(tmp_path):
     assert pair["compare"]["loss_world2_vs_world1"] < 1e-3  # bf16 ZeRO-3 ranks vs one rank: same batches
     step = verdict["checks"]["step_llama7b_shape"]["rows"]  # the tiny Llama in a rehearsal
     assert step["losses"][-1] < step["losses"][0] and step["tokens_per_s"] > 0 < step["resample_seconds_per_layer"]
+    loaded = verdict["checks"]["load_partitioned"]["rows"]  # zero.Init once made the rotary inv_freq bf16
+    assert all(not loaded[d]["params_differing"] and loaded[d]["logits_max_relative_difference"] <= 1e-6
+               for d in ("fp32", "bf16")), loaded
     assert verdict["verdict"] == "passed so far" and "## pair_zero3: passed" in (out / "gpu_verdict.md").read_text()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -116,16 +117,18 @@ def run_case(case: str, rank: int, world: int, report_dir: str = "") -> dict:
                counts.frozen, counts.groups, counts.buffers, counts.quantized, counts.masters),
            "regather": out_regather if persist else None,
            "rho": counts.rho, "n_trainable": counts.n_trainable, "n_frozen": counts.n_frozen}
-    if report_dir:  # the trainer's hook, on a duck-typed trainer, after the step
+    if report_dir:  # the run's report, for a duck-typed run spec, after the step
         from types import SimpleNamespace
 
         from rosa_ds.recipe.memory_report import write_run_report
+        from rosa_ds.recipe.methods import method_of
+        from rosa_ds.recipe.preflight import run_plan
 
-        cfg = SimpleNamespace(method=method, rosa=SimpleNamespace(rank=RANK_R), micro_batch=2,
+        cfg = SimpleNamespace(method=method, rosa=SimpleNamespace(rank=RANK_R, frozen_master=None), micro_batch=2,
                               data=SimpleNamespace(seq_len=12), optim=optimizer, gradient_checkpointing=False)
-        trainer = SimpleNamespace(engine=SimpleNamespace(ds=engine), cfg=cfg, rank=rank, world=world,
-                                  out=report_dir, ds_config=ds_config(stage, dtype, optimizer, offload))
-        report = write_run_report(trainer)
+        plan = run_plan(cfg, ds_config(stage, dtype, optimizer, offload), world, "cpu", dp_rank=rank)
+        spec = SimpleNamespace(memory=plan, rank=rank, out=Path(report_dir), method=method_of(method))
+        report = write_run_report(spec, SimpleNamespace(ds=engine))
         out["run_report_ok"] = all(r["ok"] for r in report["comparison"]) if rank == 0 else None
     engine.destroy() if hasattr(engine, "destroy") else None
     return out
