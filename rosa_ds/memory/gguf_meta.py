@@ -14,6 +14,8 @@ from ..errors import ConfigError
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# config field prefix -> the GGUF tokenizer key prefix (``tokenizer.ggml.<key>_token_id``)
+TOKEN_IDS = (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))
 
 
 class _Reader:
@@ -82,4 +84,6 @@ def llama_config_from_gguf(path: str | Path):
         max_position_embeddings=int(g("context_length", 2048)),
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(g("rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in names)
+        tie_word_embeddings="output.weight" not in names,
+        **{f"{name}_token_id": int(meta[f"tokenizer.ggml.{key}_token_id"]) for name, key in TOKEN_IDS
+           if f"tokenizer.ggml.{key}_token_id" in meta})

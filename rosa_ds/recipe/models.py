@@ -105,10 +105,18 @@ def resolve_model(spec: str, task: Optional[str] = None) -> ModelSource:
 
 
 def _gguf_config(source: ModelSource):
+    """An unconverted GGUF's config. A llama-architecture file's comes from its metadata alone
+    (``rosa_ds.memory.gguf_meta``: milliseconds, where transformers parses the whole file, ~5 s for
+    the default model on every rank); other architectures through transformers."""
     from transformers import AutoConfig
 
-    p = Path(source.location)
-    return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+    from ..memory.gguf_meta import llama_config_from_gguf
+
+    try:
+        return llama_config_from_gguf(source.location)
+    except ConfigError:  # not llama: transformers knows more architectures
+        p = Path(source.location)
+        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
 
 
 def load_config(spec_or_source):
@@ -138,7 +146,7 @@ def check_model_spec(spec: str, task: Optional[str] = None) -> ModelSource:
     if plain is not None:
         for weights in sorted(plain.glob("*.safetensors")):
             check_safetensors(weights)  # a damaged file is named here, not in a loader's traceback
-    # An unconverted GGUF's config takes ~15 s to parse; GGUF models are decoders, so skip it.
+    # GGUF models are decoders: the task check waits for the converted copy's full config.
     if task is not None and not (source.kind == "gguf" and not (converted_dir(source) / "config.json").is_file()):
         check_task(source, load_config(source), task)
     elif task is not None and task not in TASKS:

@@ -9,7 +9,7 @@ from rosa_ds.utils.sizes import parse_size
 from tests.helpers.launch import launch_cli, metrics_records
 
 BUDGET = "2.2GiB"  # below the default job's prediction (ZeRO-2: ~2.5 GiB per rank), above ZeRO-3's
-SHORT = ["--max-steps", "2", "--epochs", "1", "--max-train-samples", "32", "--max-eval-samples", "2",
+SHORT = ["--max-steps", "1", "--epochs", "1", "--max-train-samples", "32", "--max-eval-samples", "2",
          "--num-samples", "0"]
 
 

@@ -215,3 +215,20 @@ def test_gguf_cache_entry_is_keyed_by_content_not_path(tmp_path, monkeypatch):
     assert models.converted_dir(source(a)) == models.converted_dir(source(b))
     b.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)
     assert models.converted_dir(source(a)) != models.converted_dir(source(b))
+
+
+def test_an_unconverted_gguf_config_from_its_metadata_equals_transformers(tmp_path):
+    """The checks before weights load read an unconverted GGUF's config from its metadata alone
+    (transformers parses the whole file, ~5 s for the default model on every rank): the fields
+    any check reads must equal transformers' own reading."""
+    from transformers import AutoConfig
+
+    from tests.helpers.assets import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    fast = models._gguf_config(models.resolve_model(str(path)))
+    slow = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_parameters", "rms_norm_eps",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(fast, key) == getattr(slow, key), key
