@@ -244,7 +244,8 @@ def run_table(data: dict) -> list[str]:
                      f"{_f(r.get('train_wall_seconds'), '.0f')} | {_f(r.get('eval_seconds'), '.0f')} | "
                      f"{_f(r.get('val_loss'))} | {_f(r.get('test_loss'))} | {_f(r.get('fact_loss'))} | "
                      f"{_f(r.get('exact_match'), '.3f')} | {_f(mean_rank(r), '.1f')} |")
-    return lines
+    notes = [f"- {r['name']}: {r['recovered']}" for r in data["runs"].values() if r.get("recovered")]
+    return lines + (["", "Records rebuilt from their run directory:", "", *notes] if notes else [])
 
 
 def plan_table(data: dict, scale: Scale) -> list[str]:
