@@ -94,9 +94,9 @@ def resume_and_compare(out: Path, reference: dict) -> dict:
 
 
 def scenario(out: Path, fault: str, reference: dict, rank: int = 0, env: dict | None = None,
-             resume: bool = True, extra: tuple = ()) -> dict:
+             resume: bool = True, extra: tuple = (), rosa_launch: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    run = launch(out, fault, rank, extra=extra, env=env)
+    run = launch(out, fault, rank, extra=extra, env=env, rosa_launch=rosa_launch)
     done = [r["step"] for r in records(out) if "loss" in r and r.get("loss") is not None]
     ckpt = newest_checkpoint(out)
     row = {"exit_code": run["code"], "fault_to_end_s": run["fault_to_end_s"],
@@ -234,6 +234,7 @@ SCENARIOS = {  # name: (fault, what happens, runner)
     "runner": "SIGTERM to the deepspeed runner alone (ranks orphaned)",
     "sigkill": "SIGKILL of rank 1 (OOM killer)",
     "hang": "rank 1 hangs (--dist-timeout 0.2, 12 s)",
+    "hanglaunch": "rank 1 hangs, through python -m rosa_ds.launch (--dist-timeout 0.2, 12 s)",
     "nan": "NaN loss, --nan-policy stop",
     "damaged": "newest checkpoint truncated (resume falls back)",
     "diskfull": "disk full during a save (ENOSPC on rank 1)",
@@ -252,8 +253,9 @@ def run_one(name: str, ref_out: Path, reference: dict) -> dict:
         row = scenario(WORK / name, f"{name}@{STEP}", reference)
     elif name == "sigkill":
         row = scenario(WORK / name, f"sigkill@{STEP}", reference, rank=1)
-    elif name == "hang":
-        row = scenario(WORK / name, f"hang@{STEP}", reference, rank=1, extra=("--dist-timeout", "0.2"))
+    elif name in ("hang", "hanglaunch"):  # the deepspeed runner adds its 30 s SIGTERM grace; rosa_ds.launch 5 s
+        row = scenario(WORK / name, f"hang@{STEP}", reference, rank=1, extra=("--dist-timeout", "0.2"),
+                       rosa_launch=name == "hanglaunch")
     elif name == "nan":
         row = scenario(WORK / name, f"nan@{STEP}", reference)
     else:
@@ -307,7 +309,9 @@ def markdown(r: dict) -> str:
              "runner itself at once (-15: killed by SIGTERM, shell code 143) while the ranks finish their step, save "
              "and exit 75; a rank's own code (3, 4, 2; 1 for a lost or hung peer) is passed on by the launcher; 247 is "
              "the launcher passing on -9, the SIGKILLed rank's (`python -m rosa_ds.launch` returns 1 for it); the "
-             "Slurm-like row runs through `python -m rosa_ds.launch`, which returns the ranks' code. "
+             "Slurm-like and the second hang row run through `python -m rosa_ds.launch`, which returns the ranks' "
+             "code. A hung rank under the `deepspeed` runner ends the job after --dist-timeout plus the runner's 30 s "
+             "SIGTERM grace; `python -m rosa_ds.launch` kills it 5 s after its peer's exit. "
              "Fault to job end: from the injection to the last "
              "process of the job gone. Steps lost: completed optimizer steps in no checkpoint, recomputed by "
              "`--resume` (`--save-every` bounds them); no data is lost in any row "
