@@ -14,8 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from ..ds import config as dsconfig
 from ..ds import verify
 from ..ds.agree import CheckpointError
@@ -92,10 +90,6 @@ def fill_ds_config(cfg: TrainConfig, steps: StepPlan, world: int) -> dict:
     return ds_config
 
 
-def accelerator() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check(cfg: TrainConfig, rank: int, world: int) -> RunSpec:
     """The run's ``RunSpec``, or one line naming the first problem and its fix (a ``RosaError``)."""
     out = Path(cfg.output_dir)
@@ -111,7 +105,7 @@ def check(cfg: TrainConfig, rank: int, world: int) -> RunSpec:
     # The memory check comes before tokenizing (a GGUF's tokenizer is its converted copy's). Packing
     # changes only the number of steps, which no field of the memory plan depends on.
     ds_config = fill_ds_config(cfg, plan_steps(cfg, len(raw.train), world, rank), world)
-    memory = run_plan(cfg, ds_config, world, accelerator(), dp_rank=rank)
+    memory = run_plan(cfg, ds_config, world, dsconfig.accelerator_name(), dp_rank=rank)
     fit = check_fits(cfg, model_config, replace(memory, dp_rank=0))  # every rank the same verdict
     tokenizer = load_tokenizer(source)
     data = tokenize_data(raw, tokenizer)  # chat-template errors and truncated conversations surface here
