@@ -14,6 +14,7 @@ from typing import Optional
 
 from bench.study_plan import ADAPTER_LRS, FULL_LRS, chosen_lr, extend_grid
 
+IDEA = "rs64-us"  # Q4, our own idea: ROSA every 64 steps with the uniform factor scale
 SGD_LRS = (3e-3, 1e-2, 3e-2, 1e-1)  # plain SGD on full FT; the paper's one shared rate is picked from these
 # memorizing random codes wants larger steps than continued training: the grids start where the LM grids end
 MEM_LRS = {"rosa": (1e-3, 2e-3, 4e-3, 8e-3), "lora": (1e-3, 2e-3, 4e-3, 8e-3), "full": (5e-5, 1e-4, 2e-4, 4e-4)}
@@ -83,14 +84,18 @@ SCALES = {
 
 
 def variant_flags(scale: Scale, variant: str) -> tuple[str, ...]:
-    """ROSA's resampling flags per Arm-1 variant: ``rs64`` every ``resample_every`` steps, ``ee`` every
-    epoch-equivalent, ``-rw`` with ``--rewarmup-steps``, ``fixed`` never; ``every<N>`` (growth) every N."""
-    if variant == "fixed":
-        return ("--resample-every", "never")
-    base, _, rw = variant.partition("-")
-    every = {"rs64": scale.resample_every, "ee": scale.epoch_equivalent}.get(base)
-    every = every if every is not None else int(base.removeprefix("every"))
-    return ("--resample-every", str(every)) + (("--rewarmup-steps", str(scale.rewarmup_steps)) if rw else ())
+    """ROSA's flags per Arm-1 variant: ``rs64`` every ``resample_every`` steps, ``ee`` every
+    epoch-equivalent, ``fixed`` never, ``every<N>`` (growth) every N; then ``-rw`` adds
+    ``--rewarmup-steps``, ``-us`` the uniform factor scale (Q4, ``RosaConfig.factor_scale``)."""
+    base, *extra = variant.split("-")
+    if base == "fixed":
+        out = ("--resample-every", "never")
+    else:
+        every = {"rs64": scale.resample_every, "ee": scale.epoch_equivalent}.get(base)
+        out = ("--resample-every", str(every if every is not None else int(base.removeprefix("every"))))
+    if "rw" in extra:
+        out += ("--rewarmup-steps", str(scale.rewarmup_steps))
+    return out + (("--factor-scale", "uniform") if "us" in extra else ())
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,9 @@ def block(scale: Scale, make, lrs, records: dict, seeds: tuple) -> tuple[list[Ca
 
 def arm1(scale: Scale, records: dict) -> tuple[list[CapacityRun], dict]:
     """Full FT and LoRA r=8 first (the capacity check), ROSA r=8 every ``resample_every`` steps,
-    then the ROSA variants at ROSA's chosen rate. Returns (runs, config -> chosen rate)."""
+    then the ROSA variants at ROSA's chosen rate, and Q4's idea (``rs64-us``: every 64 steps with
+    the uniform factor scale) with its own grid: the split changes the step each rate gives, so it
+    is tuned like a method. Returns (runs, config -> chosen rate)."""
     runs, rates = [], {}
     for method, rank, variant in (("full", 0, ""), ("lora", 8, ""), ("rosa", 8, "rs64")):
         part, rates[(method, variant)] = block(
@@ -162,7 +169,10 @@ def arm1(scale: Scale, records: dict) -> tuple[list[CapacityRun], dict]:
     if rosa is not None:
         runs += [CapacityRun("a1", "rosa", 8, s, rosa, v, phase="seeds") for v in scale.variants
                  for s in scale.test_seeds]
-    return runs, rates
+    part, rates[("rosa", IDEA)] = block(
+        scale, lambda lr, s, ph: CapacityRun("a1", "rosa", 8, s, lr, IDEA, phase=ph), scale.lrs["rosa"], records,
+        scale.test_seeds)
+    return runs + part, rates
 
 
 def arm2(scale: Scale, records: dict) -> list[CapacityRun]:

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from bench.capacity_plan import Scale, plan
+from bench.capacity_plan import IDEA, Scale, plan
 from bench.hardware import one_line
 from bench.paired_stats import min_detectable_effect, paired_t, sign_flip_p
 from bench.study_plan import finished, selection_loss
@@ -22,6 +22,7 @@ from bench.study_report import _fmt, finish_log_plot, stats
 ALPHA = 0.05
 CAPACITY_GAP = 0.03  # nats: full FT must beat LoRA r=8 by this much on test for the task to bind capacity
 LORA, ROSA, FULL, FIXED = "a1-lora-r8", "a1-rosa-r8-rs64", "a1-full", "a1-rosa-r8-fixed"
+OURS = f"a1-rosa-r8-{IDEA}"
 
 DECISION_RULE = f"""Written before any run of this suite; verdicts below apply it mechanically.
 
@@ -54,7 +55,13 @@ DECISION_RULE = f"""Written before any run of this suite; verdicts below apply i
   matrices, ROSA r=8 every 64 steps vs without resampling, paired by seed: *shown* if higher with
   p < {ALPHA}; *contradicted* if lower beyond noise; else *not shown*. The resample-count series
   (one seed) is shown as a figure, without a test.
-- **Q4, one idea of our own**: not implemented in this suite (see "Design notes"); no verdict.
+- **Q4, one idea of our own** (this rule written on 2026-12-07, before any Q4 run; the runs above
+  it had started): the uniform factor scale (`--factor-scale uniform`: A_i = u_i c, B_i = (s_i/c) v_iᵀ,
+  c² the mean drawn s_i, instead of √s_i on both, so the many small-s_i directions a random draw
+  picks move as fast as an average one), ROSA r=8 every 64 steps, its own rate chosen on validation
+  at seed 0, vs ROSA r=8 every 64 steps at ROSA's rate, paired by test seed. *shown*: lower, p < {ALPHA}
+  (the option is kept); *contradicted*: higher, p < {ALPHA}; *not shown*: otherwise (the option is
+  removed, as it did not win beyond noise). Its difference to LoRA r=8 is reported beside it.
 - A verdict is *pending* while any run it rests on is missing."""
 
 
@@ -175,7 +182,10 @@ def verdicts(g: dict, done: set[str], scale: Scale) -> list[tuple[str, str, str]
     c3 = compare(g, ROSA, FIXED, "dw_numerical_rank")
     out.append(("Q3. Resampling raises the rank of ΔW (Arm 1, ROSA r=8 every 64 steps vs never)",
                 verdict(c3, {ROSA, FIXED} <= done, lower_is_claim=False), say(c3, "every 64", "never", "ΔW rank")))
-    out.append(("Q4. One idea of our own", "not run", "not implemented in this suite (see Design notes)"))
+    c4 = compare(g, OURS, ROSA)
+    out.append(("Q4. Our idea, the uniform factor scale, beats ROSA's √S split (Arm 1, ROSA r=8 every 64)",
+                verdict(c4, {OURS, ROSA} <= done), say(c4, "uniform", "√S") + "; against LoRA: "
+                + say(compare(g, OURS, LORA), "uniform", "LoRA r=8")))
     return out
 
 
@@ -326,11 +336,13 @@ DESIGN_NOTES = """- **Epoch-equivalent**: the data is one pass, so ROSA's "every
   to ‖ΔW‖ (the smoke run at rate 0 read rank ~560 of 576 for q_proj from round-off alone).
 - **The rank of ΔW vs resamples**: one finished run per resample count (never, every 128, 64, 32,
   16 steps), not checkpoints inside one run: each point has its own full schedule.
-- **Not yet built (TODO, Q4)**: gradient-aligned subspaces (`--strategy gradient`: at a resample,
-  keep the R triplets with the largest |u_iᵀ G v_i|, G the gradient of the merged weight, which
-  needs a gradient pass at resample time inside the engine's resample path); and a per-direction
-  step that undoes the √S_i scaling of the factors. Either would join Arm 1 as a ROSA variant at
-  ROSA's rate and be kept only if it beats ROSA every-64 beyond noise."""
+- **Q4, why this idea**: a step of η on the factors moves W along drawn direction i by about
+  η(|A_i| + |B_i|), 2η√s_i under ROSA's split; SmolLM2's spectra are heavy-tailed, so most of the
+  R random draws are small-s_i directions that barely move at a rate that is safe for the large
+  ones, while LoRA's fixed-norm factors move every direction alike. The uniform split keeps A B (the
+  model, W_f, the resample) identical and changes only that. It gets its own rate grid because it
+  changes what each rate does. Not built: gradient-aligned subspaces (keep the R triplets with the
+  largest |u_iᵀ G v_i|, which needs a dense gradient pass inside the engine's resample)."""
 
 
 def _blocks(splits: dict) -> str:
@@ -377,7 +389,7 @@ def write(path: Path, scale: Scale) -> Path:
               "## Verdicts", "", "| question | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {q} | **{v}** | {e} |" for q, v, e in verdicts(g, done, scale)]
     lines += ["", "## Arm 1: tuned AdamW (test loss, test seeds)", "",
-              *result_table(g, [FULL, LORA, ROSA] + [f"a1-rosa-r8-{v}" for v in scale.variants]), "",
+              *result_table(g, [FULL, LORA, ROSA] + [f"a1-rosa-r8-{v}" for v in scale.variants] + [OURS]), "",
               "## Arm 2: the paper's protocol (plain SGD, one shared rate)", "",
               *result_table(g, ["a2-full"] + [f"a2-{m}-r{R}" for R in scale.arm2_ranks for m in ("lora", "rosa")]),
               "", "## ΔW per layer type (numerical / effective rank, first test seed)", "",

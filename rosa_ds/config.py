@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from .factorize import SOLVERS, STRATEGIES
+from .factorize import FACTOR_SCALES, SOLVERS, STRATEGIES
 from .quant import QUANT_TYPES
 from .utils.options import OptionError, check_options, opt
 from .utils.packages import is_installed
@@ -56,6 +56,11 @@ class RosaConfig:
             elsewhere it is ``gram``), ``gram`` (all eigenvectors of the Gram matrix), both with
             the small-singular-value tail refined in fp64, or ``svd`` (``torch.linalg.svd``).
             Either way W_f + A B = W exactly (see ``rosa_ds.factorize``).
+        factor_scale: how each drawn singular value s_i is split between the factors: ``sqrt``
+            (A_i = u_i sqrt(s_i), B_i = sqrt(s_i) v_i^T, the paper's) or ``uniform`` (A_i = u_i c,
+            B_i = (s_i / c) v_i^T, c^2 the mean drawn s_i: a small-s_i direction moves as fast
+            under a given learning rate as an average one). The product A B, hence the model, is the
+            same; only the training dynamics differ (``rosa_ds.factorize``).
         frozen_master: keep an fp32 master of a bf16 / fp16 W_f in host RAM, which every merge
             reads and writes, so that W_f is rounded once from it instead of re-rounded at every
             resample (under DeepSpeed only the layer's owner rank keeps it: 4 bytes per adapted
@@ -79,6 +84,8 @@ class RosaConfig:
         QUANT_TYPES)
     solver: str = opt("tridiag", "ROSA: singular directions from the Gram matrix's drawn eigenpairs only (fastest), "
                       "all its eigenvectors, or torch's svd", SOLVERS)
+    factor_scale: str = opt("sqrt", "ROSA: split of each singular value between A and B: sqrt (the paper's) or "
+                            "uniform (every drawn direction steps like an average one)", FACTOR_SCALES)
     frozen_master: Optional[bool] = opt(
         None, "ROSA: keep an fp32 master of a bf16/fp16 W_f (host RAM, on its owner rank) so merges never re-round "
               "it; default: on when training in bf16/fp16")
@@ -138,5 +145,6 @@ class RosaConfig:
             "init": self.init,
             "quantize_base": self.quantize_base,
             "solver": self.solver,
+            "factor_scale": self.factor_scale,
             "frozen_master": self.frozen_master,
         }

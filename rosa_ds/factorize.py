@@ -38,6 +38,16 @@ on the k side, s_i = |X v_i| and, in W's orientation,
 which equals U_I diag(S_I) V_I^T when V_I are exact singular vectors, and otherwise is still an
 exact projection of W onto the chosen subspace: W_f = W - A B holds the rest, and no solver
 error can change the function the layer computes.
+
+How s_i is split between the factors (``RosaConfig.factor_scale``; A B is the same either way):
+
+    sqrt     A_i = u_i sqrt(s_i),  B_i = sqrt(s_i) v_i^T      (the paper's)
+    uniform  A_i = u_i c,          B_i = (s_i / c) v_i^T,     c = sqrt(mean_I s)
+
+A step of size eta on the factors moves W along direction i by about eta (|A_i| + |B_i|): under
+``sqrt`` that is 2 eta sqrt(s_i), so with a heavy-tailed spectrum the many small-s_i directions a
+random draw picks barely move; under ``uniform`` every direction moves by at least eta c, the
+scale of an average drawn direction (what a LoRA factor's fixed-norm columns give).
 """
 from __future__ import annotations
 
@@ -63,6 +73,7 @@ if TYPE_CHECKING:
 SVD_CALLS = {"count": 0, "seconds": 0.0}
 SOLVERS = ("tridiag", "gram", "svd")
 STRATEGIES = ("random", "smallest", "largest")
+FACTOR_SCALES = ("sqrt", "uniform")
 # Gram eigenvalues below GRAM_TAIL * largest (S_i < 3.2% of S_0) are refined in fp64 (see above).
 GRAM_TAIL = 1e-3
 # fp64 work is done in row blocks of at most this many elements (32 MiB of fp64), so the extra memory
@@ -280,18 +291,30 @@ def _tridiag_directions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator, solver: str = "tridiag",
-              frozen: bool = True) -> Factors:
+              frozen: bool = True, scale: str = "sqrt") -> Factors:
     """Split ``weight`` (m x n) into (W_f, A, B); see the module docstring for the maths.
 
-    ``frozen=False`` skips W_f (returned as None) for callers that compute it themselves. Runs with
-    IEEE fp32 matmuls (``ieee_fp32``) whatever the global TF32 / bf16 setting.
+    ``frozen=False`` skips W_f (returned as None) for callers that compute it themselves; ``scale``
+    splits each s_i between A and B (module docstring). Runs with IEEE fp32 matmuls (``ieee_fp32``)
+    whatever the global TF32 / bf16 setting.
     """
     with ieee_fp32():
-        return _factorize(weight, rank, strategy, generator, solver, frozen)
+        return _factorize(weight, rank, strategy, generator, solver, frozen, scale)
+
+
+def side_norms(s: torch.Tensor, scale: str, wide: bool) -> torch.Tensor:
+    """t (R,): the column norms of the factor built from V_I (A when ``wide``, else B^T); the other
+    factor is X V_I / t, of norms s / t, so each A_i B_i carries s_i whatever the split."""
+    if scale == "sqrt":
+        return s.sqrt()
+    if scale != "uniform":
+        raise ConfigError(f"unknown factor scale {scale!r}; choose one of {', '.join(FACTOR_SCALES)}")
+    c = s.mean().sqrt().clamp_min(torch.finfo(s.dtype).tiny)  # |A_i| = c: A is the V side when wide
+    return c.expand_as(s).clone() if wide else s / c
 
 
 def _factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator, solver: str,
-               frozen: bool) -> Factors:
+               frozen: bool, scale: str) -> Factors:
     w = weight.detach()
     w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
     # Tall orientation: the Gram matrix is then k x k, and LAPACK's divide-and-conquer SVD of a
@@ -304,11 +327,11 @@ def _factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.
     SVD_CALLS["seconds"] += time.perf_counter() - start
     xv = x @ v_i  # p x R
     # s_i = |X v_i| (exact for the chosen vector; a zero direction stays zero, not NaN)
-    root = xv.norm(dim=0).clamp_min(torch.finfo(w.dtype).tiny).sqrt()
+    t = side_norms(xv.norm(dim=0).clamp_min(torch.finfo(w.dtype).tiny), scale, wide)
     if wide:  # W = X^T: V_I is W's left side
-        a, b = v_i * root, (xv / root).t()
+        a, b = v_i * t, (xv / t).t()
     else:
-        a, b = xv / root, root[:, None] * v_i.t()
+        a, b = xv / t, t[:, None] * v_i.t()
     a, b = a.contiguous(), b.contiguous()
     return Factors(w_frozen=frozen_part(w, a, b) if frozen else None, a=a, b=b)
 
@@ -364,4 +387,4 @@ def new_factors(weight: torch.Tensor, config: RosaConfig, resample_index: int, l
     gen = make_generator(layer_seed(config.seed, resample_index, layer_index))
     if config.init == "lora":
         return lora_init(weight, config.rank, gen)
-    return factorize(weight, config.rank, config.strategy, gen, config.solver, frozen)
+    return factorize(weight, config.rank, config.strategy, gen, config.solver, frozen, config.factor_scale)

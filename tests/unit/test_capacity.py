@@ -10,7 +10,7 @@ import torch
 from bench import capacity_report
 from bench.capacity_data import BLOCK, BlockSizes, article_blocks, fact_names, facts, split_articles, write_blocks
 from bench.capacity_eval import recalled
-from bench.capacity_plan import SCALES, plan
+from bench.capacity_plan import IDEA, SCALES, plan
 from bench.paired_stats import min_detectable_effect, paired_t, sign_flip_p, t_power, t_two_sided_p
 from bench.study import duplicate_groups
 from rosa_ds.recipe.data.sources import read_bbc
@@ -103,8 +103,16 @@ def test_rosa_variants_run_at_rosas_rate_and_arm2_at_full_fts_sgd_rate():
     records = {f"a1-rosa-r8-rs64-lr{x:g}-s0": _done(v) for x, v in zip(CPU.lrs["rosa"], (3.2, 3.1, 3.0, 3.05))}
     records.update({f"a2-full-lr{x:g}-s0": _done(v) for x, v in zip(CPU.sgd_lrs, (3.3, 3.1, 3.2, 3.4))})
     runs = plan(CPU, records)
-    variants = [r for r in runs if r.config.startswith("a1-rosa-r8-") and r.config != "a1-rosa-r8-rs64"]
+    variants = [r for r in runs if r.config.startswith("a1-rosa-r8-") and r.variant not in ("rs64", IDEA)]
     assert {r.variant for r in variants} == set(CPU.variants) and {r.lr for r in variants} == {1e-3}
+    # Q4's idea changes what a rate does: its own grid (seed 0), no seeds before it is finished
+    ours = [r for r in runs if r.variant == IDEA]
+    assert [(r.lr, r.seed) for r in ours] == [(x, 0) for x in CPU.lrs["rosa"]]
+    flags = ours[0].flags(CPU, Path("/d"))
+    assert flags[flags.index("--factor-scale") + 1] == "uniform" and "--rewarmup-steps" not in flags
+    assert flags[flags.index("--resample-every") + 1] == str(CPU.resample_every)
+    rw = [r for r in variants if r.variant == "rs64-rw"][0].flags(CPU, Path("/d"))
+    assert rw[rw.index("--rewarmup-steps") + 1] == str(CPU.rewarmup_steps) and "--factor-scale" not in rw
     arm2 = [r for r in runs if r.arm == "a2" and r.phase == "seeds"]
     assert {r.lr for r in arm2} == {1e-2} and {r.seed for r in arm2} == set(CPU.arm2_seeds)
     flags = {r.config: r.flags(CPU, Path("/d")) for r in arm2}

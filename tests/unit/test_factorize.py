@@ -33,6 +33,26 @@ def test_factors_are_the_selected_singular_triplets(rel):
         assert torch.allclose(s_frozen, s[rest], atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(10, 7), (7, 10)])
+def test_uniform_factor_scale_moves_the_singular_value_into_b_and_keeps_the_product(shape, rel):
+    """A_i = u_i c, B_i = (s_i / c) v_i^T, c^2 the mean drawn s_i: the same A B and W_f as the
+    paper's sqrt split (only the factors' norms differ), tall and wide."""
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    paper = factorize(w, 3, "random", make_generator(1))
+    ours = factorize(w, 3, "random", make_generator(1), scale="uniform")
+    assert rel(ours.a @ ours.b, paper.a @ paper.b) < 1e-12 and rel(ours.w_frozen, paper.w_frozen) < 1e-12
+    drawn = s[select_indices(s, 3, "random", make_generator(1))]
+    c = drawn.mean().sqrt()
+    assert torch.allclose(ours.a.norm(dim=0), c.expand(3), rtol=1e-10)
+    assert torch.allclose(ours.b.norm(dim=1), drawn / c, rtol=1e-10)
+    assert torch.allclose(paper.a.norm(dim=0), drawn.sqrt(), rtol=1e-10)
+    assert new_factors(w, RosaConfig(rank=3, factor_scale="uniform"), 0, 0).a.norm(dim=0).std() < 1e-10
+    with pytest.raises(ValueError, match="factor_scale"):
+        RosaConfig(factor_scale="log")
+
+
 def test_select_indices_smallest_largest():
     s = torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0])
     assert select_indices(s, 2, "largest").tolist() == [0, 1]
