@@ -337,9 +337,11 @@ DESIGN_NOTES = """- **Epoch-equivalent**: the data is one pass, so ROSA's "every
 - **The rank of ΔW vs resamples**: one finished run per resample count (never, every 128, 64, 32,
   16 steps), not checkpoints inside one run: each point has its own full schedule.
 - **Q4, why this idea**: a step of η on the factors moves W along drawn direction i by about
-  η(|A_i| + |B_i|), 2η√s_i under ROSA's split; SmolLM2's spectra are heavy-tailed, so most of the
-  R random draws are small-s_i directions that barely move at a rate that is safe for the large
-  ones, while LoRA's fixed-norm factors move every direction alike. The uniform split keeps A B (the
+  η(|A_i| + |B_i|), 2η√s_i under ROSA's split, so small-s_i directions move slowly at a rate that
+  is safe for the large ones, while LoRA's fixed-norm factors move every direction alike. Measured
+  before the runs, the effect to expect is modest: on SmolLM2's 210 matrices the median direction's
+  √s_i is 0.97 of √(mean s) (0.63 at the lowest) and 7.6% of the directions (37.5% in the most
+  skewed matrix) step under half as fast as an average one. The uniform split keeps A B (the
   model, W_f, the resample) identical and changes only that. It gets its own rate grid because it
   changes what each rate does. Not built: gradient-aligned subspaces (keep the R triplets with the
   largest |u_iᵀ G v_i|, which needs a dense gradient pass inside the engine's resample)."""

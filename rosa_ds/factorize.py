@@ -45,9 +45,9 @@ How s_i is split between the factors (``RosaConfig.factor_scale``; A B is the sa
     uniform  A_i = u_i c,          B_i = (s_i / c) v_i^T,     c = sqrt(mean_I s)
 
 A step of size eta on the factors moves W along direction i by about eta (|A_i| + |B_i|): under
-``sqrt`` that is 2 eta sqrt(s_i), so with a heavy-tailed spectrum the many small-s_i directions a
-random draw picks barely move; under ``uniform`` every direction moves by at least eta c, the
-scale of an average drawn direction (what a LoRA factor's fixed-norm columns give).
+``sqrt`` that is 2 eta sqrt(s_i), so a drawn direction of small s_i moves slowly at a rate that is
+safe for the large ones; under ``uniform`` every direction moves by at least eta c, the scale of an
+average drawn direction (as a LoRA factor's fixed-norm columns give).
 """
 from __future__ import annotations
 
