@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from bench.study_plan import ADAPTER_LRS, FULL_LRS, chosen_lr, extend_grid
+from bench.study_plan import ADAPTER_LRS, FULL_LRS, chosen_lr, extend_grid, finished, selection_loss
 
 IDEA = "rs64-us"  # Q4, our own idea: ROSA every 64 steps with the uniform factor scale
 SGD_LRS = (3e-3, 1e-2, 3e-2, 1e-1)  # plain SGD on full FT; the paper's one shared rate is picked from these
@@ -214,4 +214,22 @@ def plan(scale: Scale, records: dict) -> list[CapacityRun]:
     if rosa is not None:
         runs += [CapacityRun("growth", "rosa", 8, scale.test_seeds[0], rosa, f"every{n}", phase="seeds")
                  for n in scale.growth_every]
-    return runs
+    return nearest_first(runs, records)
+
+
+def nearest_first(runs: list[CapacityRun], records: dict) -> list[CapacityRun]:
+    """Within each config's grid, its unfinished rates nearest (in log) to its best finished one
+    first (ties: the lower rate), in the slots the grid already holds: the runs that can move the
+    choice come before those that can only confirm it. The choice itself (the whole grid's minimum)
+    does not depend on the order."""
+    out = list(runs)
+    for config in dict.fromkeys(r.config for r in runs):
+        grid = [(i, r) for i, r in enumerate(out) if r.config == config and r.phase == "grid"]
+        done = [r for _, r in grid if finished(records.get(r.name))]
+        slots = [i for i, r in grid if not finished(records.get(r.name))]
+        if not done or not slots:
+            continue
+        best = min(done, key=lambda r: (selection_loss(records[r.name]), r.lr)).lr
+        for i, r in zip(slots, sorted((out[i] for i in slots), key=lambda r: (abs(math.log(r.lr / best)), r.lr))):
+            out[i] = r
+    return out

@@ -99,6 +99,16 @@ def test_plan_starts_with_the_capacity_check_and_names_seeds_after_the_grid():
     assert [(r.seed, r.lr) for r in seeds] == [(1, 5e-4), (2, 5e-4), (3, 5e-4)]
 
 
+def test_a_grid_runs_the_rates_next_to_its_best_first():
+    """Full FT at 5e-5 beat 1e-5: 1e-4 (a factor 2 away) runs before 2e-5 (2.5 away), in the grid's slots."""
+    records = {"a1-full-lr5e-05-s0": _done(3.42), "a1-full-lr1e-05-s0": _done(3.57)}
+    runs = plan(CPU, records)
+    todo = [r.name for r in runs if r.config == "a1-full" and r.name not in records]
+    assert todo == ["a1-full-lr0.0001-s0", "a1-full-lr2e-05-s0"]
+    assert [r.name for r in runs[:2]] == ["a1-full-lr5e-05-s0", "a1-lora-r8-lr0.001-s0"]  # the pilots still lead
+    assert sorted(r.name for r in runs) == sorted(r.name for r in plan(CPU, {}))  # the same runs, reordered
+
+
 def test_rosa_variants_run_at_rosas_rate_and_arm2_at_full_fts_sgd_rate():
     records = {f"a1-rosa-r8-rs64-lr{x:g}-s0": _done(v) for x, v in zip(CPU.lrs["rosa"], (3.2, 3.1, 3.0, 3.05))}
     records.update({f"a2-full-lr{x:g}-s0": _done(v) for x, v in zip(CPU.sgd_lrs, (3.3, 3.1, 3.2, 3.4))})
