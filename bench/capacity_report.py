@@ -57,7 +57,7 @@ DECISION_RULE = f"""Written before any run of this suite; verdicts below apply i
   (one seed) is shown as a figure, without a test.
 - **Q4, one idea of our own** (this rule written on 2026-12-07, before any Q4 run; the runs above
   it had started): the uniform factor scale (`--factor-scale uniform`: A_i = u_i c, B_i = (s_i/c) v_iᵀ,
-  c² the mean drawn s_i, instead of √s_i on both, so the many small-s_i directions a random draw
+  c² the mean drawn s_i, instead of √s_i on both, so the small-s_i directions a random draw
   picks move as fast as an average one), ROSA r=8 every 64 steps, its own rate chosen on validation
   at seed 0, vs ROSA r=8 every 64 steps at ROSA's rate, paired by test seed. *shown*: lower, p < {ALPHA}
   (the option is kept); *contradicted*: higher, p < {ALPHA}; *not shown*: otherwise (the option is

@@ -310,7 +310,7 @@ def side_norms(s: torch.Tensor, scale: str, wide: bool) -> torch.Tensor:
     if scale != "uniform":
         raise ConfigError(f"unknown factor scale {scale!r}; choose one of {', '.join(FACTOR_SCALES)}")
     c = s.mean().sqrt().clamp_min(torch.finfo(s.dtype).tiny)  # |A_i| = c: A is the V side when wide
-    return c.expand_as(s).clone() if wide else s / c
+    return c.expand_as(s) if wide else s / c
 
 
 def _factorize(weight: torch.Tensor, rank: int, strategy: str, generator: torch.Generator, solver: str,
