@@ -153,18 +153,39 @@ def block(scale: Scale, make, lrs, records: dict, seeds: tuple) -> tuple[list[Ca
     return grid + ([] if lr is None else [make(lr, s, "seeds") for s in seeds]), lr
 
 
+def screen(scale: Scale, records: dict) -> Optional[bool]:
+    """The capacity check's screen on the seed-0 grids (the decision rule's amendment): None until
+    the full-FT and LoRA r=8 grids are finished; then whether full FT's best validation loss is
+    below LoRA r=8's. False: the task cannot show the capacity gap, and no test seed is spent on
+    either (the check is then "not capacity-bound" without them)."""
+    best = {}
+    for method, rank in (("full", 0), ("lora", 8)):
+        grid = extend_grid(scale.lrs[method], lambda lr, m=method, r=rank: CapacityRun("a1", m, r, scale.grid_seed, lr),
+                           records, scale.grid_extensions)
+        if chosen_lr(grid, records) is None:
+            return None
+        best[method] = min(selection_loss(records[r.name]) for r in grid)
+    return best["full"] < best["lora"]
+
+
 def arm1(scale: Scale, records: dict) -> tuple[list[CapacityRun], dict]:
-    """Full FT and LoRA r=8 first (the capacity check), ROSA r=8 every ``resample_every`` steps,
-    then the ROSA variants at ROSA's chosen rate, and Q4's idea (``rs64-us``: every 64 steps with
-    the uniform factor scale) with its own grid: the split changes the step each rate gives, so it
-    is tuned like a method. Returns (runs, config -> chosen rate)."""
-    runs, rates = [], {}
+    """The full-FT and LoRA r=8 grids first, then (unless the screen failed) their test seeds: the
+    capacity check. Then ROSA r=8 every ``resample_every`` steps, the ROSA variants at ROSA's chosen
+    rate, and Q4's idea (``rs64-us``: every 64 steps with the uniform factor scale) with its own
+    grid: the split changes the step each rate gives, so it is tuned like a method. Returns (runs,
+    config -> chosen rate)."""
+    runs, rates, seeds = [], {}, []
+    passed = screen(scale, records)
     for method, rank, variant in (("full", 0, ""), ("lora", 8, ""), ("rosa", 8, "rs64")):
         part, rates[(method, variant)] = block(
             scale, lambda lr, s, ph, m=method, r=rank, v=variant: CapacityRun("a1", m, r, s, lr, v, phase=ph),
             scale.lrs[method],
             records, scale.test_seeds)
-        runs += part
+        if method == "rosa":
+            runs += seeds + part
+        else:  # both grids before either's seeds: the screen needs the two
+            runs += [r for r in part if r.phase == "grid"]
+            seeds += [r for r in part if r.phase == "seeds" and passed is not False]
     rosa = rates[("rosa", "rs64")]
     if rosa is not None:
         runs += [CapacityRun("a1", "rosa", 8, s, rosa, v, phase="seeds") for v in scale.variants

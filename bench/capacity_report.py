@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from bench.capacity_plan import IDEA, Scale, plan
+from bench.capacity_plan import IDEA, Scale, plan, screen
 from bench.hardware import one_line
 from bench.paired_stats import min_detectable_effect, paired_t, sign_flip_p
 from bench.study_plan import finished, selection_loss
@@ -40,7 +40,12 @@ DECISION_RULE = f"""Written before any run of this suite; verdicts below apply i
 - **Capacity check first**: the task is capacity-bound if full FT − LoRA r=8 ≤ −{CAPACITY_GAP} nats
   (mean over test seeds) and p < {ALPHA}. If not, Question 1 is "not answerable at this size" and
   the task is enlarged (more training blocks, `train_blocks` in bench/capacity_plan.py) before Arm 1
-  counts.
+  counts. *Screen* (amendment of 2026-12-07, written while full FT at 4e-4 ran and before LoRA r=8's
+  grid had more than its 1e-3 run; seed-0 validation then: full FT 3.567 / 3.500 / 3.419 / 3.383 /
+  3.380 at 1e-5 … 2e-4, LoRA r=8 3.350 at 1e-3): once both seed-0 grids are finished, if full FT's
+  best validation loss is not below LoRA r=8's best, the check is "not capacity-bound" on the screen
+  and no test seed is spent on either (three full-FT seeds cost ~1.75 CPU-hours here and could only
+  confirm a gap in LoRA's favour); the ROSA runs of Arm 1 still run (Q3 and Q4 do not need the gap).
 - **Q1, ROSA > LoRA where capacity binds (Arm 1, tuned AdamW)**: ROSA r=8 resampling every 64
   steps vs LoRA r=8. *shown*: ROSA lower, p < {ALPHA}; *contradicted*: LoRA lower, p < {ALPHA};
   *not shown*: otherwise. The ROSA variants (epoch-equivalent, re-warmup, fixed) are secondary:
@@ -151,17 +156,24 @@ def chosen_runs(data: dict, scale: Scale) -> dict[str, dict[int, dict]]:
 
 # ---------------------------------------------------------------- verdicts
 
-def capacity_check(g: dict, done: set[str]) -> tuple[str, str, Optional[dict]]:
+def capacity_check(g: dict, done: set[str], data: Optional[dict] = None,
+                   scale: Optional[Scale] = None) -> tuple[str, str, Optional[dict]]:
     c = compare(g, FULL, LORA)
+    if data is not None and screen(scale, data["runs"]) is False:
+        best = {m: min((selection_loss(r), r["lr"]) for r in data["runs"].values()
+                       if r.get("config") == cfg and r.get("phase") == "grid" and finished(r))
+                for m, cfg in (("full FT", FULL), ("LoRA r=8", LORA))}
+        return "not capacity-bound (screen)", "seed-0 validation loss, best of each grid: " + ", ".join(
+            f"{m} {v:.3f} at {lr:g}" for m, (v, lr) in best.items()) + "; full FT is not lower, no test seeds", c
     if FULL not in done or LORA not in done or c is None:
         return "pending", say(c, "full FT", "LoRA r=8"), c
     bound = c["diff"] <= -CAPACITY_GAP and c["p"] < ALPHA
     return ("capacity-bound" if bound else "not capacity-bound"), say(c, "full FT", "LoRA r=8"), c
 
 
-def verdicts(g: dict, done: set[str], scale: Scale) -> list[tuple[str, str, str]]:
+def verdicts(g: dict, done: set[str], scale: Scale, data: Optional[dict] = None) -> list[tuple[str, str, str]]:
     out = []
-    cap, _, _ = capacity_check(g, done)
+    cap, _, _ = capacity_check(g, done, data, scale)
     c = compare(g, ROSA, LORA)
     v = verdict(c, {ROSA, LORA} <= done)
     if cap != "capacity-bound":
@@ -361,7 +373,7 @@ def write(path: Path, scale: Scale) -> Path:
     stem = path.with_suffix("")
     has_growth = plot_growth(g, scale, stem.parent / f"{stem.name}_rank.png")
     has_mem = plot_memorization(g, scale, stem.parent / f"{stem.name}_memorization.png")
-    cap, cap_evid, _ = capacity_check(g, done)
+    cap, cap_evid, _ = capacity_check(g, done, data, scale)
     sp = data.get("splits", {})
     flag = "" if scale.name == "cpu" else f" --scale {scale.name}"
     lines = [f"# Where does ROSA beat LoRA? The capacity suite (scale `{scale.name}`)", "",
@@ -389,7 +401,7 @@ def write(path: Path, scale: Scale) -> Path:
               f"{one_line(s['hardware'])}" for i, s in enumerate(data["sittings"])] or ["- no sitting yet"]
     lines += ["", "## Capacity check (first)", "", f"**{cap}**: {cap_evid}", "",
               "## Verdicts", "", "| question | verdict | evidence |", "|---|---|---|"]
-    lines += [f"| {q} | **{v}** | {e} |" for q, v, e in verdicts(g, done, scale)]
+    lines += [f"| {q} | **{v}** | {e} |" for q, v, e in verdicts(g, done, scale, data)]
     lines += ["", "## Arm 1: tuned AdamW (test loss, test seeds)", "",
               *result_table(g, [FULL, LORA, ROSA] + [f"a1-rosa-r8-{v}" for v in scale.variants] + [OURS]), "",
               "## Arm 2: the paper's protocol (plain SGD, one shared rate)", "",

@@ -226,6 +226,37 @@ def test_capacity_check_and_q1_follow_the_decision_rule(tmp_path):
     assert "| Q1. ROSA r=8 beats LoRA r=8 where capacity binds (Arm 1, tuned AdamW) | **pending** |" in md
 
 
+def _grids(full_best: float, lora_best: float) -> dict:
+    """Finished seed-0 grids of full FT and LoRA r=8, each best at an inner rate."""
+    runs = {}
+    for method, lrs, best in (("full", CPU.lrs["full"], full_best), ("lora-r8", CPU.lrs["lora"], lora_best)):
+        for x in lrs:
+            name = f"a1-{method}-lr{x:g}-s0"
+            runs[name] = {"name": name, "config": f"a1-{method}", "seed": 0, "lr": x, "phase": "grid", "started": "0",
+                          **_done(best + (0 if x == lrs[1] else 0.05))}
+    return runs
+
+
+def test_the_screen_spends_no_test_seeds_on_a_task_where_full_ft_is_not_ahead(tmp_path):
+    """Both grids first; then full FT's and LoRA's test seeds only if full FT's best validation loss is
+    below LoRA's. ROSA's Arm-1 runs are named either way (Q3 and Q4 do not need the gap)."""
+    first = [r.name for r in plan(CPU, {})]
+    grids = [n for n in first if n.startswith(("a1-full-", "a1-lora-"))]
+    assert first[:len(grids)] == grids  # no seed and no ROSA run before both grids
+    failed = plan(CPU, _grids(3.38, 3.35))
+    assert not [r for r in failed if r.config in ("a1-full", "a1-lora-r8") and r.phase == "seeds"]
+    assert any(r.config == "a1-rosa-r8-rs64" for r in failed)
+    passed = plan(CPU, _grids(3.30, 3.35))
+    assert {(r.config, r.seed) for r in passed if r.phase == "seeds" and r.arm == "a1"} == {
+        (c, s) for c in ("a1-full", "a1-lora-r8") for s in CPU.test_seeds}
+    (tmp_path / "capacity.json").write_text(json.dumps({"scale": "cpu", "sittings": [], "runs": _grids(3.38, 3.35)}))
+    md = capacity_report.write(tmp_path / "capacity.json", CPU).read_text()
+    lrs = CPU.lrs
+    assert (f"**not capacity-bound (screen)**: seed-0 validation loss, best of each grid: full FT 3.380 at "
+            f"{lrs['full'][1]:g}, LoRA r=8 3.350 at {lrs['lora'][1]:g}; full FT is not lower, no test seeds") in md
+    assert "| **not answerable at this size (task not capacity-bound)** |" in md
+
+
 def test_a_second_sitting_on_the_same_results_is_refused_in_one_line(tmp_path):
     """Two sittings on one results file trained the same run into the same directory at once."""
     from bench.study import one_sitting
