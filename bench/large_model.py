@@ -2,6 +2,7 @@
 
     python -m bench.large_model                 # writes bench/results/large_model.{json,md}
     python -m bench.large_model --old-loading   # also: every rank loads the whole model (from_pretrained)
+    python -m bench.large_model --layers 4 --solvers gram band   # writes bench/results/large_resample.{json,md}
 
 A Llama-shaped model (hidden 2560, 30 layers, MLP 6912, vocab 32000: 2.54B parameters, 10.2 GB in
 fp32) with random weights is saved once as bf16 safetensors under runs/large/model. Two CPU ranks
@@ -11,6 +12,10 @@ first factorization, 2 optimizer steps (fp32, 1 x 32 tokens), a resample, a chec
 plain ``from_pretrained``. Each phase's peak RSS per rank is recorded beside the accountant's
 prediction (``rosa_ds.memory.phases``). ``--old-loading`` measures what every rank loading the
 whole model in fp32 (``from_pretrained``, the ZeRO-1/2 path) costs, or how it fails.
+
+``--layers N --solvers A B``: the first N of the 30 layers (same shapes), the rank script run once per
+solver on the same saved model; the first factorization and the resample, which scale with the
+layer count, side by side, and scaled to 30 layers next to the whole model's committed phases.
 """
 from __future__ import annotations
 
@@ -114,12 +119,64 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def solver_runs(work: Path, layers: int, solvers: list[str], dry: bool) -> dict:
+    """The rank script once per solver on an N-layer model of the large shape (see the module docstring)."""
+    shape = {**(DRY if dry else SHAPE), "num_hidden_layers": layers}
+    model = work / f"layers{layers}" / "model"
+    params = make_model(model, shape)
+    runs = {}
+    for solver in solvers:
+        out = work / f"layers{layers}" / solver
+        shutil.rmtree(out, ignore_errors=True)
+        ranks = launch_ranks(ROOT / "bench" / "large_rank.py", ["--model-dir", str(model), "--out", str(out),
+                             "--solver", solver], world_size=2, timeout=5400)
+        runs[solver] = {"phases": [q["phases"] for q in ranks], "losses": ranks[0]["losses"],
+                        "resumed_equal": all(q["resumed_equal"] for q in ranks)}
+        shutil.rmtree(out, ignore_errors=True)
+    whole = json.loads((ROOT / "bench" / "results" / "large_model.json").read_text())
+    committed = {p: whole["ranks"][0]["phases"][p]["seconds"] for p in ("initialize", "resample")}
+    return {"params": params, "layers": layers, "of_layers": SHAPE["num_hidden_layers"], "hardware": describe(),
+            "runs": runs, "committed_whole_model": committed}
+
+
+def solver_markdown(r: dict) -> str:
+    solvers, scale = list(r["runs"]), r["of_layers"] / r["layers"]
+    secs = {s: {p: max(q[p]["seconds"] for q in r["runs"][s]["phases"]) for p in ("initialize", "resample", "step")}
+            for s in solvers}
+    lines = [f"# The first factorization and a resample by solver: {r['layers']} of the large model's "
+             f"{r['of_layers']} layers ({r['params'] / 1e9:.2f}B parameters)", "",
+             f"Machine: {one_line(r['hardware'])}. Command: `python -m bench.large_model --layers {r['layers']} "
+             f"--solvers {' '.join(solvers)}`: ZeRO-3, 2 CPU ranks, fp32, R = 8, the same saved model (hidden 2560, "
+             "MLP 6912, random bf16 weights) for each solver, run one after the other. Seconds are the slower "
+             "rank's; 'scaled' multiplies by the layer ratio (both phases run once per adapted layer, split over "
+             f"the ranks) for comparison with the whole model's committed run (bench/results/large_model.md).", "",
+             "| phase | " + " | ".join(f"{s} s" for s in solvers) + " | " + " | ".join(f"{s} scaled to "
+             f"{r['of_layers']} layers" for s in solvers) + " | whole model, committed |",
+             "|---|" + "---:|" * (2 * len(solvers) + 1)]
+    for p in ("initialize", "resample"):
+        lines.append(f"| {p} | " + " | ".join(f"{secs[s][p]:.1f}" for s in solvers) + " | "
+                     + " | ".join(f"{secs[s][p] * scale:.0f}" for s in solvers)
+                     + f" | {r['committed_whole_model'][p]:.0f} |")
+    lines += ["", "Two optimizer steps: " + ", ".join(f"{s} {secs[s]['step']:.1f} s" for s in solvers)
+              + ". Losses of the 2 steps (rank 0): " + "; ".join(f"{s} {r['runs'][s]['losses']}" for s in solvers)
+              + ". The step after a resume equals the uninterrupted one bit for bit: "
+              + ", ".join(f"{s} {r['runs'][s]['resumed_equal']}" for s in solvers) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old-loading", action="store_true")
     ap.add_argument("--work", default=str(ROOT / "runs" / "large"))
     ap.add_argument("--dry-run", action="store_true", help="a small model, results in the work directory only")
+    ap.add_argument("--layers", type=int, default=None, help="with --solvers: the first N layers only")
+    ap.add_argument("--solvers", nargs="+", default=None, help="compare RosaConfig solvers (writes large_resample)")
     args = ap.parse_args()
+    if args.solvers:
+        work = Path(args.work) / ("dry" if args.dry_run else "full")
+        r = solver_runs(work, args.layers or SHAPE["num_hidden_layers"], args.solvers, args.dry_run)
+        save_results(work if args.dry_run else ROOT / "bench" / "results", "large_resample", r, solver_markdown(r))
+        return
     shape = DRY if args.dry_run else SHAPE
     work, start = Path(args.work) / ("dry" if args.dry_run else "full"), time.perf_counter()
     params = make_model(work / "model", shape)

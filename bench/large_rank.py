@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--result", required=True)
+    ap.add_argument("--solver", default=None, help="RosaConfig.solver (default: RosaConfig's)")
     a = ap.parse_args()
     init_distributed()
     import transformers.models.llama.modeling_llama  # noqa: F401
@@ -62,11 +63,12 @@ def main() -> None:
         print(f"rank {rank}: {name} {phases[name]}", flush=True)
         return value
 
+    solver = {"solver": a.solver} if a.solver else {}
     config = AutoConfig.from_pretrained(a.model_dir)
     cfg = ds_config(world)
     model = phase("load", lambda: load_partitioned(lambda: AutoModelForCausalLM.from_config(config),
                                                    Path(a.model_dir), cfg, torch.float32))
-    engine = phase("initialize", lambda: rosa_ds.initialize(model, RosaConfig(rank=8, seed=0), config=cfg))
+    engine = phase("initialize", lambda: rosa_ds.initialize(model, RosaConfig(rank=8, seed=0, **solver), config=cfg))
     g = torch.Generator().manual_seed(rank)
     batches = [torch.randint(0, config.vocab_size, (MICRO, SEQ), generator=g) for _ in range(4)]
 

@@ -1,11 +1,14 @@
-"""What one resample's solver costs, today's ``gram`` solver and the ``tridiag`` solver side by side.
+"""What one resample's solver costs: the ``gram``, ``tridiag`` and ``band`` solvers side by side.
 
     python -m bench.resample_cost              # writes bench/results/resample_cost.{json,md}
     python -m bench.resample_cost --layers-2p5b 1 --max-matrices 21 --results /tmp/x   # a quicker look
 
-One thread (what each CPU rank runs), R = 8. For every matrix both solvers run ``factorize`` (the
+One thread (what each CPU rank runs), R = 8. For every matrix each solver runs ``factorize`` (the
 owner's whole per-layer work: singular directions, the draw, A, B and W_f) on the same input with
-the same generator, one right after the other, so their ratio is measured under the same load:
+the same generator, one right after the other, so their ratios are measured under the same load
+(``gram``: the whole-spectrum eigensolver the resample-cost issue was filed against; ``tridiag``:
+one-stage reduction and the drawn pairs only; ``band``: two-stage reduction, the drawn pairs by
+inverse iteration on the band, fp64 only where a draw lies in the Gram matrix's tail):
 
 * the real matrices of the default model (SmolLM2-135M: 210 matrices, k = 192 or 576);
 * a 2.5B-shaped layer set: the shapes of bench/large_model.py (hidden 2560, MLP 6912: four 2560 x 2560
@@ -17,7 +20,7 @@ the same generator, one right after the other, so their ratio is measured under 
 Accuracy per matrix, in fp64 on the fp32 results (s_i = |a_i| |b_i|, u_i, v_i the unit columns of A, B^T):
 residual max_i max(|W v_i - s_i u_i|, |W^T u_i - s_i v_i|) / |W|_2; exactness |W_f + A B - W|_F / |W|_F;
 for SmolLM2 also max_i |s_i - sigma_i| / sigma_i against ``torch.linalg.svdvals`` in fp64 at the drawn
-index; and how far the two solvers' A B differ.
+index; and how far ``band``'s A B is from ``gram``'s.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from bench.large_model import SHAPE
 from bench.report import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
-SOLVERS = ("gram", "tridiag")  # today's, the new one
+SOLVERS = ("gram", "tridiag", "band")  # the issue's baseline, the one-stage, the two-stage
 STRATEGIES = ("random", "smallest")
 
 
@@ -112,25 +115,26 @@ def measure(matrices: list[tuple[str, torch.Tensor]], rank: int, reference: bool
                 row[solver] = accuracy(w, f, norm2, exact, idx)
                 products[solver] = f.a.double() @ f.b.double()
             old = products["gram"]
-            row["product_difference"] = float((products["tridiag"] - old).norm() / old.norm())
+            row["product_difference"] = float((products["band"] - old).norm() / old.norm())
             rows.append(row)
         print(f"{j + 1}/{len(matrices)} {name}: " + ", ".join(
-            f"{r['strategy']} {r['gram_s']:.3f}s -> {r['tridiag_s']:.3f}s" for r in rows[-len(STRATEGIES):]),
+            f"{r['strategy']} " + " / ".join(f"{r[f'{s}_s']:.3f}" for s in SOLVERS) + " s"
+            for r in rows[-len(STRATEGIES):]),
             flush=True)
     return rows
 
 
 def floor_seconds(w: torch.Tensor) -> float:
-    """The Gram product and one tridiagonal reduction of it, alone: what any solver pays that finds
-    the drawn indices' place in the whole spectrum from the Gram matrix (``random``'s draw needs
-    that order), however it then gets the R vectors."""
-    from rosa_ds import tridiag
+    """The fp32 Gram product and its two-stage reduction, alone: what the ``band``
+    solver pays on every matrix before any vector (``random``'s draw needs the whole spectrum's
+    order), however it then gets the R vectors."""
+    from rosa_ds import band
     from rosa_ds.factorize import gram_lower, ieee_fp32
 
     x = w.t() if w.shape[0] < w.shape[1] else w
     with ieee_fp32():
         start = time.perf_counter()
-        tridiag.reduce(gram_lower(x.float()))
+        band.reduce(gram_lower(x.float()))
         return time.perf_counter() - start
 
 
@@ -143,7 +147,8 @@ def summary(rows: list[dict]) -> dict:
             entry[f"{solver}_s"] = sum(r[f"{solver}_s"] for r in sel)
             for key in sel[0][solver]:
                 entry[f"{solver}_{key}_max"] = max(r[solver][key] for r in sel)
-        entry["ratio"] = entry["tridiag_s"] / entry["gram_s"]
+        entry["ratio"] = entry["band_s"] / entry["gram_s"]
+        entry["ratio_tridiag"] = entry["band_s"] / entry["tridiag_s"]
         entry["floor_s"] = sum(r["floor_s"] for r in sel)
         entry["floor_ratio"] = entry["floor_s"] / entry["gram_s"]
         out[strategy] = entry
@@ -160,29 +165,29 @@ def extrapolate(rows: list[dict], layers_measured: int) -> dict:
 
 
 def table(title: str, summ: dict) -> list[str]:
+    both = " / ".join(SOLVERS)
     lines = [f"### {title}", "",
-             "| strategy | matrices | gram s | tridiag s | tridiag ÷ gram | floor ÷ gram | "
-             "residual max (gram / tridiag) | "
-             "exactness max (gram / tridiag) | orthogonality max (gram / tridiag) | rel. error of s_i "
-             "(gram / tridiag) | A B difference max |", "|---|---:|---:|---:|---:|---:|---|---|---|---|---:|"]
+             "| strategy | matrices | " + " | ".join(f"{s} s" for s in SOLVERS) + " | band ÷ gram | band ÷ tridiag | "
+             f"floor ÷ gram | residual max ({both}) | exactness max ({both}) | orthogonality max ({both}) | "
+             f"rel. error of s_i ({both}) | A B difference max |",
+             "|---|---:|" + "---:|" * (len(SOLVERS) + 3) + "---|---|---|---|---:|"]
+
+    def each(e, key):
+        return " / ".join(f"{e[f'{s}_{key}_max']:.1e}" for s in SOLVERS) if f"gram_{key}_max" in e else "–"
     for strategy, e in summ.items():
-        val = (f"{e['gram_value_rel_error_max']:.1e} / {e['tridiag_value_rel_error_max']:.1e}"
-               if "gram_value_rel_error_max" in e else "–")
-        lines.append(f"| {strategy} | {e['matrices']} | {e['gram_s']:.2f} | {e['tridiag_s']:.2f} | {e['ratio']:.2f} | "
-                     f"{e['floor_ratio']:.2f} | "
-                     f"{e['gram_residual_max']:.1e} / {e['tridiag_residual_max']:.1e} | "
-                     f"{e['gram_exactness_max']:.1e} / {e['tridiag_exactness_max']:.1e} | "
-                     f"{e['gram_orthogonality_max']:.1e} / {e['tridiag_orthogonality_max']:.1e} | {val} | "
-                     f"{e['product_difference_max']:.1e} |")
+        lines.append(f"| {strategy} | {e['matrices']} | " + " | ".join(f"{e[f'{s}_s']:.2f}" for s in SOLVERS)
+                     + f" | {e['ratio']:.2f} | {e['ratio_tridiag']:.2f} | {e['floor_ratio']:.2f} | "
+                     f"{each(e, 'residual')} | {each(e, 'exactness')} | {each(e, 'orthogonality')} | "
+                     f"{each(e, 'value_rel_error')} | {e['product_difference_max']:.1e} |")
     return lines + [""]
 
 
 def markdown(data: dict) -> str:
     r, x = data["results"], data["results"]["extrapolation"]
-    lines = ["# Resample solver cost: today's `gram` vs `tridiag`", "",
+    lines = ["# Resample solver cost: `gram`, `tridiag` and `band` side by side", "",
              f"Hardware: {one_line(data['hardware'])}. Command: "
-             f"`{data['command']}`. One thread, R = {r['rank']}, both solvers on the same matrix one after "
-             "the other (timings are per-matrix `factorize`: directions, draw, A, B and W_f).", "",
+             f"`{data['command']}`. One thread, R = {r['rank']}, the three solvers on the same matrix one "
+             "after the other (timings are per-matrix `factorize`: directions, draw, A, B and W_f).", "",
              *table("SmolLM2-135M, the default model's 210 matrices", r["smollm2"]["summary"]),
              *table(f"2.5B-shaped layers ({r['large']['layers']} layers, heavy-tailed spectra from SmolLM2)",
                     r["large"]["summary"]),
@@ -194,14 +199,15 @@ def markdown(data: dict) -> str:
              "(481 s first factorization, 631 s resample, Intel Xeon) also hold the gathers and writes.", "",
              "| solver | whole model, one thread | per rank of 2 |", "|---|---:|---:|",
              *[f"| {s} | {x[f'{s}_model_s']:.0f} s | {x[f'{s}_per_rank_of_2_s']:.0f} s |" for s in SOLVERS], "",
-             "Floor = the Gram product X^T X and one tridiagonal reduction of it (LAPACK sytrd, fp32), timed "
-             "alone on the same matrix: the part of the work that any solver pays which places the drawn indices "
-             "in the whole spectrum through the Gram matrix, as `random` needs (bisection, inverse iteration or "
-             "an index-range driver only change what comes after it). `smallest` and `largest` need only one end "
-             "of the spectrum and could avoid it (subspace iteration); this solver does not yet.", "",
+             "Floor = the fp32 Gram product X^T X (lower triangle) and its two-stage reduction "
+             "(LAPACK sytrd_sy2sb + sytrd_sb2st; eigenvalues are then found by bisection only where asked), timed "
+             "alone on the same matrix: what "
+             "`band` pays on every matrix before its first vector (a draw in the tail adds the same work again "
+             "in fp64). `smallest` and `largest` need only one end of the spectrum and could avoid the "
+             "reduction (subspace iteration); no solver here does.", "",
              "Residual = max over the drawn triplets of max(|W v − s u|, |Wᵀ u − s v|) / |W|₂ (fp64 on the fp32 "
              "factors); exactness = |W_f + A B − W|_F / |W|_F; orthogonality = max |VᵢᵀVᵢ − I|; A B difference = "
-             "|A B(tridiag) − A B(gram)|_F / |A B(gram)|_F (same drawn indices; the vectors differ in the last "
+             "|A B(band) − A B(gram)|_F / |A B(gram)|_F (same drawn indices; the vectors differ in the last "
              "bits, or by a rotation inside near-equal singular values). Per-matrix rows: resample_cost.json.", ""]
     return "\n".join(lines)
 

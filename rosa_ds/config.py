@@ -51,11 +51,13 @@ class RosaConfig:
             quantized with bitsandbytes' nf4 / LLM.int8() row-wise scheme (1/7 or 1/4 of fp32 bytes
             on the accelerator) and an fp32 master of W_f in host RAM that every merge updates and
             re-quantizes from, so resamples never accumulate quantization error.
-        solver: how the singular directions are computed: ``tridiag`` (default: one tridiagonal
-            reduction of the k x k Gram matrix and only the R drawn eigenpairs, on CPU tensors;
-            elsewhere it is ``gram``), ``gram`` (all eigenvectors of the Gram matrix), both with
-            the small-singular-value tail refined in fp64, or ``svd`` (``torch.linalg.svd``).
-            Either way W_f + A B = W exactly (see ``rosa_ds.factorize``).
+        solver: how the singular directions are computed: ``band`` (default: a two-stage reduction
+            of the k x k Gram matrix to a band and only the R drawn eigenpairs, in fp64 when a draw
+            lies in the small-singular-value tail; on CPU tensors with k >= 2048, elsewhere it is
+            ``tridiag``), ``tridiag`` (one tridiagonal reduction and the R drawn eigenpairs, on CPU
+            tensors; elsewhere it is ``gram``), ``gram`` (all eigenvectors of the Gram matrix),
+            both with the tail refined in fp64, or ``svd`` (``torch.linalg.svd``). Either way
+            W_f + A B = W exactly (see ``rosa_ds.factorize``).
         factor_scale: how each drawn singular value s_i is split between the factors: ``sqrt``
             (A_i = u_i sqrt(s_i), B_i = sqrt(s_i) v_i^T, the paper's) or ``uniform`` (A_i = u_i c,
             B_i = (s_i / c) v_i^T, c^2 the mean drawn s_i: a small-s_i direction moves as fast
@@ -82,8 +84,8 @@ class RosaConfig:
     quantize_base: Optional[str] = opt(
         None, "ROSA: store the frozen W_f quantized, nf4 or int8 (bitsandbytes), with an fp32 master in host RAM",
         QUANT_TYPES)
-    solver: str = opt("tridiag", "ROSA: singular directions from the Gram matrix's drawn eigenpairs only (fastest), "
-                      "all its eigenvectors, or torch's svd", SOLVERS)
+    solver: str = opt("band", "ROSA: singular directions from the Gram matrix's drawn eigenpairs only, by a band "
+                      "(fastest) or a tridiagonal reduction, all its eigenvectors, or torch's svd", SOLVERS)
     factor_scale: str = opt("sqrt", "ROSA: split of each singular value between A and B: sqrt (the paper's) or "
                             "uniform (every drawn direction steps like an average one)", FACTOR_SCALES)
     frozen_master: Optional[bool] = opt(

@@ -22,12 +22,17 @@ Three solvers give the singular directions (``RosaConfig.solver``):
   there G's rounding (eps_32 |G|) is no longer small against S_i^2, so that tail's vectors are
   refined by a Rayleigh-Ritz step in fp64 with X itself (not G): Y = X V_tail, the SVD of the
   thin p x t matrix Y rotates V_tail onto X's singular vectors and gives S_tail unsquared.
-- ``tridiag`` (default): the same Gram matrix (its lower triangle only), but one tridiagonal
+- ``tridiag``: the same Gram matrix (its lower triangle only), but one tridiagonal
   reduction and only the R drawn eigenpairs (``rosa_ds.tridiag``): the draw needs k only, so it
   comes first. The tail is computed and refined only when a drawn index lies in it, and then by
   the eigenvectors of the t x t fp64 matrix Y^T Y for the drawn indices instead of an SVD of Y.
-  SciPy's LAPACK serves CPU tensors; on an accelerator ``tridiag`` is ``gram``
-  (bench/results/resample_cost.md: both side by side, seconds and residuals).
+  SciPy's LAPACK serves CPU tensors; on an accelerator ``tridiag`` is ``gram``.
+- ``band`` (default): the Gram matrix reduced in two stages, to a band (matrix-matrix work) and
+  then to tridiagonal for the eigenvalues only, and the R drawn eigenvectors by inverse iteration
+  on the band (``rosa_ds.band``). Where a drawn index lies in the tail, G is formed and reduced
+  again in fp64 instead of refining a t-dimensional tail subspace: fp64 rounding stays far below
+  S_i^2 there. Below k = ``BAND_MIN``, on an accelerator or without the routines it is ``tridiag``
+  (bench/results/resample_cost.md: the three side by side, seconds and residuals).
 
 Either way the split is made exact for the directions actually chosen, V_I (k x R, orthonormal):
 on the k side, s_i = |X v_i| and, in W's orientation,
@@ -60,7 +65,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from . import tridiag
+from . import band, tridiag
 from .errors import ConfigError
 from .utils.log import warn_rank0
 
@@ -71,7 +76,7 @@ if TYPE_CHECKING:
 # SVDs computed in this process, counted so tests can check that each layer's SVD runs once in
 # the world per resample (owner-rank coordination), not once per rank.
 SVD_CALLS = {"count": 0, "seconds": 0.0}
-SOLVERS = ("tridiag", "gram", "svd")
+SOLVERS = ("band", "tridiag", "gram", "svd")
 STRATEGIES = ("random", "smallest", "largest")
 FACTOR_SCALES = ("sqrt", "uniform")
 # Gram eigenvalues below GRAM_TAIL * largest (S_i < 3.2% of S_0) are refined in fp64 (see above).
@@ -81,6 +86,9 @@ GRAM_TAIL = 1e-3
 BLOCK_ELEMENTS = 1 << 22
 # Narrowest column block of the Gram matrix's lower triangle (``gram_lower``).
 GRAM_BLOCK = 512
+# Below this k the two-stage reduction does not pay (``band``): one thread, the one-stage path was as fast
+# or faster up to k = 1536 (0.95-1.5x of band's time from k = 192 to 1536, Intel Xeon).
+BAND_MIN = 2048
 
 
 @contextlib.contextmanager
@@ -252,16 +260,19 @@ def drawn_directions(x: torch.Tensor, rank: int, strategy: str, generator: torch
     """V_I (k x R): the right singular vectors of the tall ``x`` (p x k) at the indices
     ``select_indices`` draws (in descending order of singular value), by ``solver``.
 
+    ``band`` on a CPU tensor with k >= ``BAND_MIN``: ``_band_directions``; otherwise it is ``tridiag``.
     ``tridiag`` on a CPU tensor with SciPy: one tridiagonal reduction of G = X^T X and only the
     drawn eigenpairs (``rosa_ds.tridiag``); the tail subspace is computed and refined
     (``refine_tail``) only if a drawn index lies in it. Anywhere else ``tridiag`` is ``gram``
     (``torch.linalg.eigh`` on the tensor's device): SciPy's LAPACK never sees an accelerator tensor.
     """
-    if solver == "tridiag" and tridiag.available(x.device):
+    if solver == "band" and band.available(x.device) and x.shape[1] >= BAND_MIN:
+        return _band_directions(x, draw_indices(x.shape[1], rank, strategy, generator), strategy)
+    if solver in ("band", "tridiag") and tridiag.available(x.device):
         return _tridiag_directions(x, draw_indices(x.shape[1], rank, strategy, generator))
-    if solver == "tridiag" and x.device.type == "cpu":
+    if solver in ("band", "tridiag") and x.device.type == "cpu":
         _warn_no_scipy()
-    s, v = singular_directions(x, "gram" if solver == "tridiag" else solver)
+    s, v = singular_directions(x, "gram" if solver in ("band", "tridiag") else solver)
     return v[:, select_indices(s.cpu(), rank, strategy, generator).to(v.device)]
 
 
@@ -269,6 +280,37 @@ def drawn_directions(x: torch.Tensor, rank: int, strategy: str, generator: torch
 def _warn_no_scipy() -> None:
     warn_rank0("solver 'tridiag' needs scipy and threadpoolctl on CPU; using 'gram' (same result, slower). "
                "Install them: pip install -r requirements.txt")
+
+
+def _band_directions(x: torch.Tensor, idx: torch.Tensor, strategy: str) -> torch.Tensor:
+    """V_I for descending indices ``idx`` (sorted) by the two-stage reduction (``rosa_ds.band``).
+
+    The Gram matrix is formed and reduced in fp32 unless a drawn index lies in its tail (S_i^2 <
+    ``GRAM_TAIL`` S_0^2), where fp32 rounding of G is no longer small against S_i^2: then G is formed
+    again in fp64 (``gram64``) and reduced in fp64, whose rounding (eps_64 |G|) stays far below
+    S_i^2 down to S_i ~ 1e-7 S_0, so no Rayleigh-Ritz refinement is needed. ``smallest`` draws from
+    the tail whenever there is one and goes to fp64 at once. A vector whose inverse iteration does
+    not converge sends this matrix to the one-stage path (``_tridiag_directions``).
+    """
+    k = x.shape[1]
+    drawn = [k - 1 - int(i) for i in idx]  # ascending indices of the drawn eigenpairs
+    try:
+        if x.dtype == torch.float32 and strategy != "smallest":
+            reduced = band.reduce(gram_lower(x))
+            if reduced.value(min(drawn)) >= GRAM_TAIL * reduced.value(k - 1):  # no draw in the tail
+                return band.vectors(reduced, drawn)
+        return band.vectors(band.reduce(gram64(x)), drawn).to(x.dtype)
+    except band.NotConverged:
+        return _tridiag_directions(x, idx)
+
+
+def gram64(x: torch.Tensor) -> torch.Tensor:
+    """G = X^T X (k x k, lower triangle) accumulated in fp64 over row blocks of X: no fp64 copy of X.
+    Products of fp32 numbers are exact in fp64, so G's only error is the fp64 summation's."""
+    g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for rows in row_blocks(x.shape[0], x.shape[1]):
+        g += gram_lower(x[rows].double())
+    return g
 
 
 def _tridiag_directions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

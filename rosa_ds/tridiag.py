@@ -43,11 +43,11 @@ def _backend():
     return lapack, ThreadpoolController()  # after SciPy's import, so it sees SciPy's own OpenBLAS
 
 
-def _lapack():
+def routines():
     return _backend()[0]
 
 
-def _threads():
+def threads():
     """SciPy's OpenBLAS limited to torch's thread count for the block: by default it starts a thread
     per core, and two ranks on two cores, each with a spinning pool, run many times slower."""
     return _backend()[1].limit(limits=torch.get_num_threads(), user_api="blas")
@@ -75,7 +75,7 @@ class Tridiagonal:
 def reduce(g: torch.Tensor) -> Tridiagonal:
     """Tridiagonal reduction of the symmetric ``g`` (k x k, fp32 or fp64, CPU). Only the lower
     triangle is read."""
-    with _threads():
+    with threads():
         return _reduce(g)
 
 
@@ -83,16 +83,22 @@ def _reduce(g: torch.Tensor) -> Tridiagonal:
     if g.shape[0] == 1:  # already tridiagonal; LAPACK's wrappers reject the empty off-diagonal
         d = g.double().numpy().reshape(1)
         return Tridiagonal(d, np.zeros(0), d.copy(), g.clone(), torch.zeros(0, dtype=g.dtype))
-    lapack = _lapack()
+    lapack = routines()
     prefix = "d" if g.dtype == torch.float64 else "s"
     k = g.shape[0]
     lwork, info = getattr(lapack, prefix + "sytrd_lwork")(k, lower=1)  # the blocked (fast) workspace
     c, d, e, tau, info = getattr(lapack, prefix + "sytrd")(np.asfortranarray(g.numpy()), lower=1, lwork=int(lwork))
     _check(info, "sytrd")
     d, e = d.astype(np.float64), e.astype(np.float64)
-    values, info = lapack.dsterf(d, e)
+    return Tridiagonal(d, e, eigenvalues(d, e), torch.from_numpy(np.ascontiguousarray(c)), torch.from_numpy(tau))
+
+
+def eigenvalues(d: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """All eigenvalues (ascending, fp64) of the tridiagonal matrix with diagonal ``d`` and off-diagonal
+    ``e`` (fp64), by LAPACK sterf (O(k^2), no vectors)."""
+    values, info = routines().dsterf(d, e)
     _check(info, "sterf")
-    return Tridiagonal(d, e, values, torch.from_numpy(np.ascontiguousarray(c)), torch.from_numpy(tau))
+    return values
 
 
 def vectors(tri: Tridiagonal, ascending: list[int]) -> torch.Tensor:
@@ -104,7 +110,7 @@ def vectors(tri: Tridiagonal, ascending: list[int]) -> torch.Tensor:
         return torch.ones(1, len(ascending), dtype=tri.reflectors.dtype)
     z = np.empty((k, len(ascending)))
     single = []
-    with _threads():
+    with threads():
         for start, stop, cols in _runs(ascending):
             if stop - start > RUN:
                 z[:, cols] = _range_vectors(tri, start, stop)
@@ -136,7 +142,7 @@ def _runs(ascending: list[int]):
 
 def _range_vectors(tri: Tridiagonal, start: int, stop: int) -> np.ndarray:
     """T's eigenvectors for ascending indices [start, stop), k x (stop - start), fp64."""
-    lapack, k = _lapack(), tri.d.shape[0]
+    lapack, k = routines(), tri.d.shape[0]
     if stop - start > DC_SHARE * k:
         _, z, info = lapack.dstevd(tri.d, tri.e, compute_v=1)
         _check(info, "stevd")
@@ -150,7 +156,7 @@ def _range_vectors(tri: Tridiagonal, start: int, stop: int) -> np.ndarray:
 def _isolated_vectors(tri: Tridiagonal, ascending: list[int]) -> np.ndarray:
     """T's eigenvectors for scattered ascending indices: each eigenvalue by bisection (stebz), then
     all vectors in one inverse-iteration call (stein), which wants them ordered by block, then value."""
-    lapack = _lapack()
+    lapack = routines()
     found = []
     for i in ascending:
         m, w, iblock, isplit, info = lapack.dstebz(tri.d, tri.e, 2, 0.0, 0.0, i + 1, i + 1, 0.0, "B")

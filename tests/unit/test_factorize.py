@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import rosa_ds.factorize as fz
-from rosa_ds import tridiag
+from rosa_ds import band, tridiag
 from rosa_ds.config import RosaConfig
 from rosa_ds.factorize import factorize, layer_seed, make_generator, new_factors, select_indices
 
@@ -143,23 +143,28 @@ def test_gram_solver_keeps_zero_directions_finite():
 
 
 def test_solver_names_and_validation():
-    with pytest.raises(ValueError, match="solver 'qr' does not exist; choose one of tridiag, gram, svd"):
+    with pytest.raises(ValueError, match="solver 'qr' does not exist; choose one of band, tridiag, gram, svd"):
         RosaConfig(solver="qr")
-    assert RosaConfig().solver == "tridiag" and RosaConfig(solver="svd").to_dict()["solver"] == "svd"
+    assert RosaConfig().solver == "band" and RosaConfig(solver="svd").to_dict()["solver"] == "svd"
 
 
 @needs_scipy
+@pytest.mark.parametrize("solver", ["tridiag", "band"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("shape", [(48, 20), (20, 48), (32, 32)])
 @pytest.mark.parametrize("strategy", ["random", "smallest", "largest"])
-def test_tridiag_solver_gives_the_svd_triplets(dtype, tol, shape, strategy, rel):
-    """Known, well-separated spectrum: the tridiag solver's A B is torch.linalg.svd's U_I S_I V_I^T at
-    the indices the draw gives (the draw is the gram solver's: same seed, same indices)."""
+def test_drawn_pair_solvers_give_the_svd_triplets(solver, dtype, tol, shape, strategy, rel, monkeypatch):
+    """Known, well-separated spectrum: the tridiag and band solvers' A B is torch.linalg.svd's
+    U_I S_I V_I^T at the indices the draw gives (the draw is the gram solver's: same seed, same
+    indices). ``band`` is forced below the size it pays at (``BAND_MIN``), as it is on small matrices."""
+    if solver == "band" and not band.available("cpu"):
+        pytest.skip("the band solver needs SciPy's LAPACK with the two-stage routines")
+    monkeypatch.setattr(fz, "BAND_MIN", 1)
     k = min(shape)
     w = _with_spectrum(*shape, torch.linspace(10.0, 1.0, k, dtype=torch.float64)).to(dtype)
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     idx = select_indices(s, 3, strategy, make_generator(5))
-    f = factorize(w, 3, strategy, make_generator(5), "tridiag")
+    f = factorize(w, 3, strategy, make_generator(5), solver)
     assert rel(f.a @ f.b, u[:, idx] @ torch.diag(s[idx]) @ vh[idx]) < tol
     assert rel(f.w_frozen + f.a @ f.b, w) < (1e-14 if dtype == torch.float64 else 1e-6)
     assert torch.allclose(f.a.norm(dim=0), f.b.norm(dim=1), rtol=1e-4)
