@@ -36,7 +36,7 @@ import torch
 from . import tridiag
 
 # Subdiagonals of the band: sy2sb's BLAS-3 share grows with kd, sb2st's O(k^2 kd) cost too.
-# 64 is the fastest on a 2560 x 2560 Gram matrix (bench/results/resample_cost.md: 0.40 s against
+# 64 is the fastest on a 2560 x 2560 Gram matrix (bench/results/resample_cost_notes.md: 0.40 s against
 # 0.61 s at 16 and 0.52 s at 128, one thread); smaller matrices take k // 8.
 KD = 64
 # Inverse iteration: at most this many solves per vector until the residual is TOL eps |B|_1, then
