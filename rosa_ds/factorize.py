@@ -11,7 +11,7 @@ so that W_f + A B = W up to fp32 rounding. The layer computes y = x W_f^T + (x B
 Everything here runs in fp32 (or fp64 if given) whatever the storage dtype: a bf16 SVD loses
 the small singular values the ``smallest`` strategy relies on.
 
-Three solvers give the singular directions (``RosaConfig.solver``):
+Four solvers give the singular directions (``RosaConfig.solver``):
 
 - ``svd``: ``torch.linalg.svd`` of W (LAPACK gesdd on CPU).
 - ``gram``: with X = W oriented tall (p x k, p >= k, k = min(m, n)), the eigenvectors
@@ -293,13 +293,13 @@ def _band_directions(x: torch.Tensor, idx: torch.Tensor, strategy: str) -> torch
     not converge sends this matrix to the one-stage path (``_tridiag_directions``).
     """
     k = x.shape[1]
-    drawn = [k - 1 - int(i) for i in idx]  # ascending indices of the drawn eigenpairs
+    drawn = [k - 1 - int(i) for i in reversed(idx.tolist())]  # ascending eigenpair indices, as band wants
     try:
         if x.dtype == torch.float32 and strategy != "smallest":
             reduced = band.reduce(gram_lower(x))
-            if reduced.value(min(drawn)) >= GRAM_TAIL * reduced.value(k - 1):  # no draw in the tail
-                return band.vectors(reduced, drawn)
-        return band.vectors(band.reduce(gram64(x)), drawn).to(x.dtype)
+            if reduced.value(drawn[0]) >= GRAM_TAIL * reduced.value(k - 1):  # no draw in the tail
+                return band.vectors(reduced, drawn).flip(1)
+        return band.vectors(band.reduce(gram64(x)), drawn).flip(1).to(x.dtype)
     except band.NotConverged:
         return _tridiag_directions(x, idx)
 
