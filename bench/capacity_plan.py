@@ -153,19 +153,26 @@ def block(scale: Scale, make, lrs, records: dict, seeds: tuple) -> tuple[list[Ca
     return grid + ([] if lr is None else [make(lr, s, "seeds") for s in seeds]), lr
 
 
-def screen(scale: Scale, records: dict) -> Optional[bool]:
-    """The capacity check's screen on the seed-0 grids (the decision rule's amendment): None until
-    the full-FT and LoRA r=8 grids are finished; then whether full FT's best validation loss is
-    below LoRA r=8's. False: the task cannot show the capacity gap, and no test seed is spent on
-    either (the check is then "not capacity-bound" without them)."""
+def grid_bests(scale: Scale, records: dict) -> Optional[dict[str, tuple[float, float]]]:
+    """{"full": (validation loss, rate), "lora": ...}: the best run of each finished seed-0 grid of
+    the capacity check (Arm 1's full FT and LoRA r=8); None until both are finished."""
     best = {}
     for method, rank in (("full", 0), ("lora", 8)):
         grid = extend_grid(scale.lrs[method], lambda lr, m=method, r=rank: CapacityRun("a1", m, r, scale.grid_seed, lr),
                            records, scale.grid_extensions)
         if chosen_lr(grid, records) is None:
             return None
-        best[method] = min(selection_loss(records[r.name]) for r in grid)
-    return best["full"] < best["lora"]
+        best[method] = min((selection_loss(records[r.name]), r.lr) for r in grid)
+    return best
+
+
+def screen(scale: Scale, records: dict) -> Optional[bool]:
+    """The capacity check's screen on the seed-0 grids (the decision rule's amendment): None until
+    the full-FT and LoRA r=8 grids are finished; then whether full FT's best validation loss is
+    below LoRA r=8's. False: the task cannot show the capacity gap, and no test seed is spent on
+    either (the check is then "not capacity-bound" without them)."""
+    best = grid_bests(scale, records)
+    return None if best is None else best["full"][0] < best["lora"][0]
 
 
 def arm1(scale: Scale, records: dict) -> tuple[list[CapacityRun], dict]:

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from bench.capacity_plan import IDEA, Scale, plan, screen
+from bench.capacity_plan import IDEA, Scale, grid_bests, plan, screen
 from bench.hardware import one_line
 from bench.paired_stats import min_detectable_effect, paired_t, sign_flip_p
 from bench.study_plan import finished, selection_loss
@@ -160,11 +160,10 @@ def capacity_check(g: dict, done: set[str], data: Optional[dict] = None,
                    scale: Optional[Scale] = None) -> tuple[str, str, Optional[dict]]:
     c = compare(g, FULL, LORA)
     if data is not None and screen(scale, data["runs"]) is False:
-        best = {m: min((selection_loss(r), r["lr"]) for r in data["runs"].values()
-                       if r.get("config") == cfg and r.get("phase") == "grid" and finished(r))
-                for m, cfg in (("full FT", FULL), ("LoRA r=8", LORA))}
+        best = grid_bests(scale, data["runs"])
         return "not capacity-bound (screen)", "seed-0 validation loss, best of each grid: " + ", ".join(
-            f"{m} {v:.3f} at {lr:g}" for m, (v, lr) in best.items()) + "; full FT is not lower, no test seeds", c
+            f"{label} {best[m][0]:.3f} at {best[m][1]:g}" for m, label in (("full", "full FT"), ("lora", "LoRA r=8"))
+        ) + "; full FT is not lower, no test seeds", c
     if FULL not in done or LORA not in done or c is None:
         return "pending", say(c, "full FT", "LoRA r=8"), c
     bound = c["diff"] <= -CAPACITY_GAP and c["p"] < ALPHA

@@ -135,7 +135,8 @@ def solver_runs(work: Path, layers: int, solvers: list[str], dry: bool) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     whole = json.loads((ROOT / "bench" / "results" / "large_model.json").read_text())
     committed = {p: whole["ranks"][0]["phases"][p]["seconds"] for p in ("initialize", "resample")}
-    return {"params": params, "layers": layers, "of_layers": SHAPE["num_hidden_layers"], "hardware": describe(),
+    return {"params": params, "layers": layers, "of_layers": SHAPE["num_hidden_layers"], "shape": shape,
+            "hardware": describe(),
             "runs": runs, "committed_whole_model": committed}
 
 
@@ -146,9 +147,10 @@ def solver_markdown(r: dict) -> str:
     lines = [f"# The first factorization and a resample by solver: {r['layers']} of the large model's "
              f"{r['of_layers']} layers ({r['params'] / 1e9:.2f}B parameters)", "",
              f"Machine: {one_line(r['hardware'])}. Command: `python -m bench.large_model --layers {r['layers']} "
-             f"--solvers {' '.join(solvers)}`: ZeRO-3, 2 CPU ranks, fp32, R = 8, the same saved model (hidden 2560, "
-             "MLP 6912, random bf16 weights) for each solver, run one after the other. Seconds are the slower "
-             "rank's; 'scaled' multiplies by the layer ratio (both phases run once per adapted layer, split over "
+             f"--solvers {' '.join(solvers)}`: ZeRO-3, 2 CPU ranks, fp32, R = 8, the same saved model (hidden "
+             f"{r['shape']['hidden_size']}, MLP {r['shape']['intermediate_size']}, random bf16 weights) for each "
+             "solver, run one after the other. Seconds are the slower rank's; 'scaled' multiplies by the "
+             "layer ratio (both phases run once per adapted layer, split over "
              f"the ranks) for comparison with the whole model's committed run (bench/results/large_model.md).", "",
              "| phase | " + " | ".join(f"{s} s" for s in solvers) + " | " + " | ".join(f"{s} scaled to "
              f"{r['of_layers']} layers" for s in solvers) + " | whole model, committed |",

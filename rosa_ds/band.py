@@ -99,15 +99,10 @@ class Band:
         """The i-th smallest eigenvalue (0-based), by bisection on T (stebz, O(k) per step): the R
         drawn ones and the largest are all a solve needs, not the whole spectrum."""
         if i not in self._found:
-            m, w, _, _, info = tridiag.routines().dstebz(self.d, self.e, 2, 0.0, 0.0, i + 1, i + 1, 0.0, "E")
+            _, w, _, _, info = tridiag.routines().dstebz(self.d, self.e, 2, 0.0, 0.0, i + 1, i + 1, 0.0, "E")
             _check(info, "stebz")
             self._found[i] = float(w[0])
         return self._found[i]
-
-    @functools.cached_property
-    def values(self) -> np.ndarray:
-        """All eigenvalues, ascending (fp64, sterf)."""
-        return tridiag.eigenvalues(self.d, self.e)
 
     @property
     def norm(self) -> float:

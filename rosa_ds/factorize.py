@@ -87,7 +87,7 @@ BLOCK_ELEMENTS = 1 << 22
 # Narrowest column block of the Gram matrix's lower triangle (``gram_lower``).
 GRAM_BLOCK = 512
 # Below this k the two-stage reduction does not pay (``band``): one thread, the one-stage path was as fast
-# or faster up to k = 1536 (0.95-1.5x of band's time from k = 192 to 1536, Intel Xeon).
+# or faster up to k = 1536 (band took 0.95-1.9x its time from k = 192 to 1536, Intel Xeon).
 BAND_MIN = 2048
 
 
