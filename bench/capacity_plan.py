@@ -153,26 +153,32 @@ def block(scale: Scale, make, lrs, records: dict, seeds: tuple) -> tuple[list[Ca
     return grid + ([] if lr is None else [make(lr, s, "seeds") for s in seeds]), lr
 
 
-def grid_bests(scale: Scale, records: dict) -> Optional[dict[str, tuple[float, float]]]:
-    """{"full": (validation loss, rate), "lora": ...}: the best run of each finished seed-0 grid of
-    the capacity check (Arm 1's full FT and LoRA r=8); None until both are finished."""
+def grid_bests(scale: Scale, records: dict) -> dict[str, tuple[float, float, bool]]:
+    """{"full": (validation loss, rate, grid finished), "lora": ...}: the best finished run of each
+    seed-0 grid of the capacity check (Arm 1's full FT and LoRA r=8); a method with no finished
+    grid run is absent."""
     best = {}
     for method, rank in (("full", 0), ("lora", 8)):
         grid = extend_grid(scale.lrs[method], lambda lr, m=method, r=rank: CapacityRun("a1", m, r, scale.grid_seed, lr),
                            records, scale.grid_extensions)
-        if chosen_lr(grid, records) is None:
-            return None
-        best[method] = min((selection_loss(records[r.name]), r.lr) for r in grid)
+        done = [(selection_loss(records[r.name]), r.lr) for r in grid if finished(records.get(r.name))]
+        if done:
+            best[method] = (*min(done), chosen_lr(grid, records) is not None)
     return best
 
 
 def screen(scale: Scale, records: dict) -> Optional[bool]:
-    """The capacity check's screen on the seed-0 grids (the decision rule's amendment): None until
-    the full-FT and LoRA r=8 grids are finished; then whether full FT's best validation loss is
-    below LoRA r=8's. False: the task cannot show the capacity gap, and no test seed is spent on
-    either (the check is then "not capacity-bound" without them)."""
+    """The capacity check's screen on the seed-0 grids (the decision rule's amendments). False
+    (the task cannot show the capacity gap; no test seed is spent on full FT or LoRA) as soon as
+    full FT's grid is finished and its best validation loss is not below LoRA r=8's best finished
+    run: more LoRA runs can only lower LoRA's best, so the outcome is the one both finished grids
+    would give. True once both grids are finished and full FT's best is below LoRA's. Else None."""
     best = grid_bests(scale, records)
-    return None if best is None else best["full"][0] < best["lora"][0]
+    if "full" not in best or "lora" not in best or not best["full"][2]:
+        return None
+    if best["full"][0] >= best["lora"][0]:
+        return False
+    return True if best["lora"][2] else None
 
 
 def arm1(scale: Scale, records: dict) -> tuple[list[CapacityRun], dict]:
@@ -216,28 +222,35 @@ def arm2(scale: Scale, records: dict) -> list[CapacityRun]:
 
 def memorization(scale: Scale, records: dict) -> list[CapacityRun]:
     """Per method a seed-0 grid at ``facts_grid_n`` facts (the rate with the lowest loss on the
-    facts), then every other N at that rate. ROSA resamples at every epoch boundary."""
-    runs = []
+    facts), then every other N at that rate. ROSA resamples at every epoch boundary. LoRA's and
+    ROSA's grids alternate, so the two are compared at equal cost at any point of a sitting."""
+    grids, rest = {}, []
     for method, rank in (("lora", 8), ("rosa", 8), ("full", 0)):
-        grid = extend_grid(scale.mem_lrs[method], lambda lr, m=method, r=rank: CapacityRun(
+        grids[method] = extend_grid(scale.mem_lrs[method], lambda lr, m=method, r=rank: CapacityRun(
             "mem", m, r, scale.mem_seeds[0], lr, n_facts=scale.facts_grid_n), records, scale.grid_extensions)
-        lr = chosen_lr(grid, records)
-        runs += grid
+        lr = chosen_lr(grids[method], records)
         if lr is not None:
-            runs += [CapacityRun("mem", method, rank, s, lr, n_facts=n, phase="seeds") for n in scale.facts_ns
+            rest += [CapacityRun("mem", method, rank, s, lr, n_facts=n, phase="seeds") for n in scale.facts_ns
                      for s in scale.mem_seeds if (n, s) != (scale.facts_grid_n, scale.mem_seeds[0])]
-    return runs
+    lora, rosa = grids["lora"], grids["rosa"]
+    pairs = [r for i in range(max(len(lora), len(rosa))) for r in lora[i:i + 1] + rosa[i:i + 1]]
+    return pairs + grids["full"] + rest
 
 
 def plan(scale: Scale, records: dict) -> list[CapacityRun]:
     """Every run nameable from what is finished, the decisive ones first: the capacity check and
-    Arm 1, Arm 2, the memorization probe, then the resample-count series (ROSA r=8 at its Arm-1
+    Arm 1, Arm 2, the memorization probe (first, once the screen has failed: Q1 is then not
+    answerable on this task, and the probe is where capacity binds by construction), then the
+    resample-count series (ROSA r=8 at its Arm-1
     rate, first test seed, resampling every N in ``growth_every``; Arm 1's fixed and every-64
     runs at that seed are its 0- and 3-resample points). The pilot pair (``Scale.pilot_lrs``) leads."""
     runs, rates = arm1(scale, records)
     pilots = [r for r in runs if r.phase == "grid" and (r.method, r.lr) in scale.pilot_lrs]
     runs = pilots + [r for r in runs if r not in pilots]
-    runs += arm2(scale, records) + memorization(scale, records)
+    if screen(scale, records) is False:  # Arm 1 cannot answer Q1 here: the probe where capacity binds leads
+        runs = memorization(scale, records) + runs + arm2(scale, records)
+    else:
+        runs += arm2(scale, records) + memorization(scale, records)
     rosa = rates[("rosa", "rs64")]
     if rosa is not None:
         runs += [CapacityRun("growth", "rosa", 8, scale.test_seeds[0], rosa, f"every{n}", phase="seeds")

@@ -46,6 +46,11 @@ DECISION_RULE = f"""Written before any run of this suite; verdicts below apply i
   best validation loss is not below LoRA r=8's best, the check is "not capacity-bound" on the screen
   and no test seed is spent on either (three full-FT seeds cost ~1.75 CPU-hours here and could only
   confirm a gap in LoRA's favour); the ROSA runs of Arm 1 still run (Q3 and Q4 do not need the gap).
+  Second amendment (2026-12-07, full FT's grid finished at best 3.380, LoRA r=8 at 3.315 with
+  2.5e-4 and 4e-3 unrun; no verdict changes): the screen fails as soon as full FT's grid is finished
+  and its best is not below LoRA's best finished run, since LoRA's remaining runs can only lower
+  LoRA's best; once it has failed, the memorization probe (capacity binds by construction) runs
+  before the rest of Arm 1.
 - **Q1, ROSA > LoRA where capacity binds (Arm 1, tuned AdamW)**: ROSA r=8 resampling every 64
   steps vs LoRA r=8. *shown*: ROSA lower, p < {ALPHA}; *contradicted*: LoRA lower, p < {ALPHA};
   *not shown*: otherwise. The ROSA variants (epoch-equivalent, re-warmup, fixed) are secondary:
@@ -162,8 +167,9 @@ def capacity_check(g: dict, done: set[str], data: Optional[dict] = None,
     if data is not None and screen(scale, data["runs"]) is False:
         best = grid_bests(scale, data["runs"])
         return "not capacity-bound (screen)", "seed-0 validation loss, best of each grid: " + ", ".join(
-            f"{label} {best[m][0]:.3f} at {best[m][1]:g}" for m, label in (("full", "full FT"), ("lora", "LoRA r=8"))
-        ) + "; full FT is not lower, no test seeds", c
+            f"{label} {best[m][0]:.3f} at {best[m][1]:g}" + ("" if best[m][2] else " (grid unfinished: more runs can "
+                                                               "only lower it)")
+            for m, label in (("full", "full FT"), ("lora", "LoRA r=8"))) + "; full FT is not lower, no test seeds", c
     if FULL not in done or LORA not in done or c is None:
         return "pending", say(c, "full FT", "LoRA r=8"), c
     bound = c["diff"] <= -CAPACITY_GAP and c["p"] < ALPHA

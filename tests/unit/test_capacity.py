@@ -268,3 +268,27 @@ def test_a_second_sitting_on_the_same_results_is_refused_in_one_line(tmp_path):
                 pass
     with one_sitting(results, "capacity"):  # released when the first ended
         pass
+
+
+def test_the_screen_fails_as_soon_as_lora_cannot_lose_and_the_memorization_probe_then_leads(tmp_path):
+    """Full FT's grid finished and not below LoRA's best finished run: LoRA's remaining rates can
+    only lower LoRA's best, so the screen fails without them, and the probe runs first."""
+    runs = _grids(3.38, 3.35)
+    lora_top = f"a1-lora-r8-lr{CPU.lrs['lora'][-1]:g}-s0"
+    del runs[lora_top]
+    assert plan(CPU, runs)[0].arm == "mem" and plan(CPU, _grids(3.38, 3.35))[0].arm == "mem"
+    assert not [r for r in plan(CPU, runs) if r.config == "a1-full" and r.phase == "seeds"]
+    assert lora_top in [r.name for r in plan(CPU, runs)]  # LoRA's grid still finishes, after the probe
+    ahead = _grids(3.30, 3.35)
+    del ahead[lora_top]  # full FT ahead of LoRA's runs so far: LoRA's last rate may still overtake it
+    assert [r.name for r in plan(CPU, ahead) if r.name not in ahead][0] == lora_top
+    (tmp_path / "capacity.json").write_text(json.dumps({"scale": "cpu", "sittings": [], "runs": runs}))
+    md = capacity_report.write(tmp_path / "capacity.json", CPU).read_text()
+    assert (f"LoRA r=8 3.350 at {CPU.lrs['lora'][1]:g} (grid unfinished: more runs can only lower it); full FT is "
+            "not lower, no test seeds") in md
+
+
+def test_the_memorization_grids_of_lora_and_rosa_alternate():
+    names = [r.name for r in plan(CPU, {}) if r.arm == "mem"][:4]
+    lrs = CPU.mem_lrs
+    assert names == [f"mem-{m}-r8-n{CPU.facts_grid_n}-lr{lr:g}-s0" for lr in lrs["lora"][:2] for m in ("lora", "rosa")]
