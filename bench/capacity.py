@@ -5,15 +5,17 @@ protocol, a memorization probe and the rank of the accumulated update ΔW.
     python -m bench.run --suite capacity --stop-after 240  # a sitting: start no new run after 4 h
     python -m bench.run --suite capacity --report-only     # rebuild bench/results/capacity.md
     python -m bench.run --suite capacity --scale full      # one 8-GPU node (bench/results/capacity_full.*)
+    python -m bench.run --suite capacity --scale cpu-code  # the code corpus (bench/results/capacity_code.*)
     python -m bench.run --suite capacity --scale smoke --results /tmp/cap   # the pipeline in minutes
 
 Design (sizes per scale and the run order: ``bench/capacity_plan.py``; data:
 ``bench/capacity_data.py``; statistics and verdicts: ``bench/capacity_report.py``):
 
 - Task: continued training of SmolLM2-135M (every projection of every block) on BBC article
-  bodies, 128-token blocks, one pass over ``train_blocks`` blocks; validation and test blocks
-  come from articles never trained on. The capacity check: full FT vs LoRA r=8 (Arm 1's first
-  two blocks); the task is capacity-bound if full FT's test loss is lower by ≥ 0.03 nats.
+  bodies (``cpu-code``: sympy's Python source), 128-token blocks, one pass over ``train_blocks``
+  blocks; validation and test blocks come from articles (files) never trained on. The capacity
+  check: full FT vs LoRA r=8 (Arm 1's first two blocks); the task is capacity-bound if full FT's
+  test loss is lower by ≥ 0.03 nats.
 - Arm 1, tuned AdamW: per method a seed-0 learning-rate grid scored on validation, then test
   seeds 1-3 at the chosen rate: full FT, LoRA r=8, ROSA r=8 resampling every 64 steps; then at
   ROSA's rate: every epoch-equivalent (1/3 of the run), each with ``--rewarmup-steps``, and
@@ -56,8 +58,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def prepare(scale: Scale, root: Path) -> tuple[Path, dict]:
     """Write the blocks and every fact file under ``root/data``; returns (dir, description)."""
     out = root / "data"
-    desc = write_blocks(BlockSizes(scale.train_blocks, scale.val_articles, scale.test_articles), out)
-    desc["facts"] = [write_facts(n, out) for n in sorted(set(scale.facts_ns) | {scale.facts_grid_n})]
+    desc = write_blocks(BlockSizes(scale.train_blocks, scale.val_articles, scale.test_articles, scale.corpus,
+                                   scale.per_doc), out)
+    if scale.facts_ns:
+        desc["facts"] = [write_facts(n, out) for n in sorted(set(scale.facts_ns) | {scale.facts_grid_n})]
     return out, desc
 
 

@@ -55,6 +55,8 @@ class Scale:
     grid_extensions: int = 2  # factor-2 steps past a grid edge that holds the best rate (bench.study_plan)
     timeout_s: int = 7200
     results_stem: str = "capacity"
+    corpus: str = "bbc"  # bench/capacity_data.py: "bbc" article bodies or "sympy" source files
+    per_doc: Optional[int] = None  # the most blocks one document gives (None: all)
 
     @property
     def steps(self) -> int:
@@ -72,6 +74,15 @@ SCALES = {
     # one 8-GPU node: 5,000 blocks (the articles not held out give 6,554) = 156 steps of 8 x 4
     "full": Scale("full", train_blocks=5000, val_articles=100, test_articles=200, micro_batch=4, nproc=8,
                   timeout_s=3600, results_stem="capacity_full"),
+    # the second candidate for a capacity-bound task (BBC's screen failed: LoRA r=8 ahead of full FT):
+    # code, further from what LoRA's low-rank update can absorb in one pass. The BBC grids' best rates
+    # (full FT 2e-4, LoRA 2e-3, at an edge) centre the grids and are the pilot pair; the probe is
+    # corpus-independent and runs under "cpu" only
+    "cpu-code": Scale("cpu-code", train_blocks=2000, val_articles=50, test_articles=100, micro_batch=4, nproc=2,
+                      lrs={"rosa": (5e-4, 1e-3, 2e-3, 4e-3), "lora": (5e-4, 1e-3, 2e-3, 4e-3),
+                           "full": (5e-5, 1e-4, 2e-4, 4e-4)},
+                      facts_ns=(), facts_grid_n=0, pilot_lrs=(("full", 2e-4), ("lora", 2e-3)),
+                      results_stem="capacity_code", corpus="sympy", per_doc=8),
     # the pipeline end to end in minutes: one run of each kind, 4 optimizer steps (DeepSpeed's
     # WarmupDecayLR runs its first two steps at rate 0: with 2 steps nothing would train)
     "smoke": Scale("smoke", train_blocks=32, val_articles=2, test_articles=2, micro_batch=4, nproc=2,
@@ -224,6 +235,8 @@ def memorization(scale: Scale, records: dict) -> list[CapacityRun]:
     """Per method a seed-0 grid at ``facts_grid_n`` facts (the rate with the lowest loss on the
     facts), then every other N at that rate. ROSA resamples at every epoch boundary. LoRA's and
     ROSA's grids alternate, so the two are compared at equal cost at any point of a sitting."""
+    if not scale.facts_ns:
+        return []
     grids, rest = {}, []
     for method, rank in (("lora", 8), ("rosa", 8), ("full", 0)):
         grids[method] = extend_grid(scale.mem_lrs[method], lambda lr, m=method, r=rank: CapacityRun(

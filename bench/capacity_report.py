@@ -365,9 +365,17 @@ DESIGN_NOTES = """- **Epoch-equivalent**: the data is one pass, so ROSA's "every
 
 
 def _blocks(splits: dict) -> str:
-    parts = [f"{k} {v['blocks']:,} from {v['articles']} articles" for k, v in splits.items()
-             if isinstance(v, dict) and "blocks" in v]
+    parts = [f"{k} {v['blocks']:,} from {v[unit]} {unit}" for k, v in splits.items()
+             if isinstance(v, dict) and "blocks" in v for unit in ("articles", "files") if unit in v]
     return ", ".join(parts) or "not written yet"
+
+
+def _corpus(scale: Scale, splits: dict) -> tuple[str, str]:
+    """(what the LM blocks are, what a held-out document is) for the Sizes section."""
+    if scale.corpus == "bbc":
+        return "BBC article bodies", "articles"
+    return (f"the Python source of {splits.get('corpus', scale.corpus)} (tests and benchmarks left out; at most "
+            f"{scale.per_doc} evenly spaced blocks per file)", "files")
 
 
 def write(path: Path, scale: Scale) -> Path:
@@ -381,6 +389,7 @@ def write(path: Path, scale: Scale) -> Path:
     cap, cap_evid, _ = capacity_check(g, done, data, scale)
     sp = data.get("splits", {})
     flag = "" if scale.name == "cpu" else f" --scale {scale.name}"
+    corpus, unit = _corpus(scale, sp)
     lines = [f"# Where does ROSA beat LoRA? The capacity suite (scale `{scale.name}`)", "",
              f"Command: `python -m bench.run --suite capacity{flag}` (resumable; `--plan` lists what is left; "
              "design: `bench/capacity.py`, plan: `bench/capacity_plan.py`, data: `bench/capacity_data.py`, "
@@ -390,17 +399,17 @@ def write(path: Path, scale: Scale) -> Path:
              "and the other N of the memorization probe are named once the grids they depend on are finished.", "",
              "## Decision rule", "", DECISION_RULE, "",
              "## Sizes", "",
-             f"- LM: SmolLM2-135M-Instruct (embedded GGUF, fp32), every projection of every block; BBC article "
-             f"bodies in {128}-token blocks (127 text tokens + EOS), one pass over {scale.train_blocks:,} training "
+             f"- LM: SmolLM2-135M-Instruct (embedded GGUF, fp32), every projection of every block; {corpus} "
+             f"in {128}-token blocks (127 text tokens + EOS), one pass over {scale.train_blocks:,} training "
              f"blocks = {scale.steps} optimizer steps ({scale.nproc} ranks × micro batch {scale.micro_batch}); "
-             f"validation {scale.val_articles} / test {scale.test_articles} articles never trained on "
+             f"validation {scale.val_articles} / test {scale.test_articles} {unit} never trained on "
              f"(blocks per split: {_blocks(sp)}).",
              f"- Rates: adapters {', '.join(f'{x:g}' for x in scale.lrs['lora'])}; full FT "
              f"{', '.join(f'{x:g}' for x in scale.lrs['full'])}; SGD (Arm 2) "
              f"{', '.join(f'{x:g}' for x in scale.sgd_lrs)}"
              f"; grids at seed {scale.grid_seed}, test seeds {scale.test_seeds} (Arm 2: {scale.arm2_seeds}).",
-             f"- Memorization: N ∈ {scale.facts_ns}, {scale.facts_epochs} epochs, rate chosen at N = "
-             f"{scale.facts_grid_n}.", "",
+             (f"- Memorization: N ∈ {scale.facts_ns}, {scale.facts_epochs} epochs, rate chosen at N = "
+              f"{scale.facts_grid_n}." if scale.facts_ns else "- Memorization: run under the `cpu` scale only."), "",
              "## Hardware (per sitting)", ""]
     lines += [f"- sitting {i}: started {s['started']}, {len(s['runs'])} runs, {s['wall_seconds'] / 60:.0f} min: "
               f"{one_line(s['hardware'])}" for i, s in enumerate(data["sittings"])] or ["- no sitting yet"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import capacity_report
+from bench import capacity_data, capacity_report
 from bench.capacity_data import BLOCK, BlockSizes, article_blocks, fact_names, facts, split_articles, write_blocks
 from bench.capacity_eval import recalled
 from bench.capacity_plan import IDEA, SCALES, plan
@@ -65,6 +65,34 @@ def test_written_blocks_are_exactly_one_row_of_the_trainer(tmp_path):
 
     ids, labels, truncated = encode_text(load_tokenizer("default"), [Ex(r["text"]) for r in rows], BLOCK)
     assert truncated == 0 and all(len(x) == BLOCK for x in ids) and labels == ids  # no pad, loss on every token
+
+
+def test_the_code_corpus_holds_out_whole_library_files_and_spaces_long_ones(tmp_path):
+    """The second candidate: sympy's modules, no tests or benchmarks, whole files per split, at most
+    ``per_doc`` blocks per file spread through it."""
+    import sympy
+
+    assert capacity_data.spaced(list("abcdefghij"), 4) == list("acfh")
+    assert capacity_data.spaced(list("ab"), 4) == list("ab")
+    desc = write_blocks(BlockSizes(train_blocks=12, val_articles=2, test_articles=2, corpus="sympy", per_doc=3),
+                        tmp_path)
+    assert desc["corpus"] == f"sympy {sympy.__version__} library modules" and desc["val"]["files"] == 2
+    rows = {p: [json.loads(x) for x in (tmp_path / f"{p}.jsonl").read_text().splitlines()]
+            for p in ("train", "val", "test")}
+    keys = {p: [r["key"] for r in rs] for p, rs in rows.items()}
+    assert len(rows["train"]) == 12 and not set(keys["train"]) & (set(keys["val"]) | set(keys["test"]))
+    every = [k for ks in keys.values() for k in ks]
+    assert all(k.endswith(".py") and not {"tests", "benchmarks"} & set(Path(k).parts) for k in every)
+    assert max(every.count(k) for k in set(every)) <= 3
+    with pytest.raises(SystemExit, match="unknown corpus 'wiki'; fix: bbc or sympy"):
+        write_blocks(BlockSizes(1, 1, 1, corpus="wiki"), tmp_path)
+
+
+def test_the_code_scale_leads_with_its_pilot_pair_and_runs_no_memorization_probe():
+    code = SCALES["cpu-code"]
+    runs = plan(code, {})
+    assert [(r.method, r.lr) for r in runs[:2]] == list(code.pilot_lrs)
+    assert not [r for r in runs if r.arm == "mem"] and {r.arm for r in runs} == {"a1", "a2"}
 
 
 def test_facts_are_deterministic_unique_and_nested():
