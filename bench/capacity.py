@@ -46,7 +46,7 @@ from typing import Optional
 
 from bench import capacity_report
 from bench.capacity_data import BlockSizes, write_blocks, write_facts
-from bench.capacity_plan import SCALES, CapacityRun, Scale, plan
+from bench.capacity_plan import SCALES, CapacityRun, Scale, plan, planned_steps
 from bench.study import _compact, cli, describe_run, drive
 from bench.suites import Run, Suite
 from bench.train_run import run_one
@@ -84,7 +84,7 @@ def execute(scale: Scale, run: CapacityRun, data: Path, runs_dir: Path) -> dict:
     """Train (a real deepspeed launch), score and measure the export, drop the weights."""
     suite = Suite(name=f"capacity-{scale.name}", description="capacity", flags=(), runs=(), nproc=scale.nproc,
                   timeout_s=scale.timeout_s)
-    rec = {**describe_run(run), "arm": run.arm, "n_facts": run.n_facts, "steps_planned": scale.steps}
+    rec = {**describe_run(run), "arm": run.arm, "n_facts": run.n_facts, "steps_planned": planned_steps(scale, run)}
     raw = run_one(suite, Run(run.name, run.method, run.rank, run.flags(scale, data)), runs_dir)
     rec.update(flags=list(run.flags(scale, data)), train_wall_seconds=raw["wall_seconds"],
                returncode=raw["returncode"], commit=raw.get("commit"))

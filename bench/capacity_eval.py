@@ -37,6 +37,13 @@ def recalled(generated: str, reference: str) -> bool:
     return bool(got and want and got.group(1) == want.group(1))
 
 
+def answer_tokens(tokenizer, references: list[str]) -> int:
+    """Greedy tokens enough to read every reference's number: its longest tokenization plus one.
+    SmolLM2 gives a digit a token and the leading space its own (" 4821." is 6 tokens), so a fixed
+    budget of 4 stops at " 482" and no fact can count as recalled."""
+    return 1 + max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+
+
 def delta_w(base_dir: Path, model_dir: Path) -> dict:
     """Per layer type rank summary of ΔW over the projection matrices (names ending ``proj.weight``),
     with the mean Frobenius norm of ΔW beside it: a ROSA merge-and-split rounds every entry in fp32,
@@ -63,10 +70,11 @@ def score_facts(model_dir: Path, data: Path, n: int) -> dict:
     model, tokenizer, device = load_export(model_dir)
     name = f"facts_{n}.jsonl"
     _, facts, prompts = split_data(tokenizer, data, 32, files=(name, name))
-    new = greedy(model, [p.prompt_ids for p in prompts], tokenizer.pad_token_id, 4, eos_id=tokenizer.eos_token_id)
+    budget = answer_tokens(tokenizer, [p.reference for p in prompts])
+    new = greedy(model, [p.prompt_ids for p in prompts], tokenizer.pad_token_id, budget, eos_id=tokenizer.eos_token_id)
     hits = [recalled(headline(tokenizer, ids), p.reference) for ids, p in zip(new, prompts)]
     return {"fact_loss": mean_target_loss(model, facts, tokenizer.pad_token_id), "exact_match": sum(hits) / len(hits),
-            "facts": len(hits), "device": device}
+            "facts": len(hits), "answer_tokens": budget, "device": device}
 
 
 def evaluate(model_dir: Path, data: Path, facts: Optional[int], base: Optional[Path]) -> dict:

@@ -155,6 +155,13 @@ class CapacityRun:
         return tuple(out)
 
 
+def planned_steps(scale: Scale, run: CapacityRun) -> int:
+    """Optimizer steps of ``run``: one pass over the LM blocks, or ``facts_epochs`` over N facts."""
+    if run.task == "lm":
+        return scale.steps
+    return run.n_facts // (scale.nproc * scale.micro_batch) * scale.facts_epochs  # a last partial batch is dropped
+
+
 # ---------------------------------------------------------------- the plan
 
 def block(scale: Scale, make, lrs, records: dict, seeds: tuple) -> tuple[list[CapacityRun], Optional[float]]:

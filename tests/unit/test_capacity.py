@@ -109,6 +109,20 @@ def test_exact_match_reads_the_leading_number():
     assert not recalled("482", " 4821.") and not recalled("the code", " 4821.")
 
 
+def test_the_greedy_budget_reads_the_whole_number_with_the_models_tokenizer():
+    """A model that continues every prompt with its exact target (and then keeps talking) recalls
+    every fact within the budget; 4 tokens (the first scorer's budget) recall none."""
+    from bench.capacity_eval import answer_tokens
+    from bench.study_eval import headline
+    from rosa_ds.recipe.models import load_tokenizer
+
+    tok, targets = load_tokenizer("default"), [f["target"] for f in facts(50)]
+    budget = answer_tokens(tok, targets)
+    said = [tok(t + " Next, the", add_special_tokens=False)["input_ids"] for t in targets]
+    assert all(recalled(headline(tok, ids[:budget]), t) for ids, t in zip(said, targets))
+    assert not any(recalled(headline(tok, ids[:4]), t) for ids, t in zip(said, targets))
+
+
 # ---------------------------------------------------------------- the plan
 
 def _done(val: float, **extra) -> dict:
@@ -320,3 +334,11 @@ def test_the_memorization_grids_of_lora_and_rosa_alternate():
     names = [r.name for r in plan(CPU, {}) if r.arm == "mem"][:4]
     lrs = CPU.mem_lrs
     assert names == [f"mem-{m}-r8-n{CPU.facts_grid_n}-lr{lr:g}-s0" for lr in lrs["lora"][:2] for m in ("lora", "rosa")]
+
+
+def test_planned_steps_count_the_facts_epochs():
+    from bench.capacity_plan import CapacityRun, planned_steps
+
+    assert planned_steps(CPU, CapacityRun("a1", "lora", 8, 0, 1e-3)) == 250
+    assert planned_steps(CPU, CapacityRun("mem", "lora", 8, 0, 1e-3, n_facts=1000)) == 1250  # the trainer's count
+    assert planned_steps(CPU, CapacityRun("mem", "lora", 8, 0, 1e-3, n_facts=250)) == 310  # 31 a epoch, as trained
