@@ -4,6 +4,7 @@ protocol, a memorization probe and the rank of the accumulated update ΔW.
     python -m bench.run --suite capacity --plan            # what is done and what is left, no training
     python -m bench.run --suite capacity --stop-after 240  # a sitting: start no new run after 4 h
     python -m bench.run --suite capacity --report-only     # rebuild bench/results/capacity.md
+    python -m bench.run --suite capacity --first RUN --max-runs 1   # one named run before the plan's order
     python -m bench.run --suite capacity --scale full      # one 8-GPU node (bench/results/capacity_full.*)
     python -m bench.run --suite capacity --scale cpu-code  # the code corpus (bench/results/capacity_code.*)
     python -m bench.run --suite capacity --scale smoke --results /tmp/cap   # the pipeline in minutes
@@ -103,8 +104,8 @@ def execute(scale: Scale, run: CapacityRun, data: Path, runs_dir: Path) -> dict:
 
 
 def drive_capacity(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[float] = None,
-                   max_runs: Optional[int] = None) -> dict:
-    return drive(scale, path, runs_dir, stop_after_s, max_runs, runner=execute, planner=plan, prepare=prepare,
+                   max_runs: Optional[int] = None, planner=plan) -> dict:
+    return drive(scale, path, runs_dir, stop_after_s, max_runs, runner=execute, planner=planner, prepare=prepare,
                  label="capacity")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -259,6 +260,16 @@ def _drive(scale: Scale, path: Path, runs_dir: Path, stop_after_s: Optional[floa
     return data
 
 
+def first_of(runs: list, names: tuple[str, ...]) -> list:
+    """``runs`` with those named in ``names`` moved to the front, in that order; the rest keep theirs."""
+    front = [r for n in names for r in runs if r.name == n]
+    return front + [r for r in runs if r.name not in names]
+
+
+def _first_planned(planner: Callable, names: tuple[str, ...], scale, runs: dict) -> list:
+    return first_of(planner(scale, runs), names)
+
+
 def main(argv: list[str] | None = None) -> None:
     cli(argv, "python -m bench.run --suite study", __doc__, SCALES, plan, drive, study_report.write)
 
@@ -274,12 +285,23 @@ def cli(argv: Optional[list[str]], prog: str, doc: str, scales: dict, planner: C
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
                    help="start no new run after this many minutes (the one running finishes)")
     p.add_argument("--max-runs", type=int, default=None, help="run at most N runs in this sitting")
+    p.add_argument("--first", default="", metavar="RUN[,RUN]",
+                   help="run these named runs before the plan's order (e.g. the run that can end a candidate)")
     p.add_argument("--plan", action="store_true", help="print what is done and what is left; train nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the JSON")
     a = p.parse_args(argv)
     scale = scales[a.scale]
     a.results.mkdir(parents=True, exist_ok=True)
     path = a.results / f"{scale.results_stem}.json"
+    first = tuple(n for n in a.first.split(",") if n)
+    if first:
+        runs = load(path, scale)["runs"]
+        named = {r.name: r for r in planner(scale, runs)}
+        for n in first:
+            if n not in named or finished(runs.get(n)):
+                state = "is finished" if n in named else "is not a run the plan names now"
+                raise SystemExit(f"{prog}: --first {n} {state}; fix: pick an unfinished run from `{prog} --plan`")
+        planner = functools.partial(_first_planned, planner, first)
     if a.plan:
         data = load(path, scale)
         for r in planner(scale, data["runs"]):
@@ -287,7 +309,8 @@ def cli(argv: Optional[list[str]], prog: str, doc: str, scales: dict, planner: C
             print(f"{'done' if finished(rec) else 'todo'}  {r.name}  ({r.phase})")
         return
     if not a.report_only:
-        driver(scale, path, a.runs_dir, None if a.stop_after is None else a.stop_after * 60, a.max_runs)
+        driver(scale, path, a.runs_dir, None if a.stop_after is None else a.stop_after * 60, a.max_runs,
+               planner=planner)
     md = write(path, scale)
     print(f"wrote {path} and {md}")
 

@@ -342,3 +342,18 @@ def test_planned_steps_count_the_facts_epochs():
     assert planned_steps(CPU, CapacityRun("a1", "lora", 8, 0, 1e-3)) == 250
     assert planned_steps(CPU, CapacityRun("mem", "lora", 8, 0, 1e-3, n_facts=1000)) == 1250  # the trainer's count
     assert planned_steps(CPU, CapacityRun("mem", "lora", 8, 0, 1e-3, n_facts=250)) == 310  # 31 a epoch, as trained
+
+
+def test_first_puts_named_runs_ahead_of_the_plan_and_refuses_others_in_one_line(tmp_path, capsys):
+    from bench.capacity import main
+
+    runs = _grids(3.38, 3.35)
+    lora_edge = f"a1-lora-r8-lr{CPU.lrs['lora'][0]:g}-s0"
+    del runs[lora_edge]
+    (tmp_path / "capacity.json").write_text(json.dumps({"scale": "cpu", "sittings": [], "runs": runs}))
+    main(["--results", str(tmp_path), "--first", lora_edge, "--plan"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"todo  {lora_edge}  (grid)" and lines[1].startswith("todo  mem-")
+    for name, why in ((f"a1-full-lr{CPU.lrs['full'][0]:g}-s0", "is finished"), ("a1-x", "is not a run the plan names")):
+        with pytest.raises(SystemExit, match=f"--first {name} {why}.*; fix: pick an unfinished run from"):
+            main(["--results", str(tmp_path), "--first", name, "--plan"])
