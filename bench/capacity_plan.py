@@ -75,7 +75,8 @@ SCALES = {
     "full": Scale("full", train_blocks=5000, val_articles=100, test_articles=200, micro_batch=4, nproc=8,
                   timeout_s=3600, results_stem="capacity_full"),
     # the second candidate for a capacity-bound task (BBC's screen failed: LoRA r=8 ahead of full FT):
-    # code, further from what LoRA's low-rank update can absorb in one pass. The BBC grids' best rates
+    # code, the domain of continued training where published comparisons (Biderman et al. 2024,
+    # "LoRA Learns Less and Forgets Less") find full FT furthest ahead of LoRA. The BBC grids' best rates
     # (full FT 2e-4, LoRA 2e-3, at an edge) centre the grids and are the pilot pair; the probe is
     # corpus-independent and runs under "cpu" only
     "cpu-code": Scale("cpu-code", train_blocks=2000, val_articles=50, test_articles=100, micro_batch=4, nproc=2,
@@ -261,9 +262,9 @@ def plan(scale: Scale, records: dict) -> list[CapacityRun]:
     """Every run nameable from what is finished, the decisive ones first: the capacity check and
     Arm 1, Arm 2, the memorization probe (first, once the screen has failed: Q1 is then not
     answerable on this task, and the probe is where capacity binds by construction), then the
-    resample-count series (ROSA r=8 at its Arm-1
-    rate, first test seed, resampling every N in ``growth_every``; Arm 1's fixed and every-64
-    runs at that seed are its 0- and 3-resample points). The pilot pair (``Scale.pilot_lrs``) leads."""
+    resample-count series (ROSA r=8 at its Arm-1 rate, first test seed, resampling every N in
+    ``growth_every``; Arm 1's fixed and every-64 runs at that seed are its 0- and 3-resample
+    points). The pilot pair (``Scale.pilot_lrs``) leads."""
     runs, rates = arm1(scale, records)
     pilots = [r for r in runs if r.phase == "grid" and (r.method, r.lr) in scale.pilot_lrs]
     runs = pilots + [r for r in runs if r not in pilots]

@@ -296,7 +296,7 @@ def cli(argv: Optional[list[str]], prog: str, doc: str, scales: dict, planner: C
     first = tuple(n for n in a.first.split(",") if n)
     if first:
         runs = load(path, scale)["runs"]
-        named = {r.name: r for r in planner(scale, runs)}
+        named = {r.name for r in planner(scale, runs)}
         for n in first:
             if n not in named or finished(runs.get(n)):
                 state = "is finished" if n in named else "is not a run the plan names now"
